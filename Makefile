@@ -26,3 +26,21 @@ test: env
 
 model: env
 	$(PY) -m sphkv_hf.prepare_model
+
+serve: env
+	bash scripts/serve.sh
+
+quality-quick: env
+	$(PY) -m benchmarks.quality.run --quick
+
+quality: env
+	$(PY) -m benchmarks.quality.run
+
+serving-quick: env
+	$(PY) -m benchmarks.serving.run --quick
+
+load-quick: env
+	$(PY) -m benchmarks.serving.load --quick
+
+bench-decode-smoke: env
+	TRITON_INTERPRET=1 $(PY) benchmarks/kernels/bench_decode.py --smoke
