@@ -67,12 +67,17 @@ def thresholds(centers: torch.Tensor) -> torch.Tensor:
     return (centers[1:] + centers[:-1]) / 2
 
 
-def fit_codebook(angles: torch.Tensor, level: int, bits: int) -> torch.Tensor:
-    """Lloyd-Max fitted to observed level-``level`` angles ``[N]`` (radians)."""
+def fit_codebook(angles: torch.Tensor, level: int, bits: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Lloyd-Max fitted to observed level-``level`` angles (radians, any shape).
+
+    ``weights`` (same shape) should be the squared radius of each angle's node: a key's squared
+    error from an angle error ``δψ`` is ``ρ_node² δψ²``, so weighting by ``ρ²`` fits key MSE.
+    Level 1 is circular; its fit starts from the uniform grid and ignores wrap-around between
+    the first and last cell (both stay near the ends of ``[0, 2π)``).
+    """
     x = angles.detach().to(torch.float64).flatten().cpu()
-    if level == 1:               # circular: fit on the circle by fitting the wrapped offsets on a uniform start
-        return _analytic(1, bits, "analytic").clone()
-    return lloyd_max(x, torch.ones_like(x), bits, 0.0, _level_range(level))
+    w = torch.ones_like(x) if weights is None else weights.detach().to(torch.float64).flatten().cpu()
+    return lloyd_max(x, w, bits, 0.0, _level_range(level))
 
 
 @functools.lru_cache(maxsize=512)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["polar_forward", "polar_inverse", "level_sizes"]
+__all__ = ["polar_forward", "polar_inverse", "level_sizes", "node_radii"]
 
 
 def level_sizes(head_dim: int) -> list[int]:
@@ -38,3 +38,13 @@ def polar_inverse(radius: torch.Tensor, angles: list[torch.Tensor]) -> torch.Ten
         rho = torch.stack([rho * torch.cos(psi), rho * torch.sin(psi)], -1).flatten(-2)
     theta = angles[0]
     return torch.stack([rho * torch.cos(theta), rho * torch.sin(theta)], -1).flatten(-2)
+
+
+def node_radii(x: torch.Tensor) -> list[torch.Tensor]:
+    """Radius of the node each angle belongs to, per level (same shapes as the angles of :func:`polar_forward`)."""
+    rho = torch.sqrt(x[..., 0::2] ** 2 + x[..., 1::2] ** 2)
+    out = [rho]
+    while rho.shape[-1] > 1:
+        rho = torch.sqrt(rho[..., 0::2] ** 2 + rho[..., 1::2] ** 2)
+        out.append(rho)
+    return out
