@@ -1,0 +1,77 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ADA methods: the whole context coded as angle-code pages (logits from codes at scoring time).
+
+* ``sphkv-{8,4,3,2}`` — the presets of :data:`sphkv.config.PRESETS` as they stand.
+* variants of ``sphkv-4`` / ``sphkv-3`` / ``sphkv-2`` to measure what matters:
+  ``-nocenter`` (no page-mean centering), ``-uniform`` (uniform instead of Lloyd-Max codebooks for the
+  higher levels), ``-fitted`` (per-level Lloyd-Max fitted to this context's own angles, online like
+  PolarQuant-R), ``-sink`` (the first page of every layer kept dense bf16: attention sinks).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from sphkv import AngleKeyCodec, GroupValueQuantizer, SphKVConfig, fit_codebook
+from sphkv.polar import polar_forward
+from sphkv_hf.segments import CodedSegment, DenseSegment
+
+from .methods import CompressedPrefix, PrefillContext, register
+
+__all__ = ["Ada"]
+
+
+def _fitted_codec(cfg: SphKVConfig, keys: list[torch.Tensor]) -> AngleKeyCodec:
+    """Codec whose level-2+ codebooks are Lloyd-Max fitted to the centered, rotated angles of ``keys``."""
+    base = AngleKeyCodec(cfg)
+    y = torch.cat([base.rotate(k[0]).flatten(0, 1) for k in keys[:: max(1, len(keys) // 8)]], 0)   # sample layers
+    if cfg.center == "page":
+        n = y.shape[0] // cfg.page_size * cfg.page_size
+        y = y[:n].unflatten(0, (-1, cfg.page_size))
+        y = (y - y.mean(1, keepdim=True)).flatten(0, 1)
+    _, angles = polar_forward(y[:: max(1, y.shape[0] // 50000)])
+    books = [fit_codebook(a, l + 1, b) for l, (a, b) in enumerate(zip(angles, cfg.level_bits))]
+    return AngleKeyCodec(cfg, codebooks=books)
+
+
+@dataclass(frozen=True)
+class Ada:
+    preset: str
+    overrides: dict = field(default_factory=dict)
+    sink: bool = False
+    fitted: bool = False
+    name: str = "sphkv"
+    budget_fraction: float | None = None
+
+    def config(self, head_dim: int) -> SphKVConfig:
+        return SphKVConfig.from_name(self.preset, head_dim=head_dim, **self.overrides)
+
+    def build(self, ctx: PrefillContext) -> CompressedPrefix:
+        cfg = self.config(ctx.head_dim)
+        kcodec = _fitted_codec(cfg, ctx.keys) if self.fitted else AngleKeyCodec(cfg)
+        vquant = GroupValueQuantizer(cfg)
+        p = cfg.page_size
+        segs = []
+        for k, v in zip(ctx.keys, ctx.values):
+            layer = []
+            if self.sink:
+                layer.append(DenseSegment.build(k[..., :p, :], v[..., :p, :], page_size=p))
+                k, v = k[..., p:, :], v[..., p:, :]
+            layer.append(CodedSegment.encode(k, v, kcodec, vquant))
+            segs.append(layer)
+        return CompressedPrefix.of(segs, ctx)
+
+
+def _reg(name: str, quick: bool = False, group: str = "sphkv", **kw) -> None:
+    register(name, functools.partial(Ada, name=name, **kw), quick=quick, group=group)
+
+
+for _p in ("sphkv-4", "sphkv-3", "sphkv-2"):
+    _reg(_p, quick=True, preset=_p)
+    _reg(f"{_p}-nocenter", group="sphkv-nocenter", preset=_p, overrides={"center": "none"})
+    _reg(f"{_p}-uniform", group="sphkv-uniform", preset=_p, overrides={"codebook": "uniform"})
+    _reg(f"{_p}-fitted", group="sphkv-fitted", preset=_p, fitted=True)
+    _reg(f"{_p}-sink", group="sphkv-sink", preset=_p, sink=True)
+_reg("sphkv-8", group="sphkv-8", preset="sphkv-8")

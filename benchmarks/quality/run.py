@@ -1,0 +1,151 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Quality harness: SmolLM2-135M-Instruct (bf16 weights, float32 attention) on the Paul Graham essays.
+
+``python -m benchmarks.quality.run [--quick | --smoke] [--contexts 2048 4096] [--methods ...]``
+
+* ``--quick`` (``make quality-quick``): contexts 2K and 4K, the methods registered ``quick=True``;
+  writes ``benchmarks/results/quality-quick.json`` (+ ``.md``).
+* default (``make quality``): every registered method, contexts 2K and 4K (add 8192 with
+  ``--contexts``); writes ``quality.json``, ``quality.md`` and ``rate_distortion.png``.
+* ``--smoke``: a 256-token context, 32 scored tokens, four methods (for the tests).
+
+Rows: one per (method, context) with ``method``, ``group``, ``bits_per_element``, ``context``,
+``nll``, ``nll_delta_pct``, ``needle_hit_rate``, ``needle_hits``, ``answer_nll`` (mean over depths of
+the summed answer NLL, nats), ``answer_nll_per_depth``, ``logit_rel_err``, ``kl``,
+``layer_attn_rel_err``, ``budget_fraction`` and ``seconds``. See :mod:`benchmarks.quality.tasks`.
+Methods are registered in :mod:`benchmarks.quality.methods` (interface documented there).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+SMOKE_METHODS = ["full", "sphkv-4", "kivi-4", "snapkv@0.10"]
+
+
+def load_methods() -> dict:
+    """Import the built-in method modules and every ``methods_*.py`` plug-in of this package."""
+    from . import ada, eviction, quantizers  # noqa: F401  (registration on import)
+    from .methods import REGISTRY
+
+    pkg = Path(__file__).resolve().parent
+    for info in pkgutil.iter_modules([str(pkg)]):
+        if info.name.startswith("methods_"):
+            importlib.import_module(f"{__package__}.{info.name}")
+    return REGISTRY
+
+
+def load_model():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import sphkv_hf
+
+    path = sphkv_hf.ensure_model()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model.set_attn_implementation(sphkv_hf.install())
+    return model, tok
+
+
+def essay_ids(tok, num_tokens: int):
+    import torch
+
+    from sphkv_hf import load_essays
+
+    text = load_essays()
+    ids = tok(text[: num_tokens * 6], add_special_tokens=False).input_ids
+    return torch.tensor(ids[:num_tokens])
+
+
+def _row(name, entry, method, ctx_len, res, ref, secs) -> dict:
+    from .tasks import fidelity
+
+    return {"method": name, "group": entry.group, "bits_per_element": res.bits_per_element, "context": ctx_len,
+            "nll": res.nll, "nll_delta_pct": 100.0 * (res.nll - ref.nll) / ref.nll,
+            "needle_hit_rate": sum(res.needle_hits) / len(res.needle_hits), "needle_hits": res.needle_hits,
+            "answer_nll": sum(res.answer_nll) / len(res.answer_nll), "answer_nll_per_depth": res.answer_nll,
+            **fidelity(ref, res), "budget_fraction": method.budget_fraction, "seconds": round(secs, 1)}
+
+
+def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    from .tasks import ContextTask
+
+    registry = load_methods()
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; registered: {sorted(registry)}")
+    model, tok = load_model()
+    ids = essay_ids(tok, max(contexts) + score_len + 1)
+    rows: list[dict] = []
+    bar = tqdm(total=len(contexts) * len(names), desc="quality", unit="run", disable=not progress)
+    for ctx_len in contexts:
+        t0 = time.time()
+        bar.set_postfix_str(f"prefill {ctx_len}")
+        task = ContextTask(model, tok, ids, ctx_len, score_len=score_len)
+        ref = task.run(registry["full"].factory())
+        bar.write(f"[quality] context {ctx_len}: prefills + full cache {time.time() - t0:.0f}s, nll {ref.nll:.4f}")
+        for name in names:
+            bar.set_postfix_str(f"{name} @ {ctx_len}")
+            t1 = time.time()
+            method = registry[name].factory()
+            res = ref if name == "full" else task.run(method)
+            rows.append(_row(name, registry[name], method, ctx_len, res, ref, time.time() - t1))
+            out_json.write_text(json.dumps(rows, indent=1) + "\n")
+            bar.update()
+    bar.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="KV-compression quality on SmolLM2 + essays")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="2K+4K, quick methods (< 10 min)")
+    mode.add_argument("--smoke", action="store_true", help="tiny context, four methods (tests)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=None)
+    ap.add_argument("--methods", nargs="+", default=None, help="method names (default: by mode)")
+    ap.add_argument("--score-len", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("SPHKV_THREADS", "2")))
+    ap.add_argument("--out", type=Path, default=None, help="output JSON path")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    registry = load_methods()
+    if args.smoke:
+        contexts, names, score_len, stem = [256], SMOKE_METHODS, 32, "quality-smoke"
+    elif args.quick:
+        contexts, score_len, stem = [2048, 4096], 256, "quality-quick"
+        names = [n for n, e in registry.items() if e.quick]
+    else:
+        contexts, score_len, stem = [2048, 4096], 256, "quality"
+        names = list(registry)
+    contexts = args.contexts or contexts
+    names = args.methods or names
+    names = ["full"] + [n for n in names if n != "full"]
+    score_len = args.score_len or score_len
+    out_json = args.out or RESULTS / f"{stem}.json"
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rows = run(contexts, names, score_len=score_len, out_json=out_json, progress=not args.no_progress)
+    from .report import markdown_table, rate_distortion_plot
+
+    out_json.with_suffix(".md").write_text(markdown_table(rows))
+    if not (args.quick or args.smoke):
+        rate_distortion_plot(rows, out_json.parent / "rate_distortion.png")
+    print(markdown_table(rows))
+    print(f"[quality] {len(rows)} rows in {time.time() - t0:.0f}s → {out_json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A transformers ``Cache`` that stores keys as ADA angle codes and values as group-quantized integers.
+
+Per layer the cache holds a list of segments (:mod:`sphkv_hf.segments`) and a dense tail. New tokens
+enter the tail; the forward's attention (:func:`sphkv_hf.attention.sphkv_attention_forward`) runs
+over segments + tail, and afterwards, in ``mode="paged"``, every full page of the tail is coded and
+appended to the prefix (the partial last page stays dense: the recent window).
+:meth:`SphKVCache.compress` codes the whole tail, partial page included (compress-after-prefill).
+
+The stored prefix of a layer can be swapped for any set of segments (:meth:`SphKVLayer.replace_prefix`,
+:meth:`SphKVCache.from_prefix`) — pages of several tiers, tokens dropped per kv head — without
+touching positions: the cache counts positions seen (``get_seq_length``), not tokens kept, so pass
+explicit ``position_ids`` (or let ``generate`` derive them from ``get_seq_length``) and dropping
+never shifts a position.
+
+Usage::
+
+    sphkv_hf.install()                                   # registers attention "sphkv"
+    model.set_attn_implementation("sphkv")
+    cache = SphKVCache(SphKVConfig.from_name("sphkv-4"))
+    model.generate(ids, past_key_values=cache, max_new_tokens=16)
+    cache.bits_per_element()
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from sphkv import AngleKeyCodec, GroupValueQuantizer, SphKVConfig
+
+from .attention import segment_attention
+from .segments import CodedSegment, DenseSegment, Segment
+
+__all__ = ["CachePolicy", "SphKVLayer", "SphKVCache"]
+
+_MODES = ("paged", "dense")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """When tokens get coded.
+
+    mode : ``"paged"`` codes each full page of the tail after a forward; ``"dense"`` codes nothing until
+        :meth:`SphKVCache.compress` (and with ``config=None`` the cache is a plain bf16 cache).
+    dense_first_page : keep the layer's first page (attention sinks) as dense bf16 instead of coding it.
+    observe_window : keep the post-RoPE queries of the last ``observe_window`` tokens per layer
+        (``SphKVLayer.observed_queries``), the observation window of SnapKV-like scoring and RDR.
+    """
+
+    mode: str = "paged"
+    dense_first_page: bool = False
+    observe_window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"mode={self.mode!r} is not supported; allowed: {_MODES}")
+        if not isinstance(self.observe_window, int) or self.observe_window < 0:
+            raise ValueError(f"observe_window={self.observe_window!r} must be an int >= 0")
+
+
+class SphKVLayer(CacheLayerMixin):
+    """One layer: ``segments`` (the stored prefix) + dense ``tail_k``/``tail_v`` ``[B, Hkv, T, d]``."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, codecs: tuple[AngleKeyCodec, GroupValueQuantizer] | None, policy: CachePolicy,
+                 segments: list[Segment] | None = None, seen: int = 0):
+        super().__init__()
+        self.codecs, self.policy = codecs, policy
+        self.segments: list[Segment] = list(segments or [])
+        self.seen = seen                          # positions consumed (not tokens kept)
+        self.tail_k = self.tail_v = None
+        self.observed_queries: torch.Tensor | None = None   # [B, Hq, W, d] float32
+        self._pending = False
+        self._sink_done = bool(self.segments)
+
+    # -- transformers layer API --------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.tail_k = key_states[..., :0, :]
+        self.tail_v = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append ``[B, Hkv, M, d]`` to the tail; return them tagged for :func:`sphkv_attention_forward`."""
+        if self._pending:
+            raise RuntimeError("the previous forward's attention did not run through the sphkv cache; "
+                               "call sphkv_hf.install() and model.set_attn_implementation('sphkv')")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.tail_k = torch.cat([self.tail_k, key_states], -2)
+        self.tail_v = torch.cat([self.tail_v, value_states], -2)
+        self.seen += key_states.shape[-2]
+        self._pending = True
+        key_states.sphkv_layer = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.segments, self.seen, self._pending, self._sink_done = [], 0, False, False
+        self.tail_k = self.tail_v = self.observed_queries = None
+        self.is_initialized = False
+
+    # -- attention ---------------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Queries ``[B, Hq, M, d]`` (the tail's last ``M`` tokens) → ``[B, Hq, M, d]`` float32; then roll pages."""
+        if not self._pending:
+            raise RuntimeError("attend() without a preceding update() for this layer")
+        out = segment_attention(query, self.segments, self.tail_k, self.tail_v, scale=scale)
+        self._pending = False
+        w = self.policy.observe_window
+        if w:
+            q = query.detach().to(torch.float32)
+            prev = self.observed_queries
+            self.observed_queries = (q if prev is None else torch.cat([prev, q], -2))[..., -w:, :]
+        if self.policy.mode == "paged" and self.codecs is not None:
+            self._code_tail(whole=False)
+        return out
+
+    # -- coding ------------------------------------------------------------------------------------
+    def _code_tail(self, *, whole: bool) -> None:
+        p = self.codecs[0].config.page_size
+        t = self.tail_k.shape[-2]
+        n = t if whole else (t // p) * p
+        if n == 0:
+            return
+        k, v = self.tail_k[..., :n, :], self.tail_v[..., :n, :]
+        self.tail_k, self.tail_v = self.tail_k[..., n:, :], self.tail_v[..., n:, :]
+        if self.policy.dense_first_page and not self._sink_done:
+            s = min(p, n)
+            self.segments.append(DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=p))
+            k, v = k[..., s:, :], v[..., s:, :]
+        self._sink_done = True
+        if k.shape[-2] == 0:
+            return
+        seg = CodedSegment.encode(k, v, *self.codecs)
+        last = self.segments[-1] if self.segments else None
+        if isinstance(last, CodedSegment) and last.full_pages and last.kcodec is seg.kcodec:
+            self.segments[-1] = last.append(seg)
+        else:
+            self.segments.append(seg)
+
+    def compress(self) -> None:
+        """Code the whole tail now, partial last page included."""
+        if self.codecs is None:
+            raise ValueError("this cache has no codec (config=None): nothing to compress with")
+        if self.tail_k is not None and self.tail_k.shape[-2]:
+            self._code_tail(whole=True)
+
+    def replace_prefix(self, segments: list[Segment]) -> None:
+        """Swap the stored prefix for ``segments`` (tail and positions unchanged)."""
+        self.segments = list(segments)
+        self._sink_done = True
+
+    def dense_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored tokens as dense ``[B, Hkv, N, d]`` (only when nothing is coded or padded)."""
+        if not all(isinstance(s, DenseSegment) and s.lengths is None for s in self.segments):
+            raise ValueError("dense_kv() needs a prefix of unpadded dense segments")
+        ks = [s.k for s in self.segments] + ([self.tail_k] if self.tail_k is not None else [])
+        vs = [s.v for s in self.segments] + ([self.tail_v] if self.tail_v is not None else [])
+        return torch.cat(ks, -2), torch.cat(vs, -2)
+
+    # -- accounting --------------------------------------------------------------------------------
+    def stored_bytes(self) -> int:
+        """Exact bytes: every segment's ``nbytes`` + the dense tail at 16 bits per element."""
+        tail = 0 if self.tail_k is None else self.tail_k[..., 0].numel() * self.tail_k.shape[-1] * 2 * 2
+        return sum(s.nbytes for s in self.segments) + tail
+
+    def rows_and_dim(self) -> tuple[int, int]:
+        """(batch × kv heads, head_dim) of this layer."""
+        if self.tail_k is not None:
+            return self.tail_k.shape[0] * self.tail_k.shape[1], self.tail_k.shape[-1]
+        for s in self.segments:
+            if isinstance(s, DenseSegment):
+                return s.k.shape[0] * s.k.shape[1], s.k.shape[-1]
+            return s.kcode.codes.shape[0] * s.kcode.codes.shape[1], s.kcodec.config.head_dim
+        raise ValueError("empty layer")
+
+
+class SphKVCache(Cache):
+    """ADA-coded KV cache for transformers models (attention implementation ``"sphkv"``).
+
+    Parameters
+    ----------
+    config : codec of the coded pages; ``None`` keeps everything dense (bf16 cache with the same
+        attention path — the reference the compressed caches are compared against).
+    policy : :class:`CachePolicy`.
+
+    Examples
+    --------
+    >>> cache = SphKVCache(SphKVConfig.from_name("sphkv-4", head_dim=16, page_size=4, value_group=16))
+    >>> for layer in range(2):
+    ...     k, v = cache.update(torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16), layer)
+    ...     _ = k.sphkv_layer.attend(torch.randn(1, 4, 6, 16), None)
+    >>> [type(s).__name__ for s in cache.layers[0].segments], cache.layers[0].tail_k.shape[-2]
+    (['CodedSegment'], 2)
+    >>> cache.get_seq_length()
+    6
+    """
+
+    def __init__(self, config: SphKVConfig | None = None, *, policy: CachePolicy = CachePolicy(),
+                 layers: list[SphKVLayer] | None = None):
+        self.config, self.policy = config, policy
+        self.codecs = None if config is None else (AngleKeyCodec(config), GroupValueQuantizer(config))
+        super().__init__(layers=list(layers or []))
+
+    @classmethod
+    def from_prefix(cls, prefix: list[list[Segment]], num_positions: int, config: SphKVConfig | None = None, *,
+                    policy: CachePolicy = CachePolicy(mode="dense")) -> "SphKVCache":
+        """A cache whose layer ``i`` starts with the segments ``prefix[i]`` covering ``num_positions`` positions."""
+        cache = cls(config, policy=policy)
+        cache.layers = [SphKVLayer(cache.codecs, policy, segs, num_positions) for segs in prefix]
+        return cache
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(SphKVLayer(self.codecs, self.policy))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def compress(self) -> None:
+        """Code every layer's dense tail now (compress-after-prefill)."""
+        for layer in self.layers:
+            layer.compress()
+
+    def stored_bytes(self) -> int:
+        """Exact bytes held by all layers (codes, radii, means, scales, page metadata, dense tokens)."""
+        return sum(layer.stored_bytes() for layer in self.layers)
+
+    def bits_per_element(self) -> float:
+        """``stored_bytes × 8 / (positions × layers × batch × kv heads × head_dim × 2)`` (bf16 cache = 16)."""
+        seen = self.get_seq_length()
+        if not self.layers or seen == 0:
+            return 0.0
+        rows, d = self.layers[0].rows_and_dim()
+        return self.stored_bytes() * 8 / (seen * len(self.layers) * rows * d * 2)
