@@ -1,0 +1,283 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Budgeted allocation: tier or drop for every (token, layer, kv head), at page granularity.
+
+Minimize ``Σ u·D(tier)`` subject to ``Σ stored bytes ≤ budget``, where ``u`` is the utility
+(expected attention mass, :mod:`sphkv.retention.utility`), ``D`` the calibrated tier distortion
+(dense 0, drop 1, :mod:`sphkv.retention.calibration`) and stored bytes are exact page bytes: a
+(layer, kv head) keeping ``c`` tokens of tier ``t`` occupies ``ceil(c / P)`` pages of
+``page_bytes[t]`` (arena bytes + ``PAGE_META_BYTES``), partial pages counted whole.
+
+Within a (layer, kv head) the optimum keeps the highest-utility tokens at the most precise tiers
+(distortion is nondecreasing along tiers), so a head's plan is a set of boundaries over its
+tokens sorted by utility. The solver:
+
+1. Lagrangian: each token takes ``argmin_t u·D(t) + λ·bytes_per_token(t)`` (lower envelope of
+   lines in ``u``: thresholds scale with ``λ``); bisect ``λ`` until the amortized bytes fit.
+2. Page rounding: round each tier's count down to whole pages (the remainder moves one tier
+   down, the last tier's remainder is dropped); protected tokens stay at tier 0.
+3. Greedy fix-up on the exact packed bytes: while over budget, apply the move (demote a partial
+   page or one page to the next tier, or drop one) with the least distortion per byte saved;
+   then, while any move fits, apply the one with the most distortion removed per byte spent
+   (filling partial pages is free). The result is ``≤ budget`` exactly, with no single
+   page-sized move left that fits and helps.
+
+Per-layer and per-head budgets fall out of the single global ``λ`` (no per-layer setting).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tiers import TierSet
+from .fixup import fixup
+
+__all__ = ["TierCosts", "Plan", "allocate", "bf16_bytes", "budget_from_fraction"]
+
+
+@dataclass(frozen=True)
+class TierCosts:
+    """Exact page bytes and calibrated distortion of each tier (most precise first); drop is implicit.
+
+    Examples
+    --------
+    >>> TierCosts(("dense", "low"), (16392, 2440), (0.0, 0.3), page_size=64).token_bytes
+    (256.125, 38.125)
+    """
+
+    names: tuple[str, ...]
+    page_bytes: tuple[int, ...]
+    distortion: tuple[float, ...]
+    page_size: int
+    drop_distortion: float = 1.0
+
+    def __post_init__(self) -> None:
+        t = len(self.names)
+        if t == 0 or len(self.page_bytes) != t or len(self.distortion) != t:
+            raise ValueError(f"names, page_bytes, distortion must have one entry per tier, got "
+                             f"{len(self.names)}, {len(self.page_bytes)}, {len(self.distortion)}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size={self.page_size!r} must be >= 1")
+        if any(b <= 0 for b in self.page_bytes) or any(a <= b for a, b in zip(self.page_bytes, self.page_bytes[1:])):
+            raise ValueError(f"page_bytes={self.page_bytes!r} must be positive and strictly decreasing")
+        d = self.distortion
+        if any(not math.isfinite(x) or x < 0 for x in d) or any(a > b for a, b in zip(d, d[1:])):
+            raise ValueError(f"distortion={d!r} must be finite, >= 0 and nondecreasing along tiers")
+        if not math.isfinite(self.drop_distortion) or self.drop_distortion <= 0:
+            raise ValueError(f"drop_distortion={self.drop_distortion!r} must be finite and > 0")
+
+    @property
+    def num_tiers(self) -> int:
+        return len(self.names)
+
+    @property
+    def token_bytes(self) -> tuple[float, ...]:
+        """Amortized bytes per token of a full page."""
+        return tuple(b / self.page_size for b in self.page_bytes)
+
+    @classmethod
+    def from_tierset(cls, tierset: TierSet) -> "TierCosts":
+        """Costs of a calibrated :class:`TierSet` (``distortion`` filled; see ``calibrate``)."""
+        if not tierset.distortion:
+            raise ValueError("tierset.distortion is empty: calibrate the tiers first (sphkv.retention.calibrate)")
+        return cls(tuple(t.name for t in tierset.tiers), tuple(tierset.page_bytes()),
+                   tuple(float(x) for x in tierset.distortion), tierset.page_size)
+
+
+def bf16_bytes(num_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of the full bf16 cache (K and V) without any metadata."""
+    return num_tokens * num_layers * num_kv_heads * head_dim * 2 * 2
+
+
+def budget_from_fraction(fraction: float, num_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    """``floor(fraction × bf16 bytes)``; ``fraction`` must be finite and > 0."""
+    if not isinstance(fraction, numbers.Real) or not math.isfinite(fraction) or fraction <= 0:
+        raise ValueError(f"budget fraction={fraction!r} must be a finite number > 0")
+    return int(math.floor(fraction * bf16_bytes(num_tokens, num_layers, num_kv_heads, head_dim)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An allocation. ``tiers`` ``[L, Hkv, N]`` int8: tier index per token, ``num_tiers`` = dropped.
+
+    ``counts``/``pages`` ``[L, Hkv, T]`` int64; ``stored_bytes`` is exact (``Σ pages × page_bytes``).
+    """
+
+    tiers: torch.Tensor
+    counts: torch.Tensor
+    pages: torch.Tensor
+    stored_bytes: int
+    budget_bytes: int
+    min_bytes: int
+    lam: float
+    expected_distortion: float
+    costs: TierCosts = field(repr=False)
+
+    @property
+    def drop(self) -> int:
+        return self.costs.num_tiers
+
+    def kept(self) -> torch.Tensor:
+        """``[L, Hkv, N]`` bool."""
+        return self.tiers < self.drop
+
+    def bytes_per_head(self) -> torch.Tensor:
+        """``[L, Hkv]`` int64 stored bytes."""
+        return (self.pages * torch.tensor(self.costs.page_bytes)).sum(-1)
+
+    def bytes_per_layer(self) -> torch.Tensor:
+        return self.bytes_per_head().sum(-1)
+
+    def summary(self) -> dict:
+        c = self.counts.sum((0, 1))
+        n = self.tiers.numel()
+        return dict(stored_bytes=self.stored_bytes, budget_bytes=self.budget_bytes, min_bytes=self.min_bytes,
+                    lam=self.lam, expected_distortion=self.expected_distortion,
+                    tokens_per_tier={name: int(x) for name, x in zip(self.costs.names, c)},
+                    dropped=int(n - c.sum()), pages_per_tier=[int(x) for x in self.pages.sum((0, 1))])
+
+
+# -- Lagrangian ----------------------------------------------------------------------------------------
+def _hull(costs: TierCosts) -> list[tuple[int, float]]:
+    """Lower envelope (at ``λ = 1``) of ``u ↦ D_o·u + bytes_o`` over tiers + drop.
+
+    Returns ``[(option, lower_threshold)]`` from the most precise option down to drop: option
+    ``o`` wins for ``u ≥ λ·lower_threshold`` (and below the previous one's threshold).
+    """
+    d = list(costs.distortion) + [costs.drop_distortion]
+    b = list(costs.token_bytes) + [0.0]
+    cur = max(i for i in range(len(d)) if d[i] == d[0])
+    hull = []
+    while cur != len(d) - 1:
+        cross = [((b[cur] - b[j]) / (d[j] - d[cur]), j) for j in range(cur + 1, len(d)) if d[j] > d[cur]]
+        u, nxt = max(cross)
+        hull.append((cur, u))
+        cur = nxt
+    hull.append((cur, 0.0))
+    return hull
+
+
+def _lagrangian_bounds(keys_asc: torch.Tensor, hull, lam: float, t: int, n_prot: torch.Tensor) -> torch.Tensor:
+    """Boundaries ``A`` ``[G, T+1]`` (tier ``t`` = sorted ranks ``A[:, t]..A[:, t+1]``) for ``λ``."""
+    g, n = keys_asc.shape
+    thr = torch.tensor([lam * u for _, u in hull], dtype=keys_asc.dtype).expand(g, -1).contiguous()
+    ends = n - torch.searchsorted(keys_asc, thr, side="left")                 # [G, K]: ranks with key ≥ thr
+    a = torch.zeros(g, t + 1, dtype=torch.int64)
+    last = torch.zeros(g, dtype=torch.int64)
+    hull_end = {opt: ends[:, i] for i, (opt, _) in enumerate(hull)}
+    for tier in range(t):
+        last = hull_end.get(tier, last)
+        a[:, tier + 1] = last
+    a[:, 1] = torch.maximum(a[:, 1], n_prot)
+    return torch.cummax(a, 1).values
+
+
+# -- exact costs of boundaries --------------------------------------------------------------------------
+def _cost(a: torch.Tensor, s: torch.Tensor, pb: torch.Tensor, dist: torch.Tensor, page: int):
+    """Exact ``(bytes, distortion)`` of boundaries ``a`` ``[G, ..., T+1]``.
+
+    ``s`` ``[G, N+1]`` float64 holds suffix sums of the utilities sorted descending
+    (``s[r] = Σ_{j ≥ r} u_j``, summed from the small end so that tails of tiny utilities keep
+    their precision).
+    """
+    c = a[..., 1:] - a[..., :-1]                                              # [G, ..., T]
+    nbytes = ((c + page - 1) // page * pb).sum(-1)
+    sa = torch.gather(s, 1, a.reshape(a.shape[0], -1)).reshape(a.shape)       # [G, ..., T+1]
+    seg = sa[..., :-1] - sa[..., 1:]
+    return nbytes, (seg * dist[:-1]).sum(-1) + dist[-1] * sa[..., -1]
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+def _validate(utility: torch.Tensor, protected: torch.Tensor) -> None:
+    bad = ~torch.isfinite(utility) & ~protected
+    if bool(bad.any()) or bool(((utility < 0) & ~protected).any()):
+        raise ValueError("utility must be finite and >= 0 for unprotected tokens "
+                         f"({int(bad.sum())} non-finite, {int(((utility < 0) & ~protected).sum())} negative)")
+
+
+def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
+             protected: torch.Tensor | None = None) -> Plan:
+    """Plan tiers for ``utility`` ``[L, Hkv, N]`` (float, ≥ 0) under ``budget_bytes`` (exact packed bytes).
+
+    Parameters
+    ----------
+    protected : ``[N]`` or ``[L, Hkv, N]`` bool — tokens forced to tier 0 (sinks, recent window).
+
+    Raises
+    ------
+    ValueError
+        when the budget is not a finite number > 0 or is below the bytes the protected tokens need,
+        naming the value and the minimum.
+
+    Examples
+    --------
+    >>> costs = TierCosts(("dense", "low"), (16392, 2440), (0.0, 0.3), page_size=64)
+    >>> u = torch.rand(2, 3, 500)
+    >>> plan = allocate(u, costs, 200_000, protected=torch.arange(500) < 4)
+    >>> plan.stored_bytes <= 200_000, bool((plan.tiers[..., :4] == 0).all())
+    (True, True)
+    """
+    if utility.dim() != 3 or utility.shape[-1] < 1:
+        raise ValueError(f"utility must be [L, Hkv, N>=1], got {tuple(utility.shape)}")
+    l, h, n = utility.shape
+    t, page = costs.num_tiers, costs.page_size
+    prot = torch.zeros(n, dtype=torch.bool) if protected is None else protected.to(torch.bool).cpu()
+    prot = prot.expand(l, h, n).reshape(l * h, n)
+    u = utility.detach().to(torch.float64).cpu().reshape(l * h, n)
+    _validate(u, prot)
+    n_prot = prot.sum(1)
+    pb = torch.tensor(costs.page_bytes, dtype=torch.int64)
+    min_bytes = int(((n_prot + page - 1) // page).sum()) * costs.page_bytes[0]
+    if not isinstance(budget_bytes, numbers.Real) or not math.isfinite(budget_bytes) or budget_bytes <= 0:
+        raise ValueError(f"budget_bytes={budget_bytes!r} must be a finite number > 0 (minimum for the "
+                         f"{int(n_prot.sum())} protected tokens: {min_bytes})")
+    if budget_bytes < min_bytes:
+        raise ValueError(f"budget_bytes={budget_bytes!r} is below the minimum {min_bytes}: the {int(n_prot.sum())} "
+                         f"protected tokens (sinks + recent window) need whole pages of tier {costs.names[0]!r}")
+    budget = int(math.floor(budget_bytes))
+    keys = torch.where(prot, torch.full_like(u, math.inf), u)
+    keys_sorted, order = keys.sort(dim=1, descending=True, stable=True)            # [G, N]
+    keys_asc = keys_sorted.flip(1).contiguous()
+    finite_asc = torch.where(torch.isinf(keys_asc), 0.0, keys_asc)
+    s = torch.cat([finite_asc.cumsum(1).flip(1), torch.zeros(l * h, 1, dtype=torch.float64)], 1)
+    dist = torch.tensor(list(costs.distortion) + [costs.drop_distortion], dtype=torch.float64)
+    tb = torch.tensor(costs.token_bytes, dtype=torch.float64)
+    hull = _hull(costs)
+
+    def amortized(lam):
+        a = _lagrangian_bounds(keys_asc, hull, lam, t, n_prot)
+        return a, float(((a[:, 1:] - a[:, :-1]).to(torch.float64) * tb).sum())
+
+    lam, (a, used) = 0.0, amortized(0.0)
+    if used > budget:
+        lo, hi = 0.0, 1e-12 * float(u.max().clamp_min(1e-30)) * max(tb.max().item(), 1)
+        while amortized(hi)[1] > budget and hi < 1e300:
+            lo, hi = hi, hi * 4
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if amortized(mid)[1] > budget else (lo, mid)
+        lam = hi
+        a, used = amortized(hi)
+    # page rounding: whole pages only (the remainder moves one tier down; protected stay)
+    for i in range(t):
+        c = a[:, i + 1] - a[:, i]
+        floor_end = a[:, i] + c // page * page
+        a[:, i + 1] = torch.maximum(floor_end, n_prot) if i == 0 else floor_end
+    a = torch.cummax(a, 1).values
+    a = fixup(a, s, n_prot, list(costs.page_bytes), dist.tolist(), page, budget)
+    return _finish(a, order, l, h, n, t, page, pb, dist, s, budget, min_bytes, lam, costs)
+
+
+def _finish(a, order, l, h, n, t, page, pb, dist, s, budget, min_bytes, lam, costs) -> Plan:
+    rank = torch.arange(n)[None, :]
+    tier_sorted = (rank[:, :, None] >= a[:, None, 1:]).sum(-1)                 # [G, N]: first boundary above rank
+    tiers = torch.empty_like(tier_sorted).scatter_(1, order, tier_sorted).to(torch.int8)
+    counts = a[:, 1:] - a[:, :-1]
+    pages = (counts + page - 1) // page
+    nbytes, dcur = _cost(a, s, pb, dist, page)
+    stored = int(nbytes.sum())
+    assert stored <= budget, (stored, budget)
+    return Plan(tiers.reshape(l, h, n), counts.reshape(l, h, t), pages.reshape(l, h, t), stored, budget,
+                min_bytes, lam, float(dcur.sum()), costs)

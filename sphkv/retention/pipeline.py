@@ -1,0 +1,247 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Compress a prefilled cache under a byte budget: utility → calibration → allocation → pages.
+
+Entry points for the quality harness (torch only):
+
+* :func:`compress_prefill` — any :class:`~sphkv.tiers.TierSet` (ADA tiers, grid tiers, dense only).
+* :func:`compress_variant` — by name from ``VARIANTS``: ``"ada+rdr"`` (dense / sphkv-4 / sphkv-2 /
+  drop), ``"rdkv"`` (grid tiers 16 / 8 / 4 / 2 bits / drop: the same allocator without angle
+  codes) and ``"dense+rdr"`` (dense / drop: pure eviction with RDR's budgets).
+
+The result holds the plan, the paged store, exact stored bytes, and views for an attention
+implementation: per-head segments (kept positions per tier with decoded K/V) and a dense view with
+a keep mask (``[1, Hkv, N, d]`` reconstructions, zeros where dropped).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..gridquant import grid_tierset
+from ..pages import PagedStore, paged_attention
+from ..tiers import Tier, TierSet
+from .allocation import Plan, TierCosts, allocate, bf16_bytes, budget_from_fraction
+from .calibration import TierStats, calibrate
+from .utility import POLICIES, layer_utility, make_policy, protected_mask
+
+__all__ = ["RetentionConfig", "RetentionResult", "Segment", "compress_prefill", "compress_variant", "VARIANTS",
+           "ada_tierset", "rdkv_tierset", "eviction_tierset"]
+
+_POLICY_PARAMS = {"snapkv": lambda c: dict(pool=c.pool, kernel=c.kernel)}
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How :func:`compress_prefill` estimates utility and calibrates.
+
+    ``policy`` names a utility policy (``sphkv.retention.POLICIES``; ``pool``/``kernel`` apply to
+    ``"snapkv"``); ``sinks`` and ``recent`` tokens are protected at tier 0; an uncalibrated tier
+    set is calibrated on ``calib_layers`` evenly spaced layers over their last ``calib_tokens``
+    tokens with the given queries.
+    """
+
+    policy: str = "snapkv"
+    pool: str = "avg"
+    kernel: int = 5
+    sinks: int = 4
+    recent: int = 32
+    calib_layers: int = 4
+    calib_tokens: int = 1024
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r} is not registered; allowed: {sorted(POLICIES)}")
+        for name in ("sinks", "recent"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("calib_layers", "calib_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        self.make_policy()                                            # validates pool / kernel
+
+    def make_policy(self):
+        return make_policy(self.policy, **_POLICY_PARAMS.get(self.policy, lambda c: {})(self))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Tokens of one (layer, kv head) kept at one tier: ``positions`` ``[n]`` int64, decoded ``k``, ``v`` ``[n, d]`` float32."""
+
+    tier: int
+    name: str
+    positions: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class RetentionResult:
+    """Plan + paged store of a compressed prefill, with exact bytes (see the module docstring)."""
+
+    plan: Plan
+    store: PagedStore
+    tierset: TierSet
+    utility: torch.Tensor
+    num_tokens: int
+    budget_fraction: float | None
+    bf16_bytes: int
+    tier_stats: list[TierStats] | None = None
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.store.bytes().stored_bytes
+
+    @property
+    def bits_per_element(self) -> float:
+        """All stored bytes × 8 ÷ (tokens × layers × kv heads × head_dim × 2); bf16 is 16."""
+        return self.stored_bytes * 8 / (self.bf16_bytes / 2)
+
+    def layer_segments(self, layer: int) -> list[list[Segment]]:
+        """Per kv head, per non-empty tier: kept positions (ascending) and decoded K/V."""
+        out = []
+        for h in range(self.store.num_kv_heads):
+            pos, k, v, tier = self.store.gather(layer, h)
+            out.append([Segment(t, self.tierset.tiers[t].name, pos[tier == t], k[tier == t], v[tier == t])
+                        for t in range(len(self.tierset)) if bool((tier == t).any())])
+        return out
+
+    def dense_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(k_hat, v_hat, keep)``: ``[1, Hkv, N, d]`` float32 reconstructions (zeros where dropped), ``[1, Hkv, N]`` bool."""
+        hkv, n, d = self.store.num_kv_heads, self.num_tokens, self.store.head_dim
+        k_hat, v_hat = torch.zeros(1, hkv, n, d), torch.zeros(1, hkv, n, d)
+        keep = torch.zeros(1, hkv, n, dtype=torch.bool)
+        for h in range(hkv):
+            pos, k, v, _ = self.store.gather(layer, h)
+            k_hat[0, h, pos], v_hat[0, h, pos], keep[0, h, pos] = k, v, True
+        return k_hat, v_hat, keep
+
+    def attention(self, layer: int, q: torch.Tensor, **kwargs):
+        """:func:`sphkv.pages.paged_attention` over this layer's pages."""
+        return paged_attention(q, self.store, layer, **kwargs)
+
+    def summary(self) -> dict:
+        """JSON-friendly numbers: bytes, bits per element, overheads, tokens per tier, per-layer bytes, timings."""
+        b = self.store.bytes()
+        return dict(budget_fraction=self.budget_fraction, budget_bytes=self.plan.budget_bytes,
+                    stored_bytes=b.stored_bytes, bf16_bytes=self.bf16_bytes, bits_per_element=self.bits_per_element,
+                    metadata_overhead=b.metadata_overhead, position_index_overhead=b.position_overhead,
+                    tiers=[t.name for t in self.tierset.tiers], distortion=list(self.tierset.distortion),
+                    **{k: v for k, v in self.plan.summary().items() if k not in ("stored_bytes", "budget_bytes")},
+                    bytes_per_layer=self.plan.bytes_per_layer().tolist(), timings=dict(self.timings))
+
+
+def _strip(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"{name} must have batch 1, got {tuple(x.shape)}")
+        return x[0]
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [1, H, N, d] or [H, N, d], got {tuple(x.shape)}")
+    return x
+
+
+def _calibrate(ts: TierSet, keys, values, queries, cfg: RetentionConfig, sm_scale):
+    num = len(keys)
+    idx = sorted({round(i * (num - 1) / max(cfg.calib_layers - 1, 1)) for i in range(min(cfg.calib_layers, num))})
+    t = min(cfg.calib_tokens, keys[0].shape[1])
+    w = min(queries[0].shape[1], t)
+    k = torch.stack([keys[i][:, -t:] for i in idx])
+    v = torch.stack([values[i][:, -t:] for i in idx])
+    q = torch.stack([queries[i][:, -w:] for i in idx])
+    return calibrate(ts, k, v, q, sm_scale=sm_scale, return_stats=True)
+
+
+def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queries: list[torch.Tensor],
+                     tierset: TierSet, budget_fraction: float | None = None, *, budget_bytes: int | None = None,
+                     config: RetentionConfig = RetentionConfig(), sm_scale: float | None = None) -> RetentionResult:
+    """Plan and store a prefilled cache under a budget.
+
+    Parameters
+    ----------
+    keys, values : per layer ``[1, Hkv, N, d]`` float (post-RoPE keys).
+    queries : per layer ``[1, Hq, W, d]`` — the last ``W`` prefill queries (post-RoPE), the
+        observation window (all ``N`` queries for ``policy="h2o"``).
+    tierset : tiers, most precise first; calibrated on these samples when ``distortion`` is empty.
+    budget_fraction : budget as a fraction of the bf16 bytes; or give ``budget_bytes`` (exact bytes).
+
+    Examples
+    --------
+    >>> torch.manual_seed(0) is not None
+    True
+    >>> ks = [torch.randn(1, 2, 300, 64) for _ in range(2)]
+    >>> vs = [torch.randn(1, 2, 300, 64) for _ in range(2)]
+    >>> qs = [torch.randn(1, 6, 16, 64) for _ in range(2)]
+    >>> res = compress_prefill(ks, vs, qs, ada_tierset(page_size=16), 0.25)
+    >>> res.stored_bytes <= res.plan.budget_bytes, res.stored_bytes == res.plan.stored_bytes
+    (True, True)
+    >>> k_hat, v_hat, keep = res.dense_view(0)
+    >>> k_hat.shape, bool(keep[0, :, :4].all())
+    (torch.Size([1, 2, 300, 64]), True)
+    """
+    t0 = time.perf_counter()
+    keys = [_strip(k, "keys") for k in keys]
+    values = [_strip(v, "values") for v in values]
+    queries = [_strip(q, "queries") for q in queries]
+    if not keys or len(values) != len(keys) or len(queries) != len(keys):
+        raise ValueError(f"keys, values, queries need one entry per layer, got {len(keys)}, {len(values)}, {len(queries)}")
+    hkv, n, d = keys[0].shape
+    if d != tierset.head_dim:
+        raise ValueError(f"head_dim {d} of the keys differs from tierset.head_dim={tierset.head_dim}")
+    timings = {}
+    utility = layer_utility(config.make_policy(), keys, queries, sm_scale=sm_scale)   # [L, Hkv, N]
+    timings["utility_s"] = time.perf_counter() - t0
+    stats = None
+    if not tierset.distortion:
+        t1 = time.perf_counter()
+        tierset, stats = _calibrate(tierset, keys, values, queries, config, sm_scale)
+        timings["calibrate_s"] = time.perf_counter() - t1
+    full = bf16_bytes(n, len(keys), hkv, d)
+    if budget_bytes is None:
+        if budget_fraction is None:
+            raise ValueError("give budget_fraction or budget_bytes")
+        budget_bytes = budget_from_fraction(budget_fraction, n, len(keys), hkv, d)
+    t2 = time.perf_counter()
+    plan = allocate(utility, TierCosts.from_tierset(tierset), budget_bytes,
+                    protected=protected_mask(n, sinks=config.sinks, recent=config.recent))
+    timings["allocate_s"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    store = PagedStore(tierset, plan.pages.sum((0, 1)).tolist(), num_layers=len(keys), num_kv_heads=hkv,
+                       device=keys[0].device, debug=config.debug)
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        store.write_plan(layer, k, v, plan.tiers[layer])
+    timings["store_s"] = time.perf_counter() - t3
+    assert store.bytes().stored_bytes == plan.stored_bytes
+    return RetentionResult(plan, store, tierset, utility, n, budget_fraction, full, stats, timings)
+
+
+def ada_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
+    """``dense`` > ``sphkv-4`` > ``sphkv-2`` (uncalibrated)."""
+    return TierSet.default(head_dim=head_dim, page_size=page_size)
+
+
+def rdkv_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
+    """RDKV-style grid tiers ``bf16`` > ``int8`` > ``int4`` > ``int2`` (uncalibrated)."""
+    return grid_tierset((16, 8, 4, 2), head_dim=head_dim, page_size=page_size)
+
+
+def eviction_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
+    """``dense`` only (calibrated by definition): RDR as pure eviction."""
+    return TierSet((Tier("dense"),), head_dim=head_dim, page_size=page_size, distortion=(0.0,))
+
+
+VARIANTS = {"ada+rdr": ada_tierset, "rdkv": rdkv_tierset, "dense+rdr": eviction_tierset}
+
+
+def compress_variant(name: str, keys, values, queries, budget_fraction: float, *,
+                     config: RetentionConfig = RetentionConfig(), page_size: int = 64,
+                     sm_scale: float | None = None) -> RetentionResult:
+    """:func:`compress_prefill` with the tier set of ``VARIANTS[name]``."""
+    if name not in VARIANTS:
+        raise ValueError(f"variant={name!r} is not registered; allowed: {sorted(VARIANTS)}")
+    head_dim = _strip(keys[0], "keys").shape[-1]
+    return compress_prefill(keys, values, queries, VARIANTS[name](head_dim, page_size), budget_fraction,
+                            config=config, sm_scale=sm_scale)
