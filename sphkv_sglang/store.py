@@ -1,0 +1,327 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The tiered, angle-coded KV store behind :class:`~sphkv_sglang.pool.SphKVPool` (no SGLang import).
+
+Layout (``L`` layers, ``H`` KV heads, ``P`` tokens per page, ``d`` head_dim)::
+
+    arenas[t][l]   sphkv.pool.TierPool of tier t, layer l, with phys_pages[t] * H pages;
+                   viewed as [phys, H, P, ...] (page index = phys * H + head)
+    k_stage/v_stage [L, S, H, P, d]  model dtype — dense staging slots (pages being filled)
+    table          PageTable: logical page → staging slot or (tier, physical page)
+
+Writes (one forward = the same ``loc`` for every layer, first layer first): the first layer stages
+the touched pages and decides which pages became full and where they go (the most precise tier with
+room; if it is full, cold pages named by the demotion source — the radix cache — are re-encoded one
+tier down first); every layer writes its tokens densely and codes the full pages of its own layer;
+the last layer frees their staging slots. Readers use the staging copy while a page has one, so a
+page coded in this forward is read densely by all layers of this forward.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from sphkv.keys import AngleKeyCodec, KeyCode
+from sphkv.pool import TierPool
+from sphkv.tiers import Tier
+from sphkv.validation import check_finite
+from sphkv.values import GroupValueQuantizer, ValueCode
+
+from .config import SphKVServeConfig
+from .page_table import PageTable, PageTableError
+
+__all__ = ["SphKVStore", "PrefixView", "CodedSegment", "plan_phys_pages"]
+
+logger = logging.getLogger(__name__)
+
+DemotionSource = Callable[[int, int], list]      # (tier, num_pages) -> coldest demotable logical pages
+
+
+@dataclass
+class CodedSegment:
+    """Coded prefix pages of one tier: ``kcode`` ``[H, m*P, ...]`` with page means ``[H, m, d]``."""
+
+    tier: int
+    pages: torch.Tensor            # [m] int64 logical pages
+    kcode: KeyCode
+    vcode: ValueCode
+
+
+@dataclass
+class PrefixView:
+    """A request's cached prefix for one layer: coded segments (any order) + dense staged tokens."""
+
+    segments: list[CodedSegment] = field(default_factory=list)
+    dense_k: torch.Tensor | None = None    # [H, T, d]
+    dense_v: torch.Tensor | None = None
+    dense_pages: torch.Tensor | None = None  # [T] logical page of each dense token
+
+    @property
+    def num_coded(self) -> int:
+        return sum(s.kcode.num_tokens for s in self.segments)
+
+
+def plan_phys_pages(cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
+                    head_dim: int) -> tuple[int, ...]:
+    """Physical pages per tier so that ``Σ phys ≥ num_pages`` and bytes follow ``cfg.fractions``."""
+    dims = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    coded = num_pages * cfg.cell_size(**dims) * cfg.page_size
+    phys = [int(coded * f // cfg.page_bytes(t, **dims)) for t, f in zip(cfg.tiers, cfg.fractions)]
+    phys[-1] += max(0, num_pages - sum(phys))
+    return tuple(max(1, p) for p in phys)
+
+
+class SphKVStore:
+    """Tiered angle-coded pages + dense staging for ``num_pages`` logical pages (page 0 = padding).
+
+    Examples
+    --------
+    >>> cfg = SphKVServeConfig(page_size=8, max_running_requests=2)
+    >>> st = SphKVStore(cfg, num_pages=9, num_layers=1, num_kv_heads=2, head_dim=64)
+    >>> loc = torch.arange(8, 20)                     # page 1 (full) and half of page 2
+    >>> st.write(0, loc, torch.randn(12, 2, 64), torch.randn(12, 2, 64))
+    >>> view = st.read_prefix(0, loc)
+    >>> view.num_coded, view.dense_k.shape[1]
+    (8, 4)
+    """
+
+    def __init__(self, cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        self.cfg, self.num_pages, self.num_layers = cfg, num_pages, num_layers
+        self.H, self.d, self.P, self.dtype, self.device = num_kv_heads, head_dim, cfg.page_size, dtype, device
+        self.phys_pages = plan_phys_pages(cfg, num_pages=num_pages, num_layers=num_layers,
+                                          num_kv_heads=num_kv_heads, head_dim=head_dim)
+        self.tiers = [Tier(n, cfg.codec_config(n, head_dim)) for n in cfg.tiers]
+        self.kcodec = [AngleKeyCodec(t.config) for t in self.tiers]
+        self.vquant = [GroupValueQuantizer(t.config) for t in self.tiers]
+        self.arenas = [[TierPool(t, n * num_kv_heads, head_dim=head_dim, page_size=self.P, device=device)
+                        for _ in range(num_layers)] for t, n in zip(self.tiers, self.phys_pages)]
+        shape = (num_layers, cfg.num_staging_pages, num_kv_heads, self.P, head_dim)
+        self.k_stage = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_stage = torch.zeros(shape, dtype=dtype, device=device)
+        self.table = PageTable(num_pages=num_pages, phys_pages=self.phys_pages,
+                               staging_pages=cfg.num_staging_pages, page_size=self.P)
+        self.page_mass = torch.zeros(num_pages, dtype=torch.float32)
+        self.demotion_source: DemotionSource | None = None
+        self._plan = None
+        self.counters = dict(tokens_written=0, pages_coded=[0] * len(self.tiers), pages_demoted=0,
+                             coded_pages_read=0, dense_tokens_read=0, pages_released=0, nonfinite_rows=0,
+                             staging_high_water=0)
+
+    # -- views ---------------------------------------------------------------------------------------
+    def _view(self, tier: int, layer: int, name: str) -> torch.Tensor:
+        t = getattr(self.arenas[tier][layer], name)
+        return t.view(self.phys_pages[tier], self.H, *t.shape[1:])
+
+    # -- write -----------------------------------------------------------------------------------------
+    def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` ``[N, H, d]`` of slots ``loc`` ``[N]`` for ``layer`` (0-based local index)."""
+        if layer == 0 or self._plan is None:
+            self._plan = self._begin_forward(loc)
+        plan = self._plan
+        if plan["loc"].numel() != loc.numel() or (plan["loc"].data_ptr() != loc.data_ptr()
+                                                  and not torch.equal(plan["loc"], loc.cpu())):
+            raise PageTableError(f"layer {layer} writes other slots than layer 0 of this forward")
+        sel = plan["sel"]
+        kk, nk = check_finite(k.reshape(-1, self.H, self.d)[sel], f"keys of layer {layer}", self.cfg.nonfinite)
+        vv, nv = check_finite(v.reshape(-1, self.H, self.d)[sel], f"values of layer {layer}", self.cfg.nonfinite)
+        self.counters["nonfinite_rows"] += nk + nv
+        st = plan["staged"]
+        if st is not None:
+            self.k_stage[layer, plan["slots"], :, plan["offs"]] = kk[st].to(self.dtype)
+            self.v_stage[layer, plan["slots"], :, plan["offs"]] = vv[st].to(self.dtype)
+        for tier, phys, src, idx in plan["full"]:
+            if src == "stage":                                                   # [n, H, P, d]
+                kd, vd = self.k_stage[layer, idx], self.v_stage[layer, idx]
+            else:                                                                # rows [n, P] of this write
+                kd, vd = kk[idx].transpose(1, 2), vv[idx].transpose(1, 2)
+            self._store_coded(layer, tier, phys, kd, vd)
+        if layer == self.num_layers - 1:
+            if plan["pending"] is not None:
+                self.table.finish_pending(plan["pending"])
+            self._plan = None
+
+    def _begin_forward(self, loc: torch.Tensor) -> dict:
+        """Stage partial pages, find full ones, place them; the plan every layer of this forward follows."""
+        loc = loc.to("cpu", torch.int64)
+        pages, offs = loc // self.P, loc % self.P
+        sel = pages > 0                                                    # page 0 = padding writes
+        pages, offs = pages[sel], offs[sel]
+        uniq, counts = torch.unique(pages, return_counts=True)
+        direct = uniq[(counts == self.P) & ~self.table.written[uniq].any(-1)]   # whole page in this write
+        is_direct = torch.isin(pages, direct)
+        self.table.stage(uniq[~torch.isin(uniq, direct)])
+        self.counters["staging_high_water"] = max(self.counters["staging_high_water"],
+                                                  self.table.num_staging - len(self.table.free_stage))
+        full = self.table.mark_written(pages, offs)
+        self.counters["tokens_written"] += int(pages.numel())
+        pending = full[~torch.isin(full, direct)]
+        dev = self.device
+        staged = ~is_direct
+        rows = torch.full((direct.numel(), self.P), -1, dtype=torch.int64)
+        if direct.numel():
+            rank = torch.searchsorted(direct, pages[is_direct])
+            rows[rank, offs[is_direct]] = is_direct.nonzero().flatten()
+        placed = []
+        for tier, pgs, phys in self._place(full):
+            in_direct = torch.isin(pgs, direct)
+            if bool(in_direct.any()):
+                r = rows[torch.searchsorted(direct, pgs[in_direct])]
+                placed.append((tier, phys[in_direct], "rows", r.to(dev)))
+            if bool((~in_direct).any()):
+                placed.append((tier, phys[~in_direct], "stage", self.table.stage_of[pgs[~in_direct]].long().to(dev)))
+        any_staged = bool(staged.any())
+        return dict(loc=loc, sel=sel.to(dev), staged=staged.to(dev) if any_staged else None,
+                    slots=self.table.stage_of[pages[staged]].long().to(dev), offs=offs[staged].to(dev),
+                    full=placed, pending=pending if pending.numel() else None)
+
+    def _place(self, full: torch.Tensor) -> list:
+        """Assign each newly full page a physical page; returns ``[(tier, pages, phys), ...]``."""
+        if full.numel() == 0:
+            return []
+        short = full.numel() - self.table.free_count(0)
+        if short > 0 and len(self.tiers) > 1:
+            self._demote_coldest(0, short)
+        out: dict[int, list] = {}
+        for p in full.tolist():
+            tier = next((t for t in range(len(self.tiers)) if self.table.free_count(t)), None)
+            if tier is None:
+                raise PageTableError("no physical page left in any tier (pool sizing bug)")
+            out.setdefault(tier, []).append((p, self.table.assign(p, tier=tier)))
+            self.counters["pages_coded"][tier] += 1
+        return [(t, torch.tensor([p for p, _ in v]), torch.tensor([f for _, f in v])) for t, v in out.items()]
+
+    def _store_coded(self, layer: int, tier: int, phys: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> None:
+        kc = self.kcodec[tier].encode(kd.float(), name=f"keys of layer {layer}")    # codes [n, H, P, cb]
+        vc = self.vquant[tier].encode(vd.float(), name=f"values of layer {layer}")
+        phys = phys.to(self.device)
+        self._view(tier, layer, "k_codes")[phys] = kc.codes
+        self._view(tier, layer, "k_radius")[phys] = kc.radius
+        self._view(tier, layer, "k_mean")[phys] = kc.mean[..., 0, :]
+        self._view(tier, layer, "v_codes")[phys] = vc.codes
+        self._view(tier, layer, "v_scale")[phys] = vc.scale
+        self._view(tier, layer, "v_zero")[phys] = vc.zero
+
+    # -- demotion ------------------------------------------------------------------------------------
+    def _demote_coldest(self, tier: int, num_pages: int) -> int:
+        """Re-encode up to ``num_pages`` cold pages of ``tier`` one tier down; return how many moved."""
+        if self.demotion_source is None or tier + 1 >= len(self.tiers):
+            return 0
+        victims = [p for p in self.demotion_source(tier, num_pages) if int(self.table.tier_of[p]) == tier]
+        victims = victims[:num_pages]
+        short = len(victims) - self.table.free_count(tier + 1)
+        if short > 0:
+            self._demote_coldest(tier + 1, short)
+        victims = victims[:self.table.free_count(tier + 1)]
+        if victims:
+            self.demote(torch.tensor(victims), to_tier=tier + 1)
+        return len(victims)
+
+    def demote(self, pages: torch.Tensor, *, to_tier: int) -> None:
+        """Re-encode coded ``pages`` (all in one tier) into ``to_tier``, all layers; frees their old pages."""
+        moves = [self.table.move(int(p), tier=to_tier) for p in pages.tolist()]
+        src = {m[0] for m in moves}
+        if len(src) != 1 or next(iter(src)) >= to_tier:
+            raise PageTableError(f"demote needs pages of one tier above {to_tier}, got tiers {sorted(src)}")
+        old_t = moves[0][0]
+        old = torch.tensor([m[1] for m in moves], device=self.device)
+        new = torch.tensor([m[2] for m in moves])
+        for layer in range(self.num_layers):
+            kd, vd = self._decode(layer, old_t, old)
+            self._store_coded(layer, to_tier, new, kd, vd)
+        for m in moves:
+            self.table.free_phys_page(m[0], m[1])
+        self.counters["pages_demoted"] += len(moves)
+
+    def _decode(self, layer: int, tier: int, phys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion only, never attention)."""
+        kc = KeyCode(codes=self._view(tier, layer, "k_codes")[phys], radius=self._view(tier, layer, "k_radius")[phys],
+                     mean=self._view(tier, layer, "k_mean")[phys][..., None, :])
+        vc = ValueCode(codes=self._view(tier, layer, "v_codes")[phys], scale=self._view(tier, layer, "v_scale")[phys],
+                       zero=self._view(tier, layer, "v_zero")[phys])
+        return self.kcodec[tier].decode(kc), self.vquant[tier].decode(vc)
+
+    # -- read ------------------------------------------------------------------------------------------
+    def read_prefix(self, layer: int, slots: torch.Tensor) -> PrefixView:
+        """The prefix stored at ``slots`` ``[n]`` (a request's first ``n`` token slots, in order)."""
+        n = slots.numel()
+        view = PrefixView()
+        if n == 0:
+            return view
+        slots = slots.to("cpu", torch.int64)
+        n_full = n // self.P
+        pages = slots[: n_full * self.P: self.P] // self.P
+        staged = self.table.stage_of[pages] >= 0
+        coded = pages[~staged]
+        if coded.numel():
+            tiers = self.table.tier_of[coded]
+            if bool((tiers < 0).any()):
+                raise PageTableError(f"layer {layer}: prefix page(s) {coded[tiers < 0].tolist()[:8]} "
+                                     "are neither staged nor coded (read after free?)")
+            for t in torch.unique(tiers).tolist():
+                view.segments.append(self._segment(layer, t, coded[tiers == t]))
+        dk, dv, dp = [], [], []
+        for p in pages[staged].tolist():
+            self._take_dense(layer, p, self.P, dk, dv, dp)
+        if n % self.P:
+            p = int(slots[n_full * self.P]) // self.P
+            if int(self.table.stage_of[p]) < 0:
+                raise PageTableError(f"layer {layer}: partial prefix page {p} has no staging slot")
+            self._take_dense(layer, p, n % self.P, dk, dv, dp)
+        if dk:
+            view.dense_k, view.dense_v, view.dense_pages = torch.cat(dk, 1), torch.cat(dv, 1), torch.cat(dp)
+        self.counters["coded_pages_read"] += int(coded.numel())
+        self.counters["dense_tokens_read"] += sum(x.shape[1] for x in dk)
+        return view
+
+    def _take_dense(self, layer: int, page: int, count: int, dk: list, dv: list, dp: list) -> None:
+        s = int(self.table.stage_of[page])
+        dk.append(self.k_stage[layer, s, :, :count])
+        dv.append(self.v_stage[layer, s, :, :count])
+        dp.append(torch.full((count,), page, dtype=torch.int64))
+
+    def _segment(self, layer: int, tier: int, pages: torch.Tensor) -> CodedSegment:
+        phys = self.table.phys_of[pages].long().to(self.device)
+        g = lambda name: self._view(tier, layer, name)[phys].transpose(0, 1)      # noqa: E731 [H, m, ...]
+        kcode = KeyCode(codes=g("k_codes").flatten(1, 2), radius=g("k_radius").flatten(1, 2), mean=g("k_mean"))
+        vcode = ValueCode(codes=g("v_codes").flatten(1, 2), scale=g("v_scale").flatten(1, 2),
+                          zero=g("v_zero").flatten(1, 2))
+        return CodedSegment(tier, pages, kcode, vcode)
+
+    # -- retention signal, free, accounting ---------------------------------------------------------
+    def add_mass(self, pages: torch.Tensor, mass: torch.Tensor) -> None:
+        """Accumulate attention mass ``[n]`` received by the tokens of logical ``pages`` ``[n]``."""
+        self.page_mass.index_add_(0, pages.cpu(), mass.float().cpu())
+
+    def release(self, pages: torch.Tensor) -> None:
+        """SGLang freed ``pages`` (logical): drop their staging slots and physical pages."""
+        pages = pages.to("cpu", torch.int64)
+        self.table.release(pages)
+        self.page_mass[pages[(pages > 0) & (pages < self.num_pages)]] = 0
+        self.counters["pages_released"] += int(pages.numel())
+
+    def reset(self) -> None:
+        self.table.reset()
+        self.page_mass.zero_()
+        self._plan = None
+
+    def nbytes(self) -> tuple[int, int]:
+        """Allocated bytes ``(keys, values)``: arenas + staging (+ page tables, counted with keys)."""
+        kb = vb = 0
+        for per_layer in self.arenas:
+            for a in per_layer:
+                for name, t in a.tensors().items():
+                    b = t.numel() * t.element_size()
+                    kb, vb = (kb + b, vb) if name.startswith("k") else (kb, vb + b)
+        st = self.k_stage.numel() * self.k_stage.element_size()
+        tb = sum(t.numel() * t.element_size() for t in (self.table.tier_of, self.table.phys_of,
+                                                          self.table.stage_of, self.table.written, self.page_mass))
+        return kb + st + tb, vb + st
+
+    def stats(self) -> dict:
+        c = self.table.counts()
+        return dict(tiers=list(self.cfg.tiers), page_size=self.P, phys_pages=list(self.phys_pages),
+                    coded_pages=c["coded"], free_phys_pages=c["free_phys"], staging_in_use=c["staging"],
+                    staging_pages=self.table.num_staging, kv_bytes=sum(self.nbytes()), **self.counters)
