@@ -1,0 +1,107 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``torch.library`` custom ops (namespace ``sphkv_kernels``) around the kernels, with fake impls.
+
+Registering them touches nothing outside our own namespace; it happens once, when this module is
+first imported (``flashinfer_ext`` imports it). Each op mutates its output arguments and returns
+nothing, so ``torch.compile`` and CUDA-graph capture see an opaque, side-effecting call whose fake
+implementation does nothing. ``backend`` is ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)
+or ``"reference"`` (pure PyTorch, any device). A coded tier's codec travels as ``config``: the JSON
+of its :class:`sphkv.SphKVConfig` (see :func:`config_key`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Optional
+
+import torch
+
+from sphkv.config import SphKVConfig
+from sphkv_kernels import decode as _dec
+from sphkv_kernels import encode as _enc
+from sphkv_kernels.layout import CodedLayout
+
+__all__ = ["config_key", "layout_of", "NAMESPACE"]
+
+NAMESPACE = "sphkv_kernels"
+
+
+def config_key(config: SphKVConfig) -> str:
+    """Deterministic string form of a config (the ``config`` argument of the coded ops)."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def layout_of(key: str) -> CodedLayout:
+    """Inverse of :func:`config_key`, resolved to the tier's :class:`CodedLayout` (cached)."""
+    spec = json.loads(key)
+    spec["level_bits"] = tuple(spec["level_bits"])
+    return CodedLayout.from_config(SphKVConfig(**spec))
+
+
+def _pick(backend: str, triton_fn, reference_fn):
+    if backend == "triton":
+        return triton_fn
+    if backend == "reference":
+        return reference_fn
+    raise ValueError(f"backend={backend!r}; allowed: 'triton', 'reference'")
+
+
+@torch.library.custom_op(f"{NAMESPACE}::coded_decode_partial", mutates_args=("part_o", "part_lse", "logits"))
+def coded_decode_partial(q_rot: torch.Tensor, k_codes: torch.Tensor, k_radius: torch.Tensor, k_mean: torch.Tensor,
+                         v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, work: torch.Tensor,
+                         page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,
+                         part_lse: torch.Tensor, logits: Optional[torch.Tensor], config: str, num_kv_heads: int,
+                         sm_scale: float, backend: str) -> None:
+    fn = _pick(backend, _dec.coded_decode_partial, _dec.coded_decode_partial_reference)
+    fn(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
+       layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=logits)
+
+
+@coded_decode_partial.register_fake
+def _(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
+      logits, config, num_kv_heads, sm_scale, backend):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::dense_decode_partial", mutates_args=("part_o", "part_lse", "logits"))
+def dense_decode_partial(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, work: torch.Tensor,
+                         page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,
+                         part_lse: torch.Tensor, logits: Optional[torch.Tensor], num_kv_heads: int,
+                         sm_scale: float, backend: str) -> None:
+    fn = _pick(backend, _dec.dense_decode_partial, _dec.dense_decode_partial_reference)
+    fn(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, num_kv_heads=num_kv_heads,
+       sm_scale=sm_scale, logits=logits)
+
+
+@dense_decode_partial.register_fake
+def _(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, sm_scale, backend):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::merge_partials", mutates_args=("out", "lse"))
+def merge_partials(part_o: torch.Tensor, part_lse: torch.Tensor, slot_ptr: torch.Tensor, rotations: torch.Tensor,
+                   out: torch.Tensor, lse: Optional[torch.Tensor], num_kv_heads: int, rotate_mask: int,
+                   backend: str) -> None:
+    fn = _pick(backend, _dec.merge_partials, _dec.merge_partials_reference)
+    fn(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads=num_kv_heads, rotate_mask=rotate_mask)
+
+
+@merge_partials.register_fake
+def _(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads, rotate_mask, backend):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::encode_pages",
+                         mutates_args=("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero"))
+def encode_pages(k: torch.Tensor, v: torch.Tensor, page_ids: torch.Tensor, page_lens: torch.Tensor,
+                 k_codes: torch.Tensor, k_radius: torch.Tensor, k_mean: torch.Tensor, v_codes: torch.Tensor,
+                 v_scale: torch.Tensor, v_zero: torch.Tensor, config: str, backend: str) -> None:
+    fn = _pick(backend, _enc.encode_pages, _enc.encode_pages_reference)
+    fn(k, v, page_ids, page_lens, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, layout=layout_of(config))
+
+
+@encode_pages.register_fake
+def _(k, v, page_ids, page_lens, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, config, backend):
+    return None

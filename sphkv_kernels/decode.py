@@ -1,0 +1,366 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Paged decode attention over tier-homogeneous pages: launchers and pure-PyTorch references.
+
+One launch per tier present in the batch (coded tiers: logits from angle codes, values dequantized
+in registers; the dense tier: bf16 pages), each writing split-K partial softmax states to slots of
+a :class:`~sphkv_kernels.schedule.DecodeSchedule`; then one merge launch combines the slots of
+every (request, kv head) exactly and undoes each coded tier's value rotation once. Every launcher
+``f`` has a reference ``f_reference`` with the identical signature and layout (built on
+:mod:`sphkv.logits` and :mod:`sphkv.values`), used on CPU and by the tests.
+
+Shapes (``B`` requests, ``Hq``/``Hkv`` query/kv heads, ``G = Hq / Hkv``, ``d`` head_dim,
+``P`` page size, ``S`` slots, ``n`` entries of the tier):
+
+* ``q`` ``[B, Hq, d]`` — for coded tiers the query rotated by the tier's key rotation (float32),
+  for the dense tier the query itself (bf16/fp16/fp32); last dim contiguous;
+* ``part_o`` ``[S, G, d]`` float32 and ``part_lse`` ``[S, G]`` float32 (log2 domain);
+* ``logits`` (optional) ``[n * P, G]`` float32: the scaled log2-domain logit of every valid token
+  of every entry (row-major over the tier's entries) — the input of the key-mass epilogue.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from sphkv.keys import KeyCode
+from sphkv.logits import logits_lut
+from sphkv.values import ValueCode
+
+from .layout import CodedLayout
+
+__all__ = ["coded_decode_partial", "coded_decode_partial_reference", "dense_decode_partial",
+           "dense_decode_partial_reference", "merge_partials", "merge_partials_reference",
+           "interpreting", "LOG2E"]
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _g_pad(group: int) -> int:
+    return max(16, 1 << (group - 1).bit_length())
+
+
+def _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, page_size):
+    assert q.dim() == 3 and q.stride(-1) == 1, f"q must be [B, Hq, d] with a contiguous last dim, got {tuple(q.shape)}"
+    b, hq, d = q.shape
+    assert hq % num_kv_heads == 0, f"num_qo_heads={hq} is not a multiple of num_kv_heads={num_kv_heads}"
+    g = hq // num_kv_heads
+    assert work.dtype == torch.int32 and work.dim() == 2 and work.shape[1] == 4 and work.is_contiguous()
+    assert page_ids.dtype == torch.int32 and page_lens.dtype == torch.int32
+    assert page_ids.shape == page_lens.shape and page_ids.is_contiguous() and page_lens.is_contiguous()
+    assert part_o.dtype == torch.float32 and part_o.is_contiguous() and part_o.shape[1:] == (g, d), \
+        f"part_o must be [S, {g}, {d}] float32, got {tuple(part_o.shape)} {part_o.dtype}"
+    assert part_lse.dtype == torch.float32 and part_lse.is_contiguous() and part_lse.shape == part_o.shape[:2]
+    if logits is not None:
+        assert logits.dtype == torch.float32 and logits.is_contiguous()
+        assert logits.shape == (page_ids.numel() * page_size, g), \
+            f"logits must be [{page_ids.numel() * page_size}, {g}], got {tuple(logits.shape)}"
+    for t in (work, page_ids, page_lens, part_o, part_lse):
+        assert t.device == q.device, "all tensors must be on q's device"
+    return b, hq, d, g
+
+
+# -------------------------------------------------------------------------------------------------
+# coded tier
+# -------------------------------------------------------------------------------------------------
+def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens,
+                         part_o, part_lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
+                         logits=None, block_n: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None) -> None:
+    """Split-K partial attention over one coded tier's pages (Triton).
+
+    Parameters
+    ----------
+    q_rot : ``[B, Hq, d]`` float32 — queries rotated by ``layout.key_rotation`` (``q @ R.T``).
+    k_codes : ``[num_pages, P, key_code_bytes]`` uint8; k_radius : ``[num_pages, P]`` float16;
+    k_mean : ``[num_pages, d]`` bfloat16; v_codes : ``[num_pages, P, value_code_bytes]`` uint8;
+    v_scale, v_zero : ``[num_pages, P, d / value_group]`` float16 — a :class:`sphkv.pool.TierPool`'s arena.
+    work : ``[W, 4]`` int32; page_ids, page_lens : ``[n]`` int32 — one tier of a
+        :class:`~sphkv_kernels.schedule.DecodeSchedule`.
+    part_o : ``[S, G, d]`` float32, part_lse : ``[S, G]`` float32 — written at each item's slot
+        (``o`` in the tier's value storage domain, i.e. still rotated when ``layout.value_rotate``).
+    logits : optional ``[n * P, G]`` float32 — receives the log2-domain scaled logits of valid tokens.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sphkv import SphKVConfig
+    >>> from sphkv.pool import TierPool
+    >>> from sphkv.tiers import Tier
+    >>> from sphkv_kernels.schedule import schedule_decode
+    >>> cfg = SphKVConfig.from_name("sphkv-4", head_dim=64, page_size=16)
+    >>> pool = TierPool(Tier("sphkv-4", cfg), 4, head_dim=64, page_size=16)
+    >>> pool.write(1, torch.randn(16, 64), torch.randn(16, 64)); pool.write(2, torch.randn(5, 64), torch.randn(5, 64))
+    >>> s = schedule_decode(torch.tensor([0, 2]), torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([16, 5]),
+    ...                     num_tiers=1, pages_per_split=1)
+    >>> lay = CodedLayout.from_pool(pool)
+    >>> q = torch.randn(1, 3, 64) @ lay.key_rotation.T
+    >>> po, pl = torch.empty(s.num_slots, 3, 64), torch.empty(s.num_slots, 3)
+    >>> t = s.tiers[0]
+    >>> coded_decode_partial_reference(q, *pool.tensors().values(), t.work, t.page_ids, t.page_lens, po, pl,
+    ...                                layout=lay, num_kv_heads=1, sm_scale=0.125)
+    >>> bool(torch.isfinite(po).all())
+    True
+    """
+    import triton
+
+    from ._decode_kernels import _coded_decode_kernel
+
+    p = layout.page_size
+    b, hq, d, g = _check_common(q_rot, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
+    assert layout.kernel_supported, f"layout head_dim={layout.head_dim} page_size={p} needs the reference"
+    assert d == layout.head_dim and q_rot.dtype == torch.float32
+    kb, vb, nvg = layout.key_code_bytes, layout.value_code_bytes, layout.num_value_groups
+    assert k_codes.dtype == torch.uint8 and k_codes.is_contiguous() and k_codes.shape[1:] == (p, kb)
+    num_pages = k_codes.shape[0]
+    assert k_radius.dtype == torch.float16 and k_radius.is_contiguous() and k_radius.shape == (num_pages, p)
+    assert k_mean.dtype == torch.bfloat16 and k_mean.is_contiguous() and k_mean.shape == (num_pages, d)
+    assert v_codes.dtype == torch.uint8 and v_codes.is_contiguous() and v_codes.shape == (num_pages, p, vb)
+    if layout.value_bits != 16:
+        for t in (v_scale, v_zero):
+            assert t.dtype == torch.float16 and t.is_contiguous() and t.shape == (num_pages, p, nvg)
+    w = work.shape[0]
+    if w == 0:
+        return
+    vbits = layout.value_bits
+    ve = 8 // vbits if vbits in (2, 4) else 1
+    assert layout.value_group % ve == 0
+    lut = layout.on(q_rot.device)["lut"]
+    block_n = block_n or min(p, 64)
+    _coded_decode_kernel[(w,)](
+        q_rot, q_rot.stride(0), q_rot.stride(1),
+        k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, lut,
+        work, page_ids, page_lens, part_o, part_lse, logits if logits is not None else part_lse,
+        num_kv_heads, float(sm_scale) * LOG2E,
+        HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), PAGE_SIZE=p, BLOCK_N=block_n, NUM_LEVELS=layout.num_levels,
+        **layout.key_constexprs(),
+        KB=kb, VBITS=vbits, VE=ve, VGROUP=layout.value_group, VB=vb, NVG=max(nvg, 1),
+        HAS_MEAN=layout.has_mean, F16_DOT=not interpreting(), STORE_LOGITS=logits is not None,
+        num_warps=num_warps or 4, num_stages=num_stages or 2)
+
+
+def _entries(work: torch.Tensor):
+    """Expand work items to their entries: ``(work_id [m], entry [m])`` int64."""
+    w = work.to(torch.int64)
+    cnt = (w[:, 2] - w[:, 1]).clamp_min(0)
+    wid = torch.repeat_interleave(torch.arange(w.shape[0], device=w.device), cnt)
+    first = torch.cumsum(cnt, 0) - cnt
+    ent = torch.arange(wid.numel(), device=w.device) - first[wid] + w[wid, 1]
+    return wid, ent
+
+
+def _segment_softmax_store(s, vals, wid, work, part_o, part_lse):
+    """Per work item softmax of ``s`` ``[m, G, P]`` (log2 domain, -inf masked) against ``vals`` ``[m, P, d]``."""
+    w = work.to(torch.int64)
+    nw, g = w.shape[0], s.shape[1]
+    d = vals.shape[-1]
+    m = torch.full((nw, g), float("-inf"), device=s.device).scatter_reduce(
+        0, wid[:, None].expand(-1, g), s.amax(-1), "amax")
+    m_ref = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp2(s - m_ref[wid][..., None])                                 # [m, G, P]
+    l = torch.zeros(nw, g, device=s.device).index_add_(0, wid, p.sum(-1))
+    o = torch.zeros(nw, g, d, device=s.device).index_add_(0, wid, p @ vals)
+    ok = l > 0
+    part_lse[w[:, 3]] = torch.where(ok, m_ref + torch.log2(l.clamp_min(1e-38)), torch.full_like(l, float("-inf")))
+    part_o[w[:, 3]] = torch.where(ok[..., None], o / l.clamp_min(1e-38)[..., None], torch.zeros_like(o))
+
+
+def _gather_queries(q, rows, num_kv_heads, g):
+    b, kvh = rows // num_kv_heads, rows % num_kv_heads
+    heads = kvh[:, None] * g + torch.arange(g, device=q.device)
+    return q[b[:, None], heads].to(torch.float32)                               # [m, G, d]
+
+
+def coded_decode_partial_reference(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids,
+                                   page_lens, part_o, part_lse, *, layout: CodedLayout, num_kv_heads: int,
+                                   sm_scale: float, logits=None, block_n=None, num_warps=None,
+                                   num_stages=None) -> None:
+    """Pure-PyTorch :func:`coded_decode_partial` (logits from codes via :func:`sphkv.logits.logits_lut`)."""
+    p = layout.page_size
+    _, _, d, g = _check_common(q_rot, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
+    if work.shape[0] == 0:
+        return
+    wid, ent = _entries(work)
+    pages = page_ids.to(torch.int64)[ent]
+    lens = page_lens.to(torch.int64)[ent]
+    qg = _gather_queries(q_rot, work.to(torch.int64)[wid, 0], num_kv_heads, g)
+    s = logits_lut(qg, KeyCode(codes=k_codes[pages], radius=k_radius[pages], mean=None), layout.kcodec,
+                   rotated=True)                                               # [m, G, P]
+    if layout.has_mean:
+        s = s + qg @ k_mean[pages].to(torch.float32)[..., None]
+    s = s * (sm_scale * LOG2E)
+    valid = torch.arange(p, device=s.device)[None, :] < lens[:, None]           # [m, P]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    if logits is not None:
+        lg = logits.view(-1, p, g)
+        lg[ent] = torch.where(valid[..., None], s.transpose(1, 2), lg[ent])
+    vals = layout.vquant.decode_storage(ValueCode(v_codes[pages], v_scale[pages], v_zero[pages]))
+    _segment_softmax_store(s, vals, wid, work, part_o, part_lse)
+
+
+# -------------------------------------------------------------------------------------------------
+# dense tier
+# -------------------------------------------------------------------------------------------------
+def dense_decode_partial(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, *, num_kv_heads: int,
+                         sm_scale: float, logits=None, block_n: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None) -> None:
+    """Split-K partial attention over dense-tier pages (Triton).
+
+    Parameters
+    ----------
+    q : ``[B, Hq, d]`` bfloat16 / float16 / float32 — queries (not rotated).
+    k_pages, v_pages : ``[num_pages, P, d]`` bfloat16 — a dense :class:`sphkv.pool.TierPool`'s arena.
+    work, page_ids, page_lens, part_o, part_lse, logits : as in :func:`coded_decode_partial`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sphkv_kernels.schedule import schedule_decode
+    >>> k = torch.randn(3, 16, 32).bfloat16(); v = torch.randn(3, 16, 32).bfloat16()
+    >>> s = schedule_decode(torch.tensor([0, 2]), torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([16, 7]),
+    ...                     num_tiers=1, pages_per_split=4)
+    >>> po, pl = torch.empty(s.num_slots, 2, 32), torch.empty(s.num_slots, 2)
+    >>> t = s.tiers[0]
+    >>> dense_decode_partial_reference(torch.randn(1, 2, 32), k, v, t.work, t.page_ids, t.page_lens, po, pl,
+    ...                                num_kv_heads=1, sm_scale=32 ** -0.5)
+    >>> po.shape
+    torch.Size([1, 2, 32])
+    """
+    import triton  # noqa: F401
+
+    from ._decode_kernels import _dense_decode_kernel
+
+    assert k_pages.dim() == 3 and k_pages.shape == v_pages.shape and k_pages.is_contiguous() and v_pages.is_contiguous()
+    p = k_pages.shape[1]
+    b, hq, d, g = _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
+    assert k_pages.shape[2] == d and k_pages.dtype == v_pages.dtype
+    assert d >= 16 and p >= 16, "the dense kernel needs head_dim >= 16 and page_size >= 16"
+    w = work.shape[0]
+    if w == 0:
+        return
+    _dense_decode_kernel[(w,)](
+        q, q.stride(0), q.stride(1), k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse,
+        logits if logits is not None else part_lse, num_kv_heads, float(sm_scale) * LOG2E,
+        HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), PAGE_SIZE=p, BLOCK_N=block_n or min(p, 64),
+        F32_DOT=interpreting() or k_pages.dtype == torch.float32, STORE_LOGITS=logits is not None,
+        num_warps=num_warps or 4, num_stages=num_stages or 2)
+
+
+def dense_decode_partial_reference(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, *,
+                                   num_kv_heads: int, sm_scale: float, logits=None, block_n=None, num_warps=None,
+                                   num_stages=None) -> None:
+    """Pure-PyTorch :func:`dense_decode_partial`."""
+    p = k_pages.shape[1]
+    _, _, d, g = _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
+    if work.shape[0] == 0:
+        return
+    wid, ent = _entries(work)
+    pages = page_ids.to(torch.int64)[ent]
+    lens = page_lens.to(torch.int64)[ent]
+    qg = _gather_queries(q, work.to(torch.int64)[wid, 0], num_kv_heads, g)
+    s = (qg @ k_pages[pages].to(torch.float32).transpose(-1, -2)) * (sm_scale * LOG2E)   # [m, G, P]
+    valid = torch.arange(p, device=s.device)[None, :] < lens[:, None]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    if logits is not None:
+        lg = logits.view(-1, p, g)
+        lg[ent] = torch.where(valid[..., None], s.transpose(1, 2), lg[ent])
+    _segment_softmax_store(s, v_pages[pages].to(torch.float32), wid, work, part_o, part_lse)
+
+
+# -------------------------------------------------------------------------------------------------
+# merge
+# -------------------------------------------------------------------------------------------------
+def _check_merge(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads):
+    s, g, d = part_o.shape
+    assert part_o.dtype == torch.float32 and part_o.is_contiguous()
+    assert part_lse.dtype == torch.float32 and part_lse.shape == (s, g) and part_lse.is_contiguous()
+    assert slot_ptr.dtype == torch.int32 and slot_ptr.dim() == 2 and slot_ptr.is_contiguous()
+    rows, nt = slot_ptr.shape[0], slot_ptr.shape[1] - 1
+    assert rows % num_kv_heads == 0
+    b = rows // num_kv_heads
+    assert rotations.dtype == torch.float32 and rotations.shape == (nt, d, d) and rotations.is_contiguous()
+    assert out.shape == (b, num_kv_heads * g, d) and out.stride(-1) == 1, \
+        f"out must be [{b}, {num_kv_heads * g}, {d}], got {tuple(out.shape)}"
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == (b, num_kv_heads * g) and lse.is_contiguous()
+    return b, g, d, nt
+
+
+def merge_partials(part_o, part_lse, slot_ptr, rotations, out, lse=None, *, num_kv_heads: int,
+                   rotate_mask: int) -> None:
+    """Merge the partial states of every (request, kv head) exactly (Triton).
+
+    Parameters
+    ----------
+    part_o : ``[S, G, d]`` float32, part_lse : ``[S, G]`` float32 — written by the tier kernels.
+    slot_ptr : ``[B * Hkv, T + 1]`` int32 — slots of row ``r`` in tier ``t``: ``slot_ptr[r, t]:slot_ptr[r, t+1]``.
+    rotations : ``[T, d, d]`` float32 — tier ``t``'s merged output is multiplied by ``rotations[t]``
+        when bit ``t`` of ``rotate_mask`` is set (the coded tiers' value rotation, ``R_v``).
+    out : ``[B, Hq, d]`` (any float dtype; last dim contiguous) — the attention output.
+    lse : optional ``[B, Hq]`` float32 — natural-log log-sum-exp of the scaled logits (``-inf`` if empty).
+
+    Examples
+    --------
+    >>> import torch
+    >>> po, pl = torch.randn(3, 2, 32), torch.randn(3, 2)
+    >>> out = torch.empty(1, 2, 32)
+    >>> merge_partials_reference(po, pl, torch.tensor([[0, 2, 3]], dtype=torch.int32), torch.eye(32).expand(2, 32, 32).contiguous(),
+    ...                          out, num_kv_heads=1, rotate_mask=0)
+    >>> w = torch.exp2(pl) / torch.exp2(pl).sum(0)           # part_lse is log2-domain
+    >>> bool(torch.allclose(out[0], (w[..., None] * po).sum(0), atol=1e-5))
+    True
+    """
+    from ._decode_kernels import _merge_kernel
+
+    b, g, d, nt = _check_merge(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads)
+    rows = slot_ptr.shape[0]
+    if rows == 0:
+        return
+    _merge_kernel[(rows,)](
+        part_o, part_lse, slot_ptr, rotations, out, out.stride(0), out.stride(1),
+        lse if lse is not None else part_lse, num_kv_heads,
+        HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), NUM_TIERS=nt, ROT_MASK=int(rotate_mask),
+        WRITE_LSE=lse is not None, DOT_PREC="ieee" if interpreting() else "tf32x3", num_warps=4)
+
+
+def merge_partials_reference(part_o, part_lse, slot_ptr, rotations, out, lse=None, *, num_kv_heads: int,
+                             rotate_mask: int) -> None:
+    """Pure-PyTorch :func:`merge_partials`."""
+    b, g, d, nt = _check_merge(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads)
+    rows = slot_ptr.shape[0]
+    sp = slot_ptr.to(torch.int64)
+    dev = part_o.device
+    m_all = torch.full((rows, g), float("-inf"), device=dev)
+    l_all = torch.zeros(rows, g, device=dev)
+    acc = torch.zeros(rows, g, d, device=dev)
+    for t in range(nt):
+        cnt = sp[:, t + 1] - sp[:, t]
+        ids = torch.repeat_interleave(torch.arange(rows, device=dev), cnt)
+        sl = sp[ids, t] + torch.arange(ids.numel(), device=dev) - (torch.cumsum(cnt, 0) - cnt)[ids]
+        lse_s = part_lse[sl]
+        m_t = torch.full((rows, g), float("-inf"), device=dev).scatter_reduce(0, ids[:, None].expand(-1, g), lse_s, "amax")
+        m_ref = torch.where(torch.isinf(m_t), torch.zeros_like(m_t), m_t)
+        w = torch.exp2(lse_s - m_ref[ids])
+        l_t = torch.zeros(rows, g, device=dev).index_add_(0, ids, w)
+        acc_t = torch.zeros(rows, g, d, device=dev).index_add_(0, ids, part_o[sl] * w[..., None])
+        if (rotate_mask >> t) & 1:
+            acc_t = acc_t @ rotations[t]
+        m_new = torch.maximum(m_all, m_t)
+        m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        a, w = torch.exp2(m_all - m_ref), torch.exp2(m_t - m_ref)
+        acc = acc * a[..., None] + acc_t * w[..., None]
+        l_all = l_all * a + l_t * w
+        m_all = m_new
+    ok = l_all > 0
+    o = torch.where(ok[..., None], acc / l_all.clamp_min(1e-38)[..., None], torch.zeros_like(acc))
+    out.copy_(o.view(b, num_kv_heads * g, d))
+    if lse is not None:
+        nat = torch.where(ok, (m_all + torch.log2(l_all.clamp_min(1e-38))) * math.log(2.0),
+                          torch.full_like(l_all, float("-inf")))
+        lse.copy_(nat.view(b, num_kv_heads * g))
