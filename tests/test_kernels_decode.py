@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Paged decode kernels (coded tier, dense tier, merge) against their pure-torch references.
+
+Without CUDA the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` is set only
+while this module's tests run); with CUDA they run on the GPU with looser tolerances (fp16/bf16
+tensor-core dots). Every output is NaN-poisoned before each run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphkv import SphKVConfig
+from sphkv.tiers import Tier
+from sphkv_kernels import (CodedLayout, coded_decode_partial, coded_decode_partial_reference,
+                           dense_decode_partial, dense_decode_partial_reference, merge_partials,
+                           merge_partials_reference, schedule_decode)
+from sphkv_kernels.testing import dense_oracle, poison, random_paged_cache, use_interpreter_if_no_cuda
+
+
+@pytest.fixture(scope="module")
+def device():
+    with use_interpreter_if_no_cuda() as dev:
+        yield dev
+
+
+def _tol(device):
+    # interpreter: float32 everywhere; GPU: fp16 operands for coded dots, bf16 for dense ones
+    return dict(atol=2e-4, rtol=2e-4) if device == "cpu" else dict(atol=2e-2, rtol=2e-2)
+
+
+def _coded(preset, head_dim, page_size, **kw):
+    return Tier(preset, SphKVConfig.from_name(preset, head_dim=head_dim, page_size=page_size, **kw))
+
+
+def _partials(cache, t, sched, q, group, device, sm_scale, with_logits):
+    pool = cache.pools[t]
+    tw = sched.tiers[t]
+    results = []
+    for impl in ("kernel", "reference"):
+        po = torch.empty(sched.num_slots, group, q.shape[-1], device=device)
+        pl = torch.empty(sched.num_slots, group, device=device)
+        lg = torch.empty(tw.page_ids.numel() * pool.page_size, group, device=device) if with_logits else None
+        poison(po, pl, lg)
+        if pool.tier.dense:
+            fn = dense_decode_partial if impl == "kernel" else dense_decode_partial_reference
+            fn(q, pool.k, pool.v, tw.work, tw.page_ids, tw.page_lens, po, pl, num_kv_heads=cache.num_kv_heads,
+               sm_scale=sm_scale, logits=lg)
+        else:
+            lay = CodedLayout.from_pool(pool)
+            fn = coded_decode_partial if impl == "kernel" else coded_decode_partial_reference
+            qr = q.float() @ lay.on(device)["key_rotation_t"]
+            fn(qr, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, po, pl, layout=lay,
+               num_kv_heads=cache.num_kv_heads, sm_scale=sm_scale, logits=lg)
+        results.append((po, pl, lg))
+    return results, tw.work[:, 3].long()
+
+
+@pytest.mark.parametrize("seq_len,page_size,group,preset,head_dim", [
+    (17, 16, 1, "sphkv-4", 64),
+    (54, 16, 3, "sphkv-2", 64),
+    (97, 16, 4, "sphkv-3", 64),
+    (97, 64, 4, "sphkv-4", 128),
+    (54, 64, 3, "sphkv-8", 32),
+])
+def test_coded_tier_matches_reference(device, seq_len, page_size, group, preset, head_dim):
+    tiers = [_coded(preset, head_dim, page_size, value_group=min(64, head_dim))]
+    cache = random_paged_cache(tiers, seq_lens=[seq_len, seq_len // 2 + 1], num_kv_heads=2, head_dim=head_dim,
+                               page_size=page_size, device=device, seed=seq_len + group)
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=1,
+                            pages_per_split=2, device=device)
+    q = torch.randn(2, 2 * group, head_dim, device=device) * 2
+    (ko, kl, kg), (ro, rl, rg) = _partials(cache, 0, sched, q, group, device, head_dim ** -0.5, True)[0]
+    slots = sched.tiers[0].work[:, 3].long()
+    assert not torch.isnan(ko[slots]).any() and not torch.isnan(kl[slots]).any(), "kernel left slots unwritten"
+    torch.testing.assert_close(ko[slots], ro[slots], **_tol(device))
+    torch.testing.assert_close(kl[slots], rl[slots], **_tol(device))
+    written = ~torch.isnan(rg)
+    assert torch.equal(written, ~torch.isnan(kg)), "logits written at different tokens"
+    torch.testing.assert_close(kg[written], rg[written], **_tol(device))
+
+
+@pytest.mark.parametrize("value_bits", [2, 3, 8, 16])
+def test_coded_tier_value_bits(device, value_bits):
+    tiers = [_coded("sphkv-4", 64, 16, value_bits=value_bits, value_group=32 if value_bits != 16 else 64)]
+    cache = random_paged_cache(tiers, seq_lens=[41], num_kv_heads=1, head_dim=64, page_size=16, device=device,
+                               seed=value_bits)
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=1,
+                            pages_per_split=8, device=device)
+    q = torch.randn(1, 3, 64, device=device)
+    (ko, kl, _), (ro, rl, _) = _partials(cache, 0, sched, q, 3, device, 0.125, False)[0]
+    torch.testing.assert_close(ko, ro, **_tol(device))
+    torch.testing.assert_close(kl, rl, **_tol(device))
+
+
+@pytest.mark.parametrize("seq_len,page_size,group", [(17, 16, 1), (97, 16, 3), (54, 64, 4)])
+def test_dense_tier_matches_reference(device, seq_len, page_size, group):
+    cache = random_paged_cache([Tier("dense")], seq_lens=[seq_len, 5], num_kv_heads=2, head_dim=64,
+                               page_size=page_size, device=device, seed=seq_len)
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=1,
+                            pages_per_split=1, device=device)
+    q = torch.randn(2, 2 * group, 64, device=device).to(torch.bfloat16)
+    (ko, kl, kg), (ro, rl, rg) = _partials(cache, 0, sched, q, group, device, 0.125, True)[0]
+    slots = sched.tiers[0].work[:, 3].long()
+    assert not torch.isnan(ko[slots]).any()
+    torch.testing.assert_close(ko[slots], ro[slots], **_tol(device))
+    torch.testing.assert_close(kl[slots], rl[slots], **_tol(device))
+    written = ~torch.isnan(rg)
+    torch.testing.assert_close(kg[written], rg[written], **_tol(device))
+
+
+def test_merge_matches_reference_and_oracle(device):
+    """Mixed tiers, split over the sequence, merged with each coded tier's value rotation undone."""
+    tiers = [Tier("dense"), _coded("sphkv-4", 64, 16), _coded("sphkv-2", 64, 16)]
+    cache = random_paged_cache(tiers, seq_lens=[97, 54, 17], num_kv_heads=2, head_dim=64, page_size=16,
+                               device=device, seed=3)
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=3,
+                            pages_per_split=2, device=device)
+    group = 3
+    q = torch.randn(3, 2 * group, 64, device=device).bfloat16().float()    # exact in bf16 too
+    po = torch.full((sched.num_slots, group, 64), float("nan"), device=device)
+    pl = torch.full((sched.num_slots, group), float("nan"), device=device)
+    for t in range(3):
+        (_, _, _), (ro, rl, _) = _partials(cache, t, sched, q if t else q.bfloat16(), group, device, 0.125, False)[0]
+        s = sched.tiers[t].work[:, 3].long()
+        po[s], pl[s] = ro[s], rl[s]
+    assert not torch.isnan(po).any(), "some slot belongs to no work item"
+    rots = torch.stack([torch.eye(64, device=device)] +
+                       [CodedLayout.from_pool(p).on(device)["value_rotation"] for p in cache.pools[1:]]).contiguous()
+    outs = []
+    for fn in (merge_partials, merge_partials_reference):
+        out = torch.empty(3, 2 * group, 64, device=device)
+        lse = torch.empty(3, 2 * group, device=device)
+        poison(out, lse)
+        fn(po, pl, sched.slot_ptr, rots, out, lse, num_kv_heads=2, rotate_mask=0b110)
+        outs.append((out, lse))
+    torch.testing.assert_close(outs[0][0], outs[1][0], **_tol(device))
+    torch.testing.assert_close(outs[0][1], outs[1][1], **_tol(device))
+    ref_out, ref_lse = dense_oracle(q, cache, sm_scale=0.125)
+    # the reference partials are float32 throughout: agreement with the float64 oracle is tight
+    torch.testing.assert_close(outs[1][0].double().cpu(), ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1][1].double().cpu(), ref_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_empty_rows_and_items(device):
+    """A row with no pages gives out = 0 and lse = -inf; an item of zero-length pages likewise."""
+    tiers = [Tier("dense")]
+    cache = random_paged_cache(tiers, seq_lens=[20], num_kv_heads=1, head_dim=64, page_size=16, device=device)
+    indptr = torch.tensor([0, 0, int(cache.indptr[-1])], dtype=torch.int32)
+    lens = cache.page_lens.clone()
+    lens[:] = 0
+    sched = schedule_decode(indptr, cache.page_tiers, cache.indices, lens, num_tiers=1, pages_per_split=1,
+                            device=device)
+    po = torch.empty(sched.num_slots, 1, 64, device=device)
+    pl = torch.empty(sched.num_slots, 1, device=device)
+    poison(po, pl)
+    tw = sched.tiers[0]
+    dense_decode_partial(torch.randn(2, 1, 64, device=device), cache.pools[0].k, cache.pools[0].v, tw.work,
+                         tw.page_ids, tw.page_lens, po, pl, num_kv_heads=1, sm_scale=0.125)
+    assert torch.isneginf(pl).all() and (po == 0).all()
+    out = torch.empty(2, 1, 64, device=device)
+    lse = torch.empty(2, 1, device=device)
+    poison(out, lse)
+    merge_partials(po, pl, sched.slot_ptr, torch.eye(64, device=device)[None].contiguous(), out, lse,
+                   num_kv_heads=1, rotate_mask=0)
+    assert (out == 0).all() and torch.isneginf(lse).all()

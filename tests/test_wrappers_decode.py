@@ -1,0 +1,164 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The FlashInfer-style wrappers: plan/run over mixed tiers against a float64 dense oracle.
+
+Kernels run on CUDA when present, else under Triton's CPU interpreter (set only while these tests
+run); the ``reference`` backend is checked against the same oracle.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, SphKVPageEncoder
+from flashinfer_ext.ops import NAMESPACE
+from sphkv import SphKVConfig
+from sphkv.pool import TierPool
+from sphkv.tiers import Tier, TierSet
+from sphkv_kernels.testing import dense_oracle, poison, random_paged_cache, use_interpreter_if_no_cuda
+
+
+@pytest.fixture(scope="module")
+def device():
+    with use_interpreter_if_no_cuda() as dev:
+        yield dev
+
+
+def _tol(device, backend):
+    if backend == "reference" or device == "cpu":
+        return dict(atol=1e-4, rtol=1e-4)
+    return dict(atol=3e-2, rtol=3e-2)
+
+
+def _wrapper(tiers, device, backend):
+    ws = torch.empty(1 << 22, dtype=torch.uint8, device=device)
+    return BatchDecodeWithSphKVPagedKVCacheWrapper(ws, tiers=tiers, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("seq_lens,page_size,group", [
+    ([17, 54, 97], 16, 1),
+    ([97, 17], 16, 3),
+    ([54, 97], 64, 4),
+])
+def test_decode_matches_oracle(device, backend, seq_lens, page_size, group):
+    ts = TierSet.default(head_dim=64, page_size=page_size)
+    hkv = 2
+    cache = random_paged_cache(ts.tiers, seq_lens=seq_lens, num_kv_heads=hkv, head_dim=64, page_size=page_size,
+                               device=device, seed=sum(seq_lens) + group)
+    w = _wrapper(ts, device, backend)
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, hkv * group, hkv, 64, page_size,
+           page_lens=cache.page_lens, pages_per_split=2)
+    q = torch.randn(len(seq_lens), hkv * group, 64, device=device).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], device=device)
+    poison(out, lse)
+    res, lse_r = w.run(q, cache.pools, out=out, lse=lse, return_lse=True)
+    assert res is out and lse_r is lse
+    ref_out, ref_lse = dense_oracle(q.float(), cache, sm_scale=64 ** -0.5)
+    tol = _tol(device, backend)
+    if q.dtype == torch.bfloat16:           # the output itself is rounded to bf16
+        tol = dict(atol=max(tol["atol"], 1e-2), rtol=max(tol["rtol"], 1e-2))
+    torch.testing.assert_close(out.double().cpu(), ref_out, **tol)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, **_tol(device, backend))
+
+
+def test_flashinfer_last_page_len_convention(device):
+    """Without ``page_lens``, every entry is full except each row's last (``last_page_len``)."""
+    ts = TierSet.default(head_dim=64, page_size=16)
+    cache = random_paged_cache(ts.tiers, seq_lens=[40, 23], num_kv_heads=1, head_dim=64, page_size=16,
+                               device=device, partial_pages=False, seed=7)
+    w = _wrapper(ts, device, "auto")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 4, 1, 64, 16)
+    q = torch.randn(2, 4, 64, device=device)
+    out = w.run(q.to(torch.bfloat16), cache.pools, sm_scale=0.1)
+    ref_out, _ = dense_oracle(q.to(torch.bfloat16).float(), cache, sm_scale=0.1)
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=1e-2, rtol=1e-2)
+
+
+def test_key_mass_matches_oracle(device):
+    ts = TierSet.default(head_dim=64, page_size=16)
+    cache = random_paged_cache(ts.tiers, seq_lens=[54, 17], num_kv_heads=2, head_dim=64, page_size=16,
+                               device=device, seed=11)
+    w = _wrapper(ts, device, "auto")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 6, 2, 64, 16,
+           page_lens=cache.page_lens, pages_per_split=3, key_mass=True)
+    q = torch.randn(2, 6, 64, device=device).to(torch.bfloat16)
+    mass = torch.full((cache.indices.numel(), 16), float("nan"), device=device)
+    w.run(q, cache.pools, key_mass_out=mass)
+    _, _, ref_mass = dense_oracle(q.float(), cache, sm_scale=0.125, key_mass=True)
+    torch.testing.assert_close(mass.double().cpu(), ref_mass, **_tol(device, "auto"))
+    # every row's mass sums to its group size
+    row_sum = torch.zeros(4, dtype=torch.float64).index_add_(
+        0, torch.repeat_interleave(torch.arange(4), (cache.indptr[1:] - cache.indptr[:-1]).cpu().long()),
+        mass.double().cpu().sum(-1))
+    torch.testing.assert_close(row_sum, torch.full((4,), 3.0, dtype=torch.float64), atol=1e-3, rtol=1e-3)
+
+
+def test_plan_run_contract_errors(device):
+    ts = TierSet.default(head_dim=64, page_size=16)
+    w = _wrapper(ts, device, "auto")
+    with pytest.raises(RuntimeError, match="plan"):
+        w.run(torch.randn(1, 2, 64, device=device), [None, None, None])
+    cache = random_paged_cache(ts.tiers, seq_lens=[20], num_kv_heads=1, head_dim=64, page_size=16, device=device)
+    with pytest.raises(ValueError, match="multiple"):
+        w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 3, 2, 64, 16)
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 2, 1, 64, 16,
+           page_lens=cache.page_lens)
+    with pytest.raises(ValueError, match="as planned"):
+        w.run(torch.randn(2, 2, 64, device=device), cache.pools)
+    with pytest.raises(ValueError, match="backend"):
+        BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(8, dtype=torch.uint8), tiers=ts, backend="cuda")
+
+
+def test_custom_ops_registered_with_fake_impls():
+    ns = getattr(torch.ops, NAMESPACE)
+    for name in ("coded_decode_partial", "dense_decode_partial", "merge_partials", "encode_pages"):
+        assert hasattr(ns, name)
+    # opcheck: schema, fake implementation and mutation annotations of the merge op
+    po, pl = torch.randn(3, 2, 32), torch.randn(3, 2)
+    sp = torch.tensor([[0, 1, 3]], dtype=torch.int32)
+    rot = torch.eye(32).expand(2, 32, 32).contiguous()
+    out, lse = torch.empty(1, 2, 32), torch.empty(1, 2)
+    torch.library.opcheck(ns.merge_partials.default, (po, pl, sp, rot, out, lse, 1, 0, "reference"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_page_encoder_writes_like_the_pool(device):
+    tier = Tier("sphkv-4", SphKVConfig.from_name("sphkv-4", head_dim=64, page_size=16))
+    a = TierPool(tier, 3, head_dim=64, page_size=16, device=device)
+    b = TierPool(tier, 3, head_dim=64, page_size=16, device=device)
+    k, v = torch.randn(1, 16, 64, device=device) * 3, torch.randn(1, 16, 64, device=device)
+    SphKVPageEncoder(tier).encode(k, v, torch.tensor([2], dtype=torch.int32, device=device),
+                                  torch.tensor([13], dtype=torch.int32, device=device), a)
+    b.write(2, k[0, :13], v[0, :13])
+    ka = a.kcodec.decode(_code_with_mean(a, 13))
+    kb = b.kcodec.decode(_code_with_mean(b, 13))
+    rel = float((ka - kb).norm() / kb.norm())
+    assert rel < 0.05, rel
+
+
+def _code_with_mean(pool, n):
+    from sphkv.keys import KeyCode
+    return KeyCode(codes=pool.k_codes[2, :n], radius=pool.k_radius[2, :n], mean=pool.k_mean[2:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_run_is_cuda_graph_capturable():
+    ts = TierSet.default(head_dim=128, page_size=64)
+    cache = random_paged_cache(ts.tiers, seq_lens=[300, 1000], num_kv_heads=2, head_dim=128, page_size=64,
+                               device="cuda", seed=5)
+    w = _wrapper(ts, "cuda", "auto")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 8, 2, 128, 64,
+           page_lens=cache.page_lens)
+    q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    w.run(q, cache.pools, out=out)                       # warm-up (compiles)
+    eager = out.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w.run(q, cache.pools, out=out)
+    poison(out)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager)
