@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: env test serve model quality-quick quality serving-quick load-quick develop
+.PHONY: env stub test serve model quality-quick quality serving-quick load-quick develop
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	@echo "[sphkv] building environment at $(VENV) (one time, ~4 min)"
@@ -27,8 +27,18 @@ test: env
 model: env
 	$(PY) -m sphkv_hf.prepare_model
 
+# Stand-in libcuda.so.1 for SGLang's CPU engine on GPU-less machines (scripts/libcuda_stub.c).
+STUB_DIR ?= $(HOME)/.cache/sphkv/stub
+STUB := $(STUB_DIR)/libcuda.so.1
+$(STUB): scripts/libcuda_stub.c
+	@mkdir -p $(STUB_DIR)
+	gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o $@.tmp$$$$ $< && mv $@.tmp$$$$ $@
+
+stub: $(STUB)
+
+# A sphkv server for SmolLM2-135M-Instruct on 127.0.0.1:30000 (PORT, HOST, BUDGET, PRESET, EXTRA override).
 serve: env
-	bash scripts/serve.sh
+	VENV=$(VENV) STUB_DIR=$(STUB_DIR) bash scripts/serve.sh
 
 quality-quick: env
 	$(PY) -m benchmarks.quality.run --quick

@@ -97,9 +97,9 @@ class SphKVAttnBackend(AttentionBackend):
                                    causal=causal, logit_cap=float(layer.logit_cap or 0.0),
                                    return_mass=self.track_mass)
             if self.track_mass:
-                res, masses = res
-                for pages, mass in masses:
-                    pool.store.add_mass(pages, mass)
+                res, mass = res
+                if mass is not None:
+                    pool.store.add_mass(*mass)
             out[s:s + n] = res.to(out.dtype)
         if save_kv_cache and k is not None and v is not None:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)

@@ -5,21 +5,26 @@ its new tokens — the pure-PyTorch reference the CPU server runs.
 :func:`prefix_attention` is the single seam where a CUDA build would call the paged ADA kernels
 through the ``flashinfer_ext`` wrappers (``plan()`` once per batch, ``run()`` per layer); until that
 lands every device uses the reference below and says so once in the log.
+
+The reference expands a request's coded pages transiently (:mod:`.planes`, per layer, freed at
+once), maps them back from the rotated domain, and runs one ``scaled_dot_product_attention`` over
+``[coded prefix | staged prefix | new tokens]`` in the model dtype — the same kernel and the same
+key order SGLang's ``torch_native`` backend uses, so a request with no coded page gets bit-identical
+attention to a dense server. The attention mass each prefix page receives (RDR's utility signal) is
+measured on the last ``mass_window`` queries of the call (all of them in decode).
 """
 from __future__ import annotations
 
 import logging
 
 import torch
-
-from sphkv.logits import logits_adc, logits_lut
+from torch.nn.functional import scaled_dot_product_attention
 
 from .store import PrefixView, SphKVStore
 
 __all__ = ["prefix_attention", "reference_attention"]
 
 logger = logging.getLogger(__name__)
-_LUT_MAX_ROWS = 16          # query rows per KV head up to which the gather recurrence beats ADC GEMMs
 _announced = False
 
 
@@ -40,77 +45,67 @@ def prefix_attention(q: torch.Tensor, view: PrefixView, new_k: torch.Tensor, new
                                logit_cap=logit_cap, return_mass=return_mass)
 
 
+def _gather_kv(view: PrefixView, new_k: torch.Tensor, new_v: torch.Tensor, store: SphKVStore, dtype):
+    """``[Hkv, N_prefix + M, d]`` keys and values in the original domain, prefix first; + per-token pages."""
+    ks, vs, pages = [], [], []
+    for s in view.segments:
+        y = store.kplanes[s.tier].expand(s.kcode.codes, s.kcode.radius, s.kcode.mean, store.P)   # rotated
+        ks.append((y @ store.kcodec[s.tier].rotation.to(y.device)).to(dtype))
+        v = store.vplanes[s.tier].expand(s.vcode.codes, s.vcode.scale, s.vcode.zero)
+        vs.append(store.vquant[s.tier].from_storage_domain(v).to(dtype))
+        pages.append(s.pages.repeat_interleave(store.P))
+    if view.dense_k is not None:
+        ks.append(view.dense_k.to(dtype))
+        vs.append(view.dense_v.to(dtype))
+        pages.append(view.dense_pages)
+    ks.append(new_k.transpose(0, 1).to(dtype))
+    vs.append(new_v.transpose(0, 1).to(dtype))
+    return torch.cat(ks, 1), torch.cat(vs, 1), (torch.cat(pages) if pages else None)
+
+
 def reference_attention(q: torch.Tensor, view: PrefixView, new_k: torch.Tensor, new_v: torch.Tensor,
                         store: SphKVStore, *, scale: float, causal: bool = True, logit_cap: float = 0.0,
-                        return_mass: bool = False, block: int = 256):
-    """Softmax attention over coded segments + dense tail, in query blocks of ``block``.
+                        return_mass: bool = False, mass_window: int = 8):
+    """Softmax attention of ``M`` new tokens over ``[prefix | new tokens]``.
 
     Parameters
     ----------
-    q : ``[M, Hq, d]`` — queries of the ``M`` new tokens; head ``h`` reads KV head ``h // (Hq/Hkv)``.
-    view : the prefix (coded segments ``[Hkv, N_s, ...]`` and dense staged tokens ``[Hkv, T_p, d]``).
-    new_k, new_v : ``[M, Hkv, d]`` — the new tokens' keys and values (dense).
+    q : ``[M, Hq, d]`` — queries of the new tokens; head ``h`` reads KV head ``h // (Hq/Hkv)``.
+    view : the cached prefix (coded segments ``[Hkv, N_s, ...]``, dense staged tokens ``[Hkv, T, d]``).
+    new_k, new_v : ``[M, Hkv, d]`` — the new tokens' keys and values.
     causal : new token ``i`` sees the whole prefix and new tokens ``0..i``.
-    return_mass : also return ``[(pages [m], mass [m])]`` — attention mass per prefix page summed
-        over heads, query rows and tokens of the page (coded and staged pages).
+    return_mass : also return ``(pages [N_prefix], mass [N_prefix])`` float32 — the attention
+        probability each prefix token received from the last ``mass_window`` queries, summed over
+        query heads and those queries.
 
     Returns
     -------
-    ``[M, Hq, d]`` float32 (and the page masses when asked).
+    ``[M, Hq, d]`` in ``q.dtype`` (and the mass when asked).
     """
     m, hq, d = q.shape
-    hkv = new_k.shape[1]
-    g = hq // hkv
-    qg = q.to(torch.float32).transpose(0, 1).reshape(hkv, g, m, d)                 # [Hkv, G, M, d]
-    kd, vd = new_k.transpose(0, 1).float(), new_v.transpose(0, 1).float()          # [Hkv, M, d]
-    tp = 0
-    if view.dense_k is not None:
-        tp = view.dense_k.shape[1]
-        kd, vd = torch.cat([view.dense_k.float(), kd], 1), torch.cat([view.dense_v.float(), vd], 1)
-    segs = view.segments
-    vals = [store.vquant[s.tier].decode_storage(s.vcode) for s in segs]             # [Hkv, N_s, d]
-    qrot = {}
-    out = torch.empty(hkv, g, m, d, dtype=torch.float32, device=q.device)
-    mass = [torch.zeros(hkv, s.kcode.num_tokens, device=q.device) for s in segs] + \
-        [torch.zeros(hkv, tp, device=q.device)]
-    for i0 in range(0, m, block):
-        i1 = min(m, i0 + block)
-        qb = qg[:, :, i0:i1].reshape(hkv, g * (i1 - i0), d)                      # [Hkv, G*b, d]
-        parts = []
-        for s in segs:
-            codec = store.kcodec[s.tier]
-            key = id(codec.rotation)
-            if key not in qrot:
-                qrot[key] = codec.rotate(qg.reshape(hkv, g * m, d)).reshape(hkv, g, m, d)
-            qr = qrot[key][:, :, i0:i1].reshape(hkv, g * (i1 - i0), d)
-            fn = logits_lut if qr.shape[1] <= _LUT_MAX_ROWS else logits_adc
-            parts.append(fn(qr, s.kcode, codec, rotated=True) * scale)            # [Hkv, G*b, N_s]
-        sd = (qb @ kd.transpose(-1, -2)) * scale                                   # [Hkv, G*b, T]
-        if causal:
-            qpos = (tp + torch.arange(i0, i1, device=q.device)).repeat(g)         # row → tail position
-            kpos = torch.arange(kd.shape[1], device=q.device)
-            sd = sd.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
-        parts.append(sd)
-        logits = torch.cat(parts, -1)
-        if logit_cap > 0:
-            logits = logit_cap * torch.tanh(logits / logit_cap)
-        p = torch.softmax(logits, -1)
-        o, start = 0.0, 0
-        for j, s in enumerate(segs):
-            n = s.kcode.num_tokens
-            pj = p[..., start:start + n]
-            o = o + store.vquant[s.tier].from_storage_domain(pj @ vals[j])
-            if return_mass:
-                mass[j] += pj.sum(1)
-            start += n
-        o = o + p[..., start:] @ vd
-        if return_mass and tp:
-            mass[-1] += p[..., start:start + tp].sum(1)
-        out[:, :, i0:i1] = o.reshape(hkv, g, i1 - i0, d)
-    out = out.reshape(hq, m, d).transpose(0, 1)
-    if not return_mass:
-        return out
-    per_page = [(s.pages, mass[j].sum(0).reshape(-1, store.P).sum(-1)) for j, s in enumerate(segs)]
-    if tp:
-        per_page.append((view.dense_pages, mass[-1].sum(0)))
-    return out, per_page
+    k, v, pages = _gather_kv(view, new_k, new_v, store, q.dtype)                   # [Hkv, N+M, d]
+    n = k.shape[1] - m
+    qh = q.transpose(0, 1)                                                         # [Hq, M, d]
+    if logit_cap > 0:
+        raise NotImplementedError("sphkv reference attention: logit soft-capping is not supported")
+    if not causal or m == 1:
+        mask, is_causal, qq = None, False, qh
+    elif n == 0:
+        mask, is_causal, qq = None, True, qh
+    else:
+        mask = torch.ones(m, n + m, dtype=torch.bool, device=q.device).tril(n)   # row i sees keys <= n + i
+        is_causal, qq = False, qh
+    out = scaled_dot_product_attention(qq[None], k[None], v[None], attn_mask=mask, is_causal=is_causal,
+                                       scale=scale, enable_gqa=hq != k.shape[0])[0]  # [Hq, M, d]
+    out = out.transpose(0, 1)
+    if not return_mass or n == 0:
+        return (out, None) if return_mass else out
+    w = min(m, mass_window)
+    g = hq // k.shape[0]
+    qw = qh[:, m - w:].float().reshape(k.shape[0], g * w, d)                      # [Hkv, G*w, d]
+    s = (qw @ k.float().transpose(-1, -2)) * scale                                 # [Hkv, G*w, N+M]
+    if causal:
+        rows = (n + m - w + torch.arange(w, device=q.device)).repeat(g)
+        s = s.masked_fill(torch.arange(n + m, device=q.device)[None, :] > rows[:, None], float("-inf"))
+    mass = torch.softmax(s, -1)[..., :n].sum((0, 1))                               # [N]
+    return out, (pages, mass)

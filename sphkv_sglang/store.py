@@ -31,6 +31,7 @@ from sphkv.values import GroupValueQuantizer, ValueCode
 
 from .config import SphKVServeConfig
 from .page_table import PageTable, PageTableError
+from .planes import KeyPlanes, ValuePlanes
 
 __all__ = ["SphKVStore", "PrefixView", "CodedSegment", "plan_phys_pages"]
 
@@ -96,6 +97,8 @@ class SphKVStore:
         self.tiers = [Tier(n, cfg.codec_config(n, head_dim)) for n in cfg.tiers]
         self.kcodec = [AngleKeyCodec(t.config) for t in self.tiers]
         self.vquant = [GroupValueQuantizer(t.config) for t in self.tiers]
+        self.kplanes = [KeyPlanes(c) for c in self.kcodec]                 # transient expansion (reference path)
+        self.vplanes = [ValuePlanes(v) for v in self.vquant]
         self.arenas = [[TierPool(t, n * num_kv_heads, head_dim=head_dim, page_size=self.P, device=device)
                         for _ in range(num_layers)] for t, n in zip(self.tiers, self.phys_pages)]
         shape = (num_layers, cfg.num_staging_pages, num_kv_heads, self.P, head_dim)
