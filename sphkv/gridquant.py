@@ -87,7 +87,7 @@ class GridQuantizer:
         self.code_bytes = packed_bytes(self.widths)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x`` ``[..., d]`` float → (codes ``[..., code_bytes]`` uint8, scale ``[...]`` fp16, zero ``[...]`` fp16)."""
+        """``x`` ``[..., d]`` → (codes ``[..., code_bytes]`` uint8, scale ``[...]`` fp16, zero ``[...]`` fp16)."""
         x = x.to(torch.float32)
         lo, hi = x.amin(-1), x.amax(-1)
         levels = (1 << self.bits) - 1

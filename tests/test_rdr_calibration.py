@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sphkv.gridquant import grid_tierset
-from sphkv.retention import calibrate, eviction_tierset, measure_tiers
+from sphkv.retention import calibrate, eviction_tierset
 from sphkv.tiers import TierSet
 
 

@@ -90,7 +90,8 @@ def test_freed_pages_are_poisoned_and_stale_reads_caught():
     with pytest.raises(PageError):
         store.free(0, 0, coded)                                                  # double free
     for t, meta in ((0, dense), (1, coded)):                                     # raw reads see poison
-        rk, rv = TIER_KINDS[tier_kind(ts.tiers[t])].decode(store.arenas[t], torch.tensor([meta.page]), torch.tensor([meta.count]))
+        kind = TIER_KINDS[tier_kind(ts.tiers[t])]
+        rk, rv = kind.decode(store.arenas[t], torch.tensor([meta.page]), torch.tensor([meta.count]))
         assert bool(torch.isnan(rk).all()) and bool(torch.isnan(rv).all())
     assert bool((store.arenas[1].k_codes[coded.page] == 0xFF).all())
     # a page reused after poisoning is fully rewritten
@@ -177,3 +178,29 @@ def test_no_page_leaks_property(ops):
     store.flush()
     store.check()
     assert [store.free_pages(t) for t in range(3)] == start
+
+
+def test_shrink_store_demotes_cold_pages_first_and_keeps_protected():
+    from sphkv.retention import shrink_store
+
+    base = TierSet.default(page_size=16)
+    ts = TierSet(base.tiers, page_size=16, distortion=(0.0, 0.2, 0.6))
+    store = PagedStore(ts, 12, num_layers=1, num_kv_heads=2)
+    k, v = _kv(64)
+    for h in range(2):
+        store.write(0, h, 0, k, v, torch.arange(64))                      # 4 dense pages per head
+    utility = torch.full((1, 2, 64), 1e-3)
+    utility[0, 0] = 1.0                                                   # head 0 is hot, head 1 cold
+    protected = torch.zeros(64, dtype=torch.bool)
+    protected[:2] = True                                                  # the page holding the sinks stays
+    before = store.bytes().stored_bytes
+    rep = shrink_store(store, utility, before - 2 * ts.page_bytes()[0], protected=protected)
+    assert rep.bytes_after <= before - 2 * ts.page_bytes()[0] and rep.bytes_after == store.bytes().stored_bytes
+    hot = store.pages(0, 0)
+    assert all(m.tier == 0 for m in hot) and len(hot) == 4                # the hot head is untouched
+    cold = store.pages(0, 1)
+    assert any(m.tier > 0 for m in cold) or len(cold) < 4
+    assert [m.tier for m in cold if int(m.positions[0]) == 0] == [0]     # protected page kept dense
+    store.check()
+    with pytest.raises(ValueError, match="protected"):
+        shrink_store(store, utility, 10, protected=protected)

@@ -89,7 +89,8 @@ def bench(lengths, fractions, repeats: int, window: int, page_size: int) -> dict
 
 
 def table(result: dict) -> str:
-    head = f"{'tokens':>7} {'budget':>6} {'utility':>9} {'allocate':>9} {'plan':>9} {'store':>9} {'meta%':>6} {'pos%':>6}"
+    head = (f"{'tokens':>7} {'budget':>6} {'utility':>9} {'allocate':>9} {'plan':>9} {'store':>9} "
+            f"{'meta%':>6} {'pos%':>6}")
     lines = [f"planning time per 1K tokens (ms), {result['model_shape']['layers']} layers x "
              f"{result['model_shape']['kv_heads']} kv heads, page {result['page_size']}", head]
     for r in result["rows"]:

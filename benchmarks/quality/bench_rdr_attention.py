@@ -64,7 +64,8 @@ def evaluate(layers, n: int, w: int, fractions) -> list[dict]:
         refs.append(torch.softmax(s.masked_fill(mask, float("-inf")), -1) @ v[0].repeat_interleave(g, 0))
 
     def error(attend) -> float:
-        errs = [float(((attend(l)[0] - refs[l]).norm(dim=-1) / refs[l].norm(dim=-1)).mean()) for l in range(len(layers))]
+        errs = [float(((attend(l)[0] - refs[l]).norm(dim=-1) / refs[l].norm(dim=-1)).mean())
+                for l in range(len(layers))]
         return sum(errs) / len(errs)
 
     rows = []
@@ -72,9 +73,10 @@ def evaluate(layers, n: int, w: int, fractions) -> list[dict]:
     def run(method, fraction, res):
         e = error(lambda l: res.attention(l, fut[l][0], tail_k=fut[l][1], tail_v=fut[l][2]))
         s = res.summary()
-        rows.append(dict(method=method, budget_fraction=fraction, attn_rel_err=e, bits_per_element=s["bits_per_element"],
-                         tokens_per_tier=s["tokens_per_tier"], dropped=s["dropped"], distortion=s["distortion"],
-                         metadata_overhead=s["metadata_overhead"], position_index_overhead=s["position_index_overhead"]))
+        rows.append(dict(method=method, budget_fraction=fraction, attn_rel_err=e,
+                         bits_per_element=s["bits_per_element"], tokens_per_tier=s["tokens_per_tier"],
+                         dropped=s["dropped"], distortion=s["distortion"], metadata_overhead=s["metadata_overhead"],
+                         position_index_overhead=s["position_index_overhead"]))
         print(f"{method:10s} {fraction:5.2f}  err {e:.4f}  bits/elem {s['bits_per_element']:.2f}  "
               f"tiers {s['tokens_per_tier']} dropped {s['dropped']}", flush=True)
 

@@ -18,7 +18,10 @@ __all__ = ["paged_attention", "merge_states"]
 
 
 def _state(scores: torch.Tensor, values: torch.Tensor, unrotate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial softmax state of ``scores`` ``[R, T]`` over ``values`` ``[T, d]``: (max ``[R]``, sum ``[R]``, out ``[R, d]``)."""
+    """Partial softmax state of ``scores`` ``[R, T]`` over ``values`` ``[T, d]``.
+
+    Returns (max ``[R]``, sum-exp ``[R]``, unnormalized output ``[R, d]``).
+    """
     m = scores.amax(-1)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(scores - m_safe[:, None])

@@ -36,7 +36,7 @@ class PageError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class PageMeta:
-    """One page: ``tier`` index in the store's TierSet, ``page`` id in that tier's arena, ``positions`` ``[n]`` int32."""
+    """One page: ``tier`` index in the TierSet, ``page`` id in that tier's arena, ``positions`` ``[n]`` int32."""
 
     tier: int
     page: int
@@ -134,8 +134,8 @@ class PagedStore:
 
     def _check_owned(self, layer: int, head: int, meta: PageMeta) -> None:
         if not any(m is meta for m in self._table(layer, head)):
-            raise PageError(f"page {meta.page} of tier {meta.tier} is not a live page of (layer, head)=({layer}, {head}) "
-                            "(freed, demoted, compacted, or never written there)")
+            raise PageError(f"page {meta.page} of tier {meta.tier} is not a live page of (layer, head)="
+                            f"({layer}, {head}) (freed, demoted, compacted, or never written there)")
 
     def _take(self, tier: int, n: int, owner: tuple[int, int]) -> list[int]:
         if n > len(self._free[tier]):
@@ -200,7 +200,10 @@ class PagedStore:
         return kind.decode(self.arenas[meta.tier], torch.tensor([meta.page]), torch.tensor([meta.count]))
 
     def gather(self, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """All stored tokens of a head, decoded: ``(positions [n] int64, k [n, d], v [n, d], tier [n] int64)``, by position."""
+        """All stored tokens of a head, decoded and sorted by position.
+
+        Returns ``(positions [n] int64, k [n, d] float32, v [n, d] float32, tier [n] int64)``.
+        """
         metas = self._table(layer, head)
         if not metas:
             e = torch.empty(0, self.head_dim)

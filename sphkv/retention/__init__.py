@@ -26,6 +26,7 @@ from .pipeline import VARIANTS as VARIANTS, RetentionConfig as RetentionConfig, 
 from .pipeline import Segment as Segment, ada_tierset as ada_tierset, compress_prefill as compress_prefill
 from .pipeline import compress_variant as compress_variant, eviction_tierset as eviction_tierset
 from .pipeline import rdkv_tierset as rdkv_tierset
+from .replan import ShrinkReport as ShrinkReport, shrink_store as shrink_store
 from .utility import POLICIES as POLICIES, AttentionMassTracker as AttentionMassTracker
 from .utility import RetentionInputs as RetentionInputs, RetentionPolicy as RetentionPolicy
 from .utility import layer_utility as layer_utility, make_policy as make_policy
@@ -33,6 +34,7 @@ from .utility import protected_mask as protected_mask, window_attention as windo
 
 __all__ = ["Plan", "TierCosts", "allocate", "bf16_bytes", "budget_from_fraction", "TierStats", "calibrate",
            "measure_tiers", "VARIANTS", "RetentionConfig", "RetentionResult", "Segment", "ada_tierset",
-           "compress_prefill", "compress_variant", "eviction_tierset", "rdkv_tierset", "POLICIES",
+           "compress_prefill", "compress_variant", "eviction_tierset", "rdkv_tierset", "ShrinkReport", "shrink_store",
+           "POLICIES",
            "AttentionMassTracker", "RetentionInputs", "RetentionPolicy", "layer_utility", "make_policy",
            "protected_mask", "window_attention"]

@@ -69,7 +69,10 @@ class RetentionConfig:
 
 @dataclass(frozen=True)
 class Segment:
-    """Tokens of one (layer, kv head) kept at one tier: ``positions`` ``[n]`` int64, decoded ``k``, ``v`` ``[n, d]`` float32."""
+    """Tokens of one (layer, kv head) kept at one tier.
+
+    ``positions`` ``[n]`` int64 (ascending), decoded ``k``, ``v`` ``[n, d]`` float32.
+    """
 
     tier: int
     name: str
@@ -111,7 +114,7 @@ class RetentionResult:
         return out
 
     def dense_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(k_hat, v_hat, keep)``: ``[1, Hkv, N, d]`` float32 reconstructions (zeros where dropped), ``[1, Hkv, N]`` bool."""
+        """``(k_hat, v_hat, keep)``: ``[1, Hkv, N, d]`` float32 (zeros where dropped) and ``[1, Hkv, N]`` bool."""
         hkv, n, d = self.store.num_kv_heads, self.num_tokens, self.store.head_dim
         k_hat, v_hat = torch.zeros(1, hkv, n, d), torch.zeros(1, hkv, n, d)
         keep = torch.zeros(1, hkv, n, dtype=torch.bool)
@@ -188,7 +191,8 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     values = [_strip(v, "values") for v in values]
     queries = [_strip(q, "queries") for q in queries]
     if not keys or len(values) != len(keys) or len(queries) != len(keys):
-        raise ValueError(f"keys, values, queries need one entry per layer, got {len(keys)}, {len(values)}, {len(queries)}")
+        raise ValueError(f"keys, values, queries need one entry per layer, got "
+                         f"{len(keys)}, {len(values)}, {len(queries)}")
     hkv, n, d = keys[0].shape
     if d != tierset.head_dim:
         raise ValueError(f"head_dim {d} of the keys differs from tierset.head_dim={tierset.head_dim}")

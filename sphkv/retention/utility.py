@@ -191,7 +191,7 @@ def make_policy(name: str, **params) -> RetentionPolicy:
 
 def layer_utility(policy: RetentionPolicy, keys: list[torch.Tensor], queries: list[torch.Tensor | None], *,
                   sm_scale: float | None = None) -> torch.Tensor:
-    """Stack one policy over layers: ``keys[l]`` ``[1, Hkv, N, d]``, ``queries[l]`` ``[1, Hq, W, d]`` → ``[L, Hkv, N]``."""
+    """One policy over layers: ``keys[l]`` ``[1, Hkv, N, d]``, ``queries[l]`` ``[1, Hq, W, d]`` → ``[L, Hkv, N]``."""
     strip = lambda x: x[0] if x is not None and x.dim() == 4 else x  # noqa: E731
     return torch.stack([policy.score(RetentionInputs(k=strip(k), q=strip(q), sm_scale=sm_scale))
                         for k, q in zip(keys, queries)])
@@ -233,7 +233,10 @@ class AttentionMassTracker:
         self._u = [initial[l].to(torch.float32).clone() for l in range(initial.shape[0])]
 
     def update(self, layer: int, mass: torch.Tensor, positions: torch.Tensor | None = None) -> None:
-        """Add one step's mass ``[Hkv, n]`` of ``layer`` at ``positions`` ``[n]`` (default ``0..n-1``); grows for new tokens."""
+        """Add one step's mass ``[Hkv, n]`` of ``layer`` at ``positions`` ``[n]`` (default ``0..n-1``).
+
+        The utility grows to cover new positions (new tokens start at 0 before this step).
+        """
         pos = positions.to(torch.int64) if positions is not None else torch.arange(mass.shape[-1])
         u = self._u[layer]
         need = int(pos.max()) + 1 if pos.numel() else 0
