@@ -44,18 +44,22 @@ class CachePolicy:
 
     mode : ``"paged"`` codes each full page of the tail after a forward; ``"dense"`` codes nothing until
         :meth:`SphKVCache.compress` (and with ``config=None`` the cache is a plain bf16 cache).
-    dense_first_page : keep the layer's first page (attention sinks) as dense bf16 instead of coding it.
+    dense_sink : keep each layer's first ``dense_sink`` tokens (attention sinks) as dense bf16 instead of
+        coding them (taken from the first tokens that get coded; ``page_size`` keeps the first page).
+        Coded pages then start after the sinks, so no page mean is pulled by a sink key.
     observe_window : keep the post-RoPE queries of the last ``observe_window`` tokens per layer
         (``SphKVLayer.observed_queries``), the observation window of SnapKV-like scoring and RDR.
     """
 
     mode: str = "paged"
-    dense_first_page: bool = False
+    dense_sink: int = 0
     observe_window: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
             raise ValueError(f"mode={self.mode!r} is not supported; allowed: {_MODES}")
+        if not isinstance(self.dense_sink, int) or self.dense_sink < 0:
+            raise ValueError(f"dense_sink={self.dense_sink!r} must be an int >= 0")
         if not isinstance(self.observe_window, int) or self.observe_window < 0:
             raise ValueError(f"observe_window={self.observe_window!r} must be an int >= 0")
 
@@ -131,19 +135,21 @@ class SphKVLayer(CacheLayerMixin):
     # -- coding ------------------------------------------------------------------------------------
     def _code_tail(self, *, whole: bool) -> None:
         p = self.codecs[0].config.page_size
+        if not self._sink_done:
+            if self.tail_k.shape[-2] < (1 if whole else p):
+                return
+            s = min(self.policy.dense_sink, self.tail_k.shape[-2])
+            if s:
+                self.segments.append(DenseSegment.build(self.tail_k[..., :s, :], self.tail_v[..., :s, :],
+                                                        page_size=p))
+                self.tail_k, self.tail_v = self.tail_k[..., s:, :], self.tail_v[..., s:, :]
+            self._sink_done = True
         t = self.tail_k.shape[-2]
         n = t if whole else (t // p) * p
         if n == 0:
             return
         k, v = self.tail_k[..., :n, :], self.tail_v[..., :n, :]
         self.tail_k, self.tail_v = self.tail_k[..., n:, :], self.tail_v[..., n:, :]
-        if self.policy.dense_first_page and not self._sink_done:
-            s = min(p, n)
-            self.segments.append(DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=p))
-            k, v = k[..., s:, :], v[..., s:, :]
-        self._sink_done = True
-        if k.shape[-2] == 0:
-            return
         seg = CodedSegment.encode(k, v, *self.codecs)
         last = self.segments[-1] if self.segments else None
         if isinstance(last, CodedSegment) and last.full_pages and last.kcodec is seg.kcodec:

@@ -5,7 +5,9 @@
 * variants of ``sphkv-4`` / ``sphkv-3`` / ``sphkv-2`` to measure what matters:
   ``-nocenter`` (no page-mean centering), ``-uniform`` (uniform instead of Lloyd-Max codebooks for the
   higher levels), ``-fitted`` (per-level Lloyd-Max fitted to this context's own angles, online like
-  PolarQuant-R), ``-sink`` (the first page of every layer kept dense bf16: attention sinks).
+  PolarQuant-R), ``-sinkpage`` (the first page of every layer kept dense bf16: attention sinks).
+* ``+sink`` — the first ``SINK`` tokens of every layer kept dense bf16 (the cache's
+  ``CachePolicy(dense_sink=SINK)``), coded pages start after them.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def _fitted_codec(cfg: SphKVConfig, keys: list[torch.Tensor]) -> AngleKeyCodec:
 class Ada:
     preset: str
     overrides: dict = field(default_factory=dict)
-    sink: bool = False
+    sink: int = 0                     # first tokens of each layer kept dense bf16
     fitted: bool = False
     name: str = "sphkv"
     budget_fraction: float | None = None
@@ -57,8 +59,9 @@ class Ada:
         for k, v in zip(ctx.keys, ctx.values):
             layer = []
             if self.sink:
-                layer.append(DenseSegment.build(k[..., :p, :], v[..., :p, :], page_size=p))
-                k, v = k[..., p:, :], v[..., p:, :]
+                s = self.sink
+                layer.append(DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=p))
+                k, v = k[..., s:, :], v[..., s:, :]
             layer.append(CodedSegment.encode(k, v, kcodec, vquant))
             segs.append(layer)
         return CompressedPrefix.of(segs, ctx)

@@ -1,0 +1,105 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Quality harness: method interface and exact bits on synthetic prefixes; a smoke run on the real model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.quality.eviction import Eviction, pyramid_budgets, window_attention
+from benchmarks.quality.methods import PrefillContext, get_method, max_tokens_for_bytes
+from benchmarks.quality.run import load_methods, main
+from sphkv_hf import SphKVCache
+
+L, HKV, HQ, N, D, W = 3, 2, 4, 256, 64, 16
+
+
+@pytest.fixture(scope="module")
+def ctx() -> PrefillContext:
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(1, HKV, N, D, generator=g).to(torch.bfloat16) for _ in range(L)]
+    values = [torch.randn(1, HKV, N, D, generator=g).to(torch.bfloat16) for _ in range(L)]
+    queries = [torch.randn(1, HQ, W, D, generator=g) for _ in range(L)]
+    return PrefillContext(keys, values, queries, model_config=None)
+
+
+def test_registry_has_required_methods():
+    reg = load_methods()
+    need = ["full", "kivi-4", "kivi-2", "turbo-4", "polarquant-4", "sphkv-4", "sphkv-3", "sphkv-2",
+            "snapkv@0.10", "streamingllm@0.10", "pyramidkv@0.10", "h2o@0.10"]
+    assert all(n in reg and reg[n].quick for n in need)
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize("name,bits", [
+    ("full", 16.0),
+    ("turbo-4", 4 + 16 / 64),                         # 4-bit codes + fp16 norm per token, K and V alike
+    ("kivi-2", None), ("polarquant-4", None), ("sphkv-4", None)])
+def test_bits_per_element_exact(ctx, name, bits):
+    load_methods()
+    prefix = get_method(name).build(ctx)
+    elements = N * L * HKV * D * 2
+    assert prefix.bits_per_element == prefix.nbytes * 8 / elements
+    if name == "kivi-2":                             # 224 tokens quantized (group 64) + 32 residual dense
+        per_head = (2 * 192 * D * 2) // 8 + 3 * D * 4 + 192 * 1 * 4 + 64 * D * 4
+        bits = per_head * L * HKV * 8 / elements
+    if name == "polarquant-4":                       # 2 token groups of 128: fp16 min+step for r and φ per pair
+        per_head = N * D * 4 // 8 + 2 * 32 * 2 * 4 + N * D * 4 // 8 + N * 1 * 4
+        bits = per_head * L * HKV * 8 / elements
+    if name == "sphkv-4":
+        from sphkv import AngleKeyCodec, GroupValueQuantizer, SphKVConfig
+        cfg = SphKVConfig.from_name("sphkv-4")
+        per_head = AngleKeyCodec(cfg).stored_bytes(N) + GroupValueQuantizer(cfg).stored_bytes(N) + 4 * 8
+        bits = per_head * L * HKV * 8 / elements
+    assert prefix.bits_per_element == pytest.approx(bits, rel=1e-12)
+
+
+def test_eviction_budget_and_kept_tokens(ctx):
+    load_methods()
+    k = max_tokens_for_bytes(0.10 * N * D * 4, D * 4, page_size=64, page_meta=8, num_tokens=N)
+    assert k == 25                                  # 25·256 + 8 ≤ 6553.6 < 26·256 + 8
+    for policy in ("streamingllm", "snapkv", "h2o", "pyramidkv"):
+        prefix = Eviction(policy, 0.10).build(ctx)
+        assert prefix.bits_per_element <= 0.10 * 16 + 1e-9 or policy == "pyramidkv"
+        seg = prefix.segments[0][0]
+        pos = seg.positions[0, 0]
+        if policy == "streamingllm":
+            assert pos[:4].tolist() == [0, 1, 2, 3] and pos[-1] == N - 1 and pos.numel() == k
+        if policy == "snapkv":                      # the observation window is always kept
+            assert set(range(N - W, N)) <= set(pos.tolist())
+    b = pyramid_budgets(100, 10, 16, 1000)
+    assert b == sorted(b, reverse=True) and abs(sum(b) / 10 - 100) < 1
+
+
+def test_window_attention_sums_to_queries(ctx):
+    m = window_attention(ctx.queries[0], ctx.keys[0])
+    assert m.shape == (1, HKV, N) and float(m.sum()) == pytest.approx(HQ * W, rel=1e-5)
+    assert float(m[..., -1].min()) > 0               # the last key is seen by the last query only
+
+
+def test_compressed_prefix_runs_in_cache(ctx):
+    load_methods()
+    prefix = get_method("sphkv-3").build(ctx)
+    cache = SphKVCache.from_prefix(prefix.segments, prefix.num_positions)
+    k, _ = cache.update(torch.randn(1, HKV, 3, D), torch.randn(1, HKV, 3, D), 0)
+    out = k.sphkv_layer.attend(torch.randn(1, HQ, 3, D), None)
+    assert out.shape == (1, HQ, 3, D) and torch.isfinite(out).all() and cache.get_seq_length() == N + 3
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_rows(tmp_path):
+    out = tmp_path / "smoke.json"
+    main(["--smoke", "--no-progress", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    keys = {"method", "bits_per_element", "context", "nll", "nll_delta_pct", "needle_hit_rate", "answer_nll",
+            "logit_rel_err", "kl", "budget_fraction", "layer_attn_rel_err"}
+    assert [r["method"] for r in rows] == ["full", "sphkv-4", "kivi-4", "snapkv@0.10"]
+    for r in rows:
+        assert keys <= set(r) and r["context"] == 256 and len(r["layer_attn_rel_err"]) == 30
+    full, ada = rows[0], rows[1]
+    assert full["bits_per_element"] == 16.0 and full["nll_delta_pct"] == 0.0 and full["budget_fraction"] is None
+    assert ada["bits_per_element"] < 4.5 and abs(ada["nll_delta_pct"]) < 5.0
+    assert rows[3]["budget_fraction"] == 0.10 and rows[3]["bits_per_element"] < 1.7
+    assert out.with_suffix(".md").read_text().startswith("| method")
