@@ -97,7 +97,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, page_tiers: torch.Tensor,
              last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, *,
              page_lens: torch.Tensor | None = None, pages_per_split: int | None = None,
-             q_data_type: torch.dtype = torch.bfloat16, key_mass: bool = False, device=None) -> None:
+             q_data_type: torch.dtype = torch.bfloat16, key_mass: bool = False, device=None,
+             kernel_options: Mapping[str, int] | None = None) -> None:
         """Build the split-K schedule of one decode batch.
 
         Parameters
@@ -116,6 +117,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         q_data_type : dtype of the queries ``run`` will receive.
         key_mass : allocate what ``run(..., key_mass_out=...)`` needs.
         device : where ``run`` will compute (default: ``indices``' device).
+        kernel_options : optional Triton launch overrides for the tier kernels: ``block_n``
+            (tokens per tile), ``num_warps``, ``num_stages`` (0 or absent: the launcher's default).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -185,6 +188,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             qf=torch.empty(batch, num_qo_heads, head_dim, dtype=torch.float32, device=device) if rts else None,
             logits=logits, q_data_type=q_data_type, nnz=int(indices.numel()),
             row_of_entry=row_of_entry.to(device), page_lens=page_lens.to(torch.int64).to(device),
+            kopts=tuple(int((kernel_options or {}).get(k, 0)) for k in ("block_n", "num_warps", "num_stages")),
             mass_lse=torch.empty(batch, num_qo_heads, dtype=torch.float32, device=device) if key_mass else None)
 
     # ---------------------------------------------------------------------------------------------
@@ -244,12 +248,12 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             if self._tiers[t].dense:
                 c = _tier_tensors(kv_cache[t], True)
                 ns.dense_decode_partial(q, c["k"], c["v"], tw.work, tw.page_ids, tw.page_lens, po, plse, lg,
-                                        pl["num_kv_heads"], scale, backend)
+                                        pl["num_kv_heads"], scale, backend, *pl["kopts"])
             else:
                 c = _tier_tensors(kv_cache[t], False)
                 ns.coded_decode_partial(pl["qrot_bufs"][pl["qrot_of"][t]], *(c[n] for n in _CODED_NAMES),
                                         tw.work, tw.page_ids, tw.page_lens, po, plse, lg, self._config_keys[t],
-                                        pl["num_kv_heads"], scale, backend)
+                                        pl["num_kv_heads"], scale, backend, *pl["kopts"])
         ns.merge_partials(po, plse, sched.slot_ptr, pl["rotations"], out, lse, pl["num_kv_heads"],
                           pl["rotate_mask"], backend)
         if key_mass_out is not None:

@@ -53,15 +53,17 @@ def coded_decode_partial(q_rot: torch.Tensor, k_codes: torch.Tensor, k_radius: t
                          v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, work: torch.Tensor,
                          page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,
                          part_lse: torch.Tensor, logits: Optional[torch.Tensor], config: str, num_kv_heads: int,
-                         sm_scale: float, backend: str) -> None:
+                         sm_scale: float, backend: str, block_n: int = 0, num_warps: int = 0,
+                         num_stages: int = 0) -> None:
     fn = _pick(backend, _dec.coded_decode_partial, _dec.coded_decode_partial_reference)
     fn(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
-       layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=logits)
+       layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=logits,
+       block_n=block_n or None, num_warps=num_warps or None, num_stages=num_stages or None)
 
 
 @coded_decode_partial.register_fake
 def _(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
-      logits, config, num_kv_heads, sm_scale, backend):
+      logits, config, num_kv_heads, sm_scale, backend, block_n=0, num_warps=0, num_stages=0):
     return None
 
 
@@ -69,14 +71,17 @@ def _(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids
 def dense_decode_partial(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, work: torch.Tensor,
                          page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,
                          part_lse: torch.Tensor, logits: Optional[torch.Tensor], num_kv_heads: int,
-                         sm_scale: float, backend: str) -> None:
+                         sm_scale: float, backend: str, block_n: int = 0, num_warps: int = 0,
+                         num_stages: int = 0) -> None:
     fn = _pick(backend, _dec.dense_decode_partial, _dec.dense_decode_partial_reference)
     fn(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, num_kv_heads=num_kv_heads,
-       sm_scale=sm_scale, logits=logits)
+       sm_scale=sm_scale, logits=logits, block_n=block_n or None, num_warps=num_warps or None,
+       num_stages=num_stages or None)
 
 
 @dense_decode_partial.register_fake
-def _(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, sm_scale, backend):
+def _(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, sm_scale, backend,
+      block_n=0, num_warps=0, num_stages=0):
     return None
 
 

@@ -1,0 +1,363 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Decode attention speed: ADA (Spherical KV) vs FlashInfer bf16 vs a Triton bf16 paged kernel vs SDPA.
+
+Llama-3.1-8B attention shapes (32 query heads, 8 kv heads, head_dim 128), batch {1, 8, 32, 64} ×
+context {8K, 32K, 128K} where memory allows. Every method is timed on the device as the median of
+many runs with CUDA events (``triton.testing.do_bench``, which flushes the L2 between runs), on a
+CUDA graph of the call when it captures (launch overhead out), else eagerly. The same run measures
+the device-to-device copy bandwidth, so GB/s reads as a fraction of it. Writes
+``<out-dir>/decode.json`` (one row per shape) and ``<out-dir>/decode.md``.
+
+``--smoke`` runs a tiny shape on the CPU under Triton's interpreter (for CI): it checks that every
+path runs and agrees, and writes ``decode_smoke.json`` to ``--out-dir`` (default: a temp dir).
+
+Usage::
+
+    python benchmarks/kernels/bench_decode.py                     # CUDA sweep (< 8 min on an H100)
+    TRITON_INTERPRET=1 python benchmarks/kernels/bench_decode.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, SphKVPageEncoder  # noqa: E402
+from sphkv import SphKVConfig  # noqa: E402
+from sphkv.pool import TierPool  # noqa: E402
+from sphkv.tiers import Tier  # noqa: E402
+from sphkv_kernels.testing import random_paged_cache  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+
+
+# -------------------------------------------------------------------------------------------------
+# timing
+# -------------------------------------------------------------------------------------------------
+def _time_us(fn, *, graph: bool = True, rep_ms: int = 200) -> tuple[float, str]:
+    """Median device time of ``fn`` in µs, on a CUDA graph of it when it captures."""
+    import triton.testing
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    mode = "eager"
+    call = fn
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                fn()
+            g.replay()
+            torch.cuda.synchronize()
+            call, mode = g.replay, "graph"
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager timing
+            print(f"  (graph capture failed: {type(exc).__name__}: {str(exc)[:120]}; timing eagerly)")
+            torch.cuda.synchronize()
+    ms = triton.testing.do_bench(call, warmup=25, rep=rep_ms, return_mode="median")
+    return ms * 1e3, mode
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    y = torch.empty_like(x)
+    us, _ = _time_us(lambda: y.copy_(x), graph=False, rep_ms=300)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+# -------------------------------------------------------------------------------------------------
+# methods
+# -------------------------------------------------------------------------------------------------
+def coded_tier(preset: str, page_size: int) -> Tier:
+    return Tier(preset, SphKVConfig.from_name(preset, head_dim=D, page_size=page_size))
+
+
+def ada_case(batch: int, ctx: int, tier: Tier, page_size: int, *, kernel_options=None, pages_per_split=None):
+    """A coded pool of ``batch`` requests × 8 kv heads × ``ctx`` tokens (random valid codes) and a planned wrapper."""
+    rows = batch * HKV
+    ppr = ctx // page_size
+    pool = TierPool(tier, rows * ppr + 1, head_dim=D, page_size=page_size, device="cuda")
+    for name, t in pool.tensors().items():                       # random content, never zeros
+        if t.dtype == torch.uint8:
+            t.random_()
+        elif name == "k_radius":
+            t.uniform_(5, 15)
+        elif name == "v_scale":
+            t.uniform_(0.01, 0.1)
+        else:
+            t.normal_()
+    indptr = torch.arange(rows + 1, dtype=torch.int32) * ppr
+    indices = torch.arange(1, rows * ppr + 1, dtype=torch.int32)
+    w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
+                                                tiers=[tier])
+    w.plan(indptr.cuda(), indices.cuda(), torch.zeros(rows * ppr, dtype=torch.int32, device="cuda"),
+           torch.full((rows,), page_size, dtype=torch.int32, device="cuda"), HQ, HKV, D, page_size,
+           kernel_options=kernel_options, pages_per_split=pages_per_split)
+    per_token = pool.kcodec.code_bytes + 2 + pool.vquant.code_bytes + 4 * pool.v_scale.shape[-1]
+    kv_bytes = rows * ctx * per_token + rows * ppr * 2 * D          # codes, radii, values, scales/zeros, page means
+    return w, pool, kv_bytes
+
+
+def dense_case(batch: int, ctx: int, page_size: int):
+    """bf16 pages laid out [B, Hkv, ctx/P, P, d]: one buffer that is both our dense tier and SDPA's [B, Hkv, T, d]."""
+    rows = batch * HKV
+    ppr = ctx // page_size
+    k = torch.empty(rows * ppr, page_size, D, dtype=torch.bfloat16, device="cuda").normal_()
+    v = torch.empty_like(k).normal_()
+    w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
+                                                tiers=[Tier("dense")])
+    indptr = torch.arange(rows + 1, dtype=torch.int32) * ppr
+    w.plan(indptr.cuda(), torch.arange(rows * ppr, dtype=torch.int32, device="cuda"),
+           torch.zeros(rows * ppr, dtype=torch.int32, device="cuda"),
+           torch.full((rows,), page_size, dtype=torch.int32, device="cuda"), HQ, HKV, D, page_size)
+    return w, {"k": k, "v": v}
+
+
+def flashinfer_case(batch: int, ctx: int, page_size: int):
+    try:
+        import flashinfer
+    except Exception as exc:  # noqa: BLE001
+        return None, f"flashinfer not importable: {type(exc).__name__}: {str(exc)[:100]}"
+    pages = batch * (ctx // page_size)
+    kc = torch.empty(pages, page_size, HKV, D, dtype=torch.bfloat16, device="cuda").normal_()
+    vc = torch.empty_like(kc).normal_()
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    w.plan(torch.arange(batch + 1, dtype=torch.int32, device="cuda") * (ctx // page_size),
+           torch.arange(pages, dtype=torch.int32, device="cuda"),
+           torch.full((batch,), page_size, dtype=torch.int32, device="cuda"), HQ, HKV, D, page_size,
+           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+    return (w, (kc, vc)), None
+
+
+# -------------------------------------------------------------------------------------------------
+def tune(tier: Tier, page_size: int, batch: int, ctx: int) -> dict:
+    """Pick the ADA kernel launch options at one shape (few variants; each compiles once)."""
+    best, results = None, []
+    q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+    variants = [(64, 4, 2), (32, 4, 2), (64, 8, 2), (32, 8, 2), (64, 4, 3), (64, 4, 1)]
+    for block_n, num_warps, num_stages in variants:
+        opts = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        t0 = time.time()
+        try:
+            w, pool, _ = ada_case(batch, ctx, tier, page_size, kernel_options=opts)
+            out = torch.empty_like(q)
+            us, _ = _time_us(lambda: w.run(q, [pool], out=out), rep_ms=100)
+        except Exception as exc:  # noqa: BLE001
+            print(f"  tune {opts}: failed {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        results.append((us, opts))
+        print(f"  tune {opts}: {us:9.1f} us  ({time.time() - t0:.1f} s incl. compile)", flush=True)
+        if best is None or us < best[0]:
+            best = (us, opts)
+        del w, pool
+        torch.cuda.empty_cache()
+    return {"best": best[1] if best else {}, "results": [dict(us=u, **o) for u, o in results]}
+
+
+def sweep(args) -> dict:
+    dev = torch.cuda.get_device_name()
+    props = torch.cuda.get_device_properties(0)
+    import triton
+    print(f"device: {dev}  sms={props.multi_processor_count}  torch {torch.__version__}  triton {triton.__version__}")
+    copy = copy_bandwidth_gbs()
+    print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
+    tier = coded_tier(args.preset, args.page_size)
+    bpe = tier.bytes_per_token(D, args.page_size) * 8 / (2 * D)
+    tuned = tune(tier, args.page_size, 8, 32768) if args.tune else {"best": {}}
+    opts = tuned["best"]
+    print(f"ADA launch options: {opts or 'defaults'}")
+    rows = []
+    for batch in args.batches:
+        for ctx in args.contexts:
+            free = torch.cuda.mem_get_info()[0]
+            dense_bytes = batch * ctx * HKV * D * 2 * 2
+            if dense_bytes * 1.15 > free:
+                print(f"skip batch={batch} ctx={ctx}: {dense_bytes / 1e9:.1f} GB of bf16 KV does not fit")
+                continue
+            row = dict(device=dev, batch=batch, context=ctx, preset=args.preset, page_size=args.page_size,
+                       bits_per_element=round(bpe, 4), num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
+            q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
+            qo_bytes = 2 * q.numel() * 2
+            # ADA
+            w, pool, kv_bytes = ada_case(batch, ctx, tier, args.page_size, kernel_options=opts)
+            out_a = torch.empty_like(q)
+            row["ada_us"], row["ada_mode"] = _time_us(lambda: w.run(q, [pool], out=out_a))
+            row["ada_bytes"] = kv_bytes + qo_bytes
+            del w, pool
+            torch.cuda.empty_cache()
+            # dense bf16: our Triton kernel and SDPA on the same buffer
+            w, cache = dense_case(batch, ctx, args.page_size)
+            out_d = torch.empty_like(q)
+            row["triton_bf16_us"], _ = _time_us(lambda: w.run(q, [cache], out=out_d))
+            kt = cache["k"].view(batch, HKV, ctx, D)
+            vt = cache["v"].view(batch, HKV, ctx, D)
+            qg = q.view(batch, HKV, HQ // HKV, D)
+            row["sdpa_us"], _ = _time_us(lambda: torch.nn.functional.scaled_dot_product_attention(qg, kt, vt))
+            row["bf16_bytes"] = dense_bytes + qo_bytes
+            del w, cache, kt, vt
+            torch.cuda.empty_cache()
+            # FlashInfer bf16
+            fi, why = (None, "disabled") if args.no_flashinfer else flashinfer_case(batch, ctx, args.page_size)
+            if fi is not None:
+                fw, kv = fi
+                out_f = torch.empty_like(q)
+                try:
+                    row["flashinfer_us"], row["flashinfer_mode"] = _time_us(lambda: fw.run(q, kv, out=out_f))
+                except Exception as exc:  # noqa: BLE001
+                    row["flashinfer_us"], row["flashinfer_note"] = None, f"{type(exc).__name__}: {str(exc)[:100]}"
+                del fw, kv
+            else:
+                row["flashinfer_us"], row["flashinfer_note"] = None, why
+            torch.cuda.empty_cache()
+            base = row["flashinfer_us"] or row["triton_bf16_us"]
+            row["speedup"] = round(row["flashinfer_us"] / row["ada_us"], 3) if row["flashinfer_us"] else None
+            row["speedup_vs_triton_bf16"] = round(row["triton_bf16_us"] / row["ada_us"], 3)
+            row["speedup_vs_sdpa"] = round(row["sdpa_us"] / row["ada_us"], 3)
+            row["gb_s"] = round(row["ada_bytes"] / (row["ada_us"] * 1e-6) / 1e9, 1)
+            row["copy_gb_s"] = round(copy, 1)
+            row["copy_fraction"] = round(row["gb_s"] / copy, 3)
+            row["bf16_gb_s_best"] = round(row["bf16_bytes"] / (min(x for x in (base, row["sdpa_us"]) if x) * 1e-6) / 1e9, 1)
+            for k in ("ada_us", "triton_bf16_us", "sdpa_us", "flashinfer_us"):
+                if row.get(k) is not None:
+                    row[k] = round(row[k], 2)
+            rows.append(row)
+            print(_fmt_row(row), flush=True)
+    enc = encode_costs(tier, args.page_size, args.batches, rows)
+    return dict(device=dev, copy_gb_s=copy, tuned=tuned, rows=rows, encode=enc,
+                torch=torch.__version__, triton=triton.__version__)
+
+
+def encode_costs(tier, page_size, batches, rows) -> list[dict]:
+    """Cost of compressing one full page per (request, kv head) — what happens every ``page_size`` steps."""
+    enc = SphKVPageEncoder(tier)
+    out = []
+    for batch in batches:
+        n = batch * HKV
+        pool = TierPool(tier, n + 1, head_dim=D, page_size=page_size, device="cuda")
+        k = torch.randn(n, page_size, D, dtype=torch.bfloat16, device="cuda") * 3
+        v = torch.randn_like(k)
+        ids = torch.arange(1, n + 1, dtype=torch.int32, device="cuda")
+        lens = torch.full((n,), page_size, dtype=torch.int32, device="cuda")
+        us, _ = _time_us(lambda: enc.encode(k, v, ids, lens, pool), rep_ms=100)
+        step = next((r["ada_us"] for r in rows if r["batch"] == batch and r["context"] == 32768), None)
+        e = dict(batch=batch, pages=n, encode_us=round(us, 2), amortized_us_per_step=round(us / page_size, 3))
+        if step:
+            e["amortized_fraction_of_ada_step_32k"] = round(us / page_size / step, 4)
+        out.append(e)
+        print(f"encode batch={batch}: {n} pages in {us:.1f} us ({us / page_size:.2f} us/step amortized)")
+    return out
+
+
+def _fmt_row(r: dict) -> str:
+    fi = f"{r['flashinfer_us']:9.1f}" if r.get("flashinfer_us") else "      n/a"
+    sp = f"{r['speedup']:5.2f}x" if r.get("speedup") else "   n/a"
+    return (f"b={r['batch']:3d} ctx={r['context']:6d} | ada {r['ada_us']:9.1f} us {r['ada_bytes'] / 1e6:9.1f} MB "
+            f"{r['gb_s']:7.0f} GB/s ({100 * r['copy_fraction']:4.1f}% copy) | flashinfer {fi} | triton-bf16 "
+            f"{r['triton_bf16_us']:9.1f} | sdpa {r['sdpa_us']:9.1f} | speedup {sp} "
+            f"(vs triton-bf16 {r['speedup_vs_triton_bf16']:.2f}x, vs sdpa {r['speedup_vs_sdpa']:.2f}x)")
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    lines = [f"# Decode attention: ADA vs bf16 ({res['device']})", "",
+             f"torch {res['torch']}, triton {res['triton']}; device-to-device copy {res['copy_gb_s']:.0f} GB/s; "
+             f"Llama-3.1-8B attention shapes (32 q heads, 8 kv heads, head_dim 128); median device time "
+             f"(CUDA events, L2 flushed, CUDA graph when it captures).", "",
+             f"ADA launch options: `{res['tuned'].get('best')}`", "",
+             "| batch | context | bits/elem | ADA µs | ADA MB read | ADA GB/s | % of copy | FlashInfer bf16 µs | "
+             "speedup | Triton bf16 µs | SDPA µs | vs Triton bf16 | vs SDPA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        fi = f"{r['flashinfer_us']:.1f}" if r.get("flashinfer_us") else "n/a"
+        sp = f"{r['speedup']:.2f}×" if r.get("speedup") else "n/a"
+        lines.append(f"| {r['batch']} | {r['context']} | {r['bits_per_element']:.2f} | {r['ada_us']:.1f} | "
+                     f"{r['ada_bytes'] / 1e6:.1f} | {r['gb_s']:.0f} | {100 * r['copy_fraction']:.1f}% | {fi} | {sp} | "
+                     f"{r['triton_bf16_us']:.1f} | {r['sdpa_us']:.1f} | {r['speedup_vs_triton_bf16']:.2f}× | "
+                     f"{r['speedup_vs_sdpa']:.2f}× |")
+    if res.get("encode"):
+        lines += ["", "Encode (one full page per request × kv head, i.e. every page_size steps):", "",
+                  "| batch | pages | encode µs | amortized µs/step | fraction of the ADA step at 32K |", "|---|---|---|---|---|"]
+        for e in res["encode"]:
+            lines.append(f"| {e['batch']} | {e['pages']} | {e['encode_us']:.1f} | {e['amortized_us_per_step']:.2f} | "
+                         f"{e.get('amortized_fraction_of_ada_step_32k', 'n/a')} |")
+    notes = {r.get("flashinfer_note") for r in res["rows"] if r.get("flashinfer_note")}
+    if notes:
+        lines += ["", "FlashInfer: " + "; ".join(sorted(notes))]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------
+def smoke(out_dir: Path) -> dict:
+    """CPU, Triton interpreter: tiny mixed-tier batch through every path; checks agreement."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--smoke needs TRITON_INTERPRET=1 set before Python starts (CPU interpreter)")
+    from sphkv.tiers import TierSet
+    ts = TierSet.default(head_dim=64, page_size=16)
+    cache = random_paged_cache(ts.tiers, seq_lens=[40, 23], num_kv_heads=2, head_dim=64, page_size=16, seed=1)
+    q = torch.randn(2, 6, 64).bfloat16()
+    res = {}
+    outs = {}
+    for backend in ("triton", "reference"):
+        w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8), tiers=ts, backend=backend)
+        w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 6, 2, 64, 16,
+               page_lens=cache.page_lens, pages_per_split=2)
+        t0 = time.perf_counter()
+        outs[backend] = w.run(q, cache.pools).float()
+        res[f"{backend}_s"] = round(time.perf_counter() - t0, 3)
+    err = float((outs["triton"] - outs["reference"]).abs().max())
+    res["max_abs_diff"] = err
+    if not err < 2e-2:
+        raise SystemExit(f"smoke: triton and reference disagree by {err}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "decode_smoke.json").write_text(json.dumps(res, indent=1))
+    print(f"smoke ok: {res} -> {out_dir / 'decode_smoke.json'}")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (CI)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--preset", default="sphkv-4")
+    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--no-tune", dest="tune", action="store_false")
+    ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--out-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        smoke(args.out_dir or Path(tempfile.mkdtemp(prefix="sphkv-bench-")))
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("the sweep needs CUDA (use --smoke on CPU)")
+    out_dir = args.out_dir or _ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    res = sweep(args)
+    res["seconds"] = round(time.time() - t0, 1)
+    (out_dir / "decode.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, out_dir / "decode.md")
+    print(f"wrote {out_dir / 'decode.json'} and decode.md in {res['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
