@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -118,6 +119,7 @@ def resolve_args(args: argparse.Namespace) -> SphKVServeConfig | None:
     for name, why in _UNSUPPORTED.items():
         if getattr(args, name, None):
             raise SphKVArgumentError(f"--{name.replace('_', '-')} is not supported with --sphkv ({why})")
+    check_model(cfg, getattr(args, "model_path", "") or "", getattr(args, "tp_size", 1) or 1)
     args.attention_backend = "sphkv"
     args.radix_cache_backend = "sphkv"
     args.page_size = cfg.page_size
@@ -125,6 +127,41 @@ def resolve_args(args: argparse.Namespace) -> SphKVServeConfig | None:
     args.disable_decode_cuda_graph = True
     args.disable_prefill_cuda_graph = True
     return cfg
+
+
+def model_dims(model_path: str, tp_size: int = 1) -> dict | None:
+    """``num_layers``/``num_kv_heads``/``head_dim`` from a local HF folder's ``config.json`` (else ``None``)."""
+    path = os.path.join(str(model_path), "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        hf = json.load(f)
+    hf = hf.get("text_config", hf)
+    heads = hf.get("num_key_value_heads", hf.get("num_attention_heads"))
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return dict(num_layers=hf["num_hidden_layers"], num_kv_heads=max(1, heads // max(1, tp_size)), head_dim=head_dim)
+
+
+def minimum_budget(cfg: SphKVServeConfig, dims: dict) -> int:
+    """Smallest KV budget that holds the staging area and two coded pages."""
+    return cfg.staging_bytes(**dims) + 2 * math.ceil(cfg.cell_size(**dims)) * cfg.page_size
+
+
+def check_model(cfg: SphKVServeConfig, model_path: str, tp_size: int = 1) -> None:
+    """Fail early (in the launcher) when the model's head_dim or the budget cannot work."""
+    dims = model_dims(model_path, tp_size)
+    if dims is None:
+        return
+    try:
+        cfg.codec_config(cfg.preset, dims["head_dim"])
+    except ValueError as e:
+        raise SphKVArgumentError(f"--sphkv: model {model_path}: {e}") from None
+    if cfg.budget_bytes is not None and cfg.budget_bytes < minimum_budget(cfg, dims):
+        need = minimum_budget(cfg, dims)
+        raise SphKVArgumentError(
+            f"--sphkv-budget {cfg.budget_bytes} B is below the minimum for {model_path}: {cfg.num_staging_pages} "
+            f"dense staging pages ({cfg.staging_bytes(**dims)} B) plus two coded pages; allowed: >= {need} B "
+            f"({need / 2**20:.1f} MiB), or lower --max-running-requests")
 
 
 def publish(server_args, cfg: SphKVServeConfig) -> None:

@@ -121,8 +121,10 @@ def _around_available_bytes(original, self, *args, **kwargs):
     if cfg.budget_bytes is not None and cfg.budget_bytes > available:
         logger.warning("sphkv: --sphkv-budget %d B exceeds the %d B available; using %d B",
                        cfg.budget_bytes, available, total)
+    from .cli import minimum_budget
+
     staging = cfg.staging_bytes(**dims)
-    minimum = staging + 2 * math.ceil(cfg.cell_size(**dims)) * cfg.page_size
+    minimum = minimum_budget(cfg, dims)
     if total < minimum:
         raise ValueError(f"--sphkv-budget {total} B is below the minimum {minimum} B for this model "
                          f"({cfg.num_staging_pages} dense staging pages = {staging} B plus two coded pages); "

@@ -1,0 +1,321 @@
+# SPDX-License-Identifier: Apache-2.0
+"""sphkv_sglang without a server: config and CLI validation, page table, store, reference attention,
+and SGLang's pool / allocator / radix cache classes running on the CPU with the sphkv pool."""
+from __future__ import annotations
+
+import argparse
+import math
+from array import array
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sphkv.keys import AngleKeyCodec
+from sphkv.logits import logits_lut
+from sphkv_sglang.cli import SphKVArgumentError, add_sphkv_args, resolve_args
+from sphkv_sglang.config import RETENTION_POLICIES_HINT, SphKVServeConfig, parse_bytes
+from sphkv_sglang.page_table import PageTable, PageTableError
+from sphkv_sglang.planes import KeyPlanes
+from sphkv_sglang.reference import reference_attention
+from sphkv_sglang.store import SphKVStore
+
+P = 8   # small pages keep the CPU tests fast
+
+
+# -- configuration and command line ----------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(preset="sphkv-5"), "allowed: ['sphkv-2', 'sphkv-3', 'sphkv-4', 'sphkv-8']"),
+    (dict(budget_bytes=0), "budget_bytes=0 must be a positive"),
+    (dict(budget_bytes=-5), "budget_bytes=-5"),
+    (dict(page_size=12), "page_size=12 is not supported; allowed: (8, 16, 32, 64, 128, 256)"),
+    (dict(demote_to=("sphkv-9",)), "demote_to entry 'sphkv-9'"),
+    (dict(tier_fractions=(0.5, 0.6)), "tier_fractions"),
+    (dict(retention="mru"), "allowed: ('reuse', 'lru')"),
+])
+def test_config_rejects_bad_values_naming_field(kwargs, needle):
+    with pytest.raises(ValueError, match=None) as e:
+        SphKVServeConfig(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_config_json_errors_quote_text():
+    with pytest.raises(ValueError) as e:
+        SphKVServeConfig.from_json('{"preset": "sphkv-4",}')
+    assert "'{\"preset\": \"sphkv-4\",}'" in str(e.value)
+    with pytest.raises(ValueError, match="unknown key"):
+        SphKVServeConfig.from_json('{"presett": "sphkv-4"}')
+    cfg = SphKVServeConfig.from_json('{"preset": "sphkv-8", "demote_to": ["sphkv-4"], "budget_bytes": "64MiB"}')
+    assert cfg.tiers == ("sphkv-8", "sphkv-4") and cfg.budget_bytes == 64 << 20
+
+
+def test_retention_hint_matches_registry():
+    from sphkv_sglang.retention import POLICIES
+    assert tuple(sorted(POLICIES)) == tuple(sorted(RETENTION_POLICIES_HINT))
+
+
+def test_parse_bytes():
+    assert parse_bytes("1.5GiB") == 3 << 29 and parse_bytes("200MB") == 200_000_000
+    for bad in ("0", "-1MiB", "lots", "5 parsecs"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_default_capacity_at_least_3_5x_dense():
+    dims = dict(num_layers=30, num_kv_heads=3, head_dim=64)          # SmolLM2-135M
+    dense = 30 * 3 * 64 * 2 * 2
+    assert dense / SphKVServeConfig().cell_size(**dims) >= 4.0
+    assert dense / SphKVServeConfig(demote_to=()).cell_size(**dims) >= 3.5
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for name in ("--attention-backend", "--radix-cache-backend", "--model-path"):
+        parser.add_argument(name, default=None)
+    parser.add_argument("--page-size", type=int, default=1)
+    parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--enable-hierarchical-cache", action="store_true")
+    add_sphkv_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_resolves_a_sphkv_server():
+    args = _parse(["--sphkv", "--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB"])
+    cfg = resolve_args(args)
+    assert cfg.preset == "sphkv-8" and cfg.budget_bytes == 256 << 20
+    assert (args.attention_backend, args.radix_cache_backend, args.page_size) == ("sphkv", "sphkv", 64)
+    assert args.disable_decode_cuda_graph and args.max_running_requests == cfg.max_running_requests
+    args = _parse(["--sphkv", "--page-size", "32", "--max-running-requests", "4"])
+    cfg = resolve_args(args)
+    assert cfg.page_size == 32 and cfg.num_staging_pages == 6
+    assert resolve_args(_parse([])) is None
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--sphkv-preset", "sphkv-4"], "--sphkv-preset requires --sphkv"),
+    (["--sphkv", "--attention-backend", "triton"], "--attention-backend 'triton' conflicts with --sphkv"),
+    (["--sphkv", "--kv-cache-dtype", "fp8_e4m3"], "allowed: auto, bf16"),
+    (["--sphkv", "--enable-hierarchical-cache"], "not supported with --sphkv"),
+    (["--sphkv", "--page-size", "12"], "page_size=12 is not supported"),
+])
+def test_cli_conflicts_name_the_option(argv, needle):
+    with pytest.raises(SphKVArgumentError) as e:
+        resolve_args(_parse(argv))
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("argv", [["--sphkv-budget", "0"], ["--sphkv-budget", "-3"], ["--sphkv-config", "{bad"],
+                                  ["--sphkv-preset", "sphkv-1"]])
+def test_cli_parse_errors(argv):
+    with pytest.raises((argparse.ArgumentError, SystemExit)):
+        _parse(["--sphkv", *argv])
+
+
+# -- page table and store ------------------------------------------------------------------------------
+def test_page_table_lifecycle_and_errors():
+    pt = PageTable(num_pages=6, phys_pages=(2, 3), staging_pages=2, page_size=4)
+    pt.stage(torch.tensor([1, 2]))
+    with pytest.raises(PageTableError, match="staging exhausted"):
+        pt.stage(torch.tensor([3]))
+    assert pt.mark_written(torch.tensor([1] * 4), torch.arange(4)).tolist() == [1]
+    pt.assign(1, tier=0)
+    pt.finish_pending(torch.tensor([1]))
+    with pytest.raises(PageTableError, match="coded page"):
+        pt.stage(torch.tensor([1]))
+    pt.release(torch.tensor([1, 2]))
+    pt.check()
+    assert pt.counts() == {"coded": [0, 0], "staging": 0, "free_phys": [2, 3], "phys": [2, 3]}
+
+
+def _store(preset="sphkv-4", pages=12, layers=2, heads=2, **kw):
+    cfg = SphKVServeConfig(preset=preset, page_size=P, max_running_requests=2, **kw)
+    return SphKVStore(cfg, num_pages=pages, num_layers=layers, num_kv_heads=heads, head_dim=64,
+                      dtype=torch.float32)
+
+
+def _kv(n, heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(n, heads, 64, generator=g) * 2 + torch.randn(64, generator=g)
+    return k, torch.randn(n, heads, 64, generator=g)
+
+
+def test_store_write_read_release_roundtrip():
+    st = _store()
+    k, v = _kv(20)
+    loc = torch.arange(P, P + 20)                     # pages 1, 2 full; page 3 partial (4 tokens)
+    for layer in range(2):
+        st.write(layer, loc, k, v)
+    st.table.check()
+    view = st.read_prefix(1, loc)
+    assert view.num_coded == 16 and view.dense_k.shape == (2, 4, 64)
+    assert torch.equal(view.dense_k, k[16:].transpose(0, 1))
+    y = st.kplanes[0].expand(view.segments[0].kcode.codes, view.segments[0].kcode.radius,
+                             view.segments[0].kcode.mean, P) @ st.kcodec[0].rotation
+    rel = ((y - k[:16].transpose(0, 1)) ** 2).sum() / (k[:16] ** 2).sum()
+    assert rel < 0.05
+    for layer in range(2):                            # decode 4 more tokens: page 3 fills and is coded
+        st.write(layer, torch.arange(P + 20, P + 24), *_kv(4, seed=1))
+    assert st.table.counts()["coded"][0] == 3 and st.table.counts()["staging"] == 0
+    st.release(torch.arange(1, 4))
+    st.table.check()
+    assert st.table.counts() == {"coded": [0, 0], "staging": 0, "free_phys": list(st.phys_pages),
+                                 "phys": list(st.phys_pages)}
+
+
+def test_store_nonfinite_is_zeroed_and_counted_or_raised():
+    st = _store(nonfinite="zero")
+    k, v = _kv(P)
+    k[3, 1, 5] = float("nan")
+    st.write(0, torch.arange(P, 2 * P), k, v)
+    st.write(1, torch.arange(P, 2 * P), k, v)
+    assert st.counters["nonfinite_rows"] == 2       # one bad row, counted on both layers
+    st2 = _store(nonfinite="raise")
+    with pytest.raises(ValueError, match="keys of layer 0"):
+        st2.write(0, torch.arange(P, 2 * P), k, v)
+
+
+def test_plane_expansion_matches_logits_lut():
+    for preset in ("sphkv-8", "sphkv-4", "sphkv-2"):
+        st = _store(preset)
+        codec: AngleKeyCodec = st.kcodec[0]
+        k = torch.randn(2, 4 * P, 64) * 3 + 1
+        code = codec.encode(k)
+        q = codec.rotate(torch.randn(2, 3, 64))
+        y = KeyPlanes(codec).expand(code.codes, code.radius, code.mean, P)
+        torch.testing.assert_close(q @ y.transpose(-1, -2), logits_lut(q, code, codec, rotated=True),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_reference_attention_is_exact_without_coded_pages_and_close_with():
+    st = _store("sphkv-8", pages=40, heads=3)
+    n = 150
+    k, v = _kv(n, heads=3)
+    q = torch.randn(n, 9, 64)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True,
+        enable_gqa=True, scale=0.125)[0].transpose(0, 1)
+    empty = st.read_prefix(0, torch.arange(0))
+    torch.testing.assert_close(reference_attention(q, empty, k, v, st, scale=0.125), ref, rtol=0, atol=0)
+    loc = torch.arange(P, P + n)
+    st.write(0, loc[:120], k[:120], v[:120])
+    st.write(1, loc[:120], k[:120], v[:120])
+    out, (pages, mass) = reference_attention(q[120:], st.read_prefix(0, loc[:120]), k[120:], v[120:], st,
+                                             scale=0.125, return_mass=True)
+    assert float((out - ref[120:]).norm() / ref[120:].norm()) < 0.05
+    assert pages.numel() == 120 and 0 < float(mass.sum()) <= 8 * 9 + 1e-3
+
+
+# -- SGLang pool, allocator and radix cache on the CPU ---------------------------------------------------
+@pytest.fixture
+def sglang_stack():
+    pytest.importorskip("sglang")
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+
+    from sphkv_sglang.allocator import SphKVPagedAllocator
+    from sphkv_sglang.pool import SphKVPool
+    from sphkv_sglang.radix import SphKVRadixCache
+
+    cfg = SphKVServeConfig(page_size=P, max_running_requests=2, tier_fractions=(0.7, 0.3))
+    pool = SphKVPool(16 * P, P, torch.bfloat16, 2, 64, 2, "cpu", False, sphkv_config=cfg)
+    alloc = SphKVPagedAllocator(16 * P, P, torch.bfloat16, "cpu", pool, False)
+    cache = SphKVRadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
+                                            token_to_kv_pool_allocator=alloc, page_size=P))
+    return SimpleNamespace(pool=pool, alloc=alloc, cache=cache, store=pool.store)
+
+
+def _insert(stack, token_ids, seed):
+    """Allocate, write (both layers) and insert a page-aligned sequence; return its last node and slots."""
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    n = len(token_ids)
+    slots = stack.alloc.alloc(n)
+    assert slots is not None
+    k, v = _kv(n, seed=seed)
+    for layer in range(2):
+        stack.pool.set_kv_buffer(SimpleNamespace(layer_id=layer), slots, k.bfloat16(), v.bfloat16())
+    res = stack.cache.insert(InsertParams(key=RadixKey(array("q", token_ids)), value=slots))
+    return res.last_device_node, slots
+
+
+def test_pool_sizes_and_dense_access_errors(sglang_stack):
+    from sphkv_sglang.pool import SphKVDenseAccessError
+
+    s = sglang_stack
+    k_bytes, v_bytes = s.pool.get_kv_size_bytes()
+    assert k_bytes + v_bytes == sum(s.store.nbytes()) > 0
+    assert sum(s.store.phys_pages) >= 16
+    with pytest.raises(SphKVDenseAccessError, match="angle-coded pages"):
+        s.pool.get_key_buffer(0)
+    with pytest.raises(SphKVDenseAccessError):
+        s.pool.get_kv_buffer(1)
+
+
+def test_locked_node_survives_pressure_and_nothing_leaks(sglang_stack):
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+    from sphkv_sglang.retention import node_pages
+
+    s = sglang_stack
+    free0 = s.alloc.available_size()
+    locked, _ = _insert(s, list(range(1000, 1000 + 3 * P)), seed=1)
+    s.cache.inc_lock_ref(locked)
+    locked_pages = node_pages(locked, P)
+    before = {n: s.store._view(0, 0, n)[s.store.table.phys_of[locked_pages].long()].clone()
+              for n in ("k_codes", "v_codes")}
+    # Fill until tier 0 runs out: cold unlocked nodes are demoted to sphkv-2, never the locked one.
+    seq = 0
+    while s.alloc.available_size() >= 2 * P:
+        _insert(s, list(range(2000 + 100 * seq, 2000 + 100 * seq + 2 * P)), seed=10 + seq)
+        seq += 1
+    s.store.table.check()
+    assert s.store.counters["pages_demoted"] > 0
+    assert (s.store.table.tier_of[locked_pages] == 0).all()
+    for name, t in before.items():
+        assert torch.equal(s.store._view(0, 0, name)[s.store.table.phys_of[locked_pages].long()], t)
+    # Eviction under pressure frees everything but the locked path.
+    s.cache.evict(EvictParams(num_tokens=10 ** 6))
+    assert s.cache.total_size() == 3 * P and (s.store.table.tier_of[locked_pages] == 0).all()
+    view = s.pool.read_prefix(0, locked.value)
+    assert view.num_coded == 3 * P
+    # Unlock, evict, and every page and staging slot is back.
+    s.cache.dec_lock_ref(locked)
+    s.cache.evict(EvictParams(num_tokens=10 ** 6))
+    assert s.alloc.available_size() == free0
+    s.store.table.check()
+    assert s.store.table.counts()["coded"] == [0, 0] and s.store.table.counts()["staging"] == 0
+
+
+def test_flush_returns_all_space(sglang_stack):
+    s = sglang_stack
+    free0 = s.alloc.available_size()
+    _insert(s, list(range(3 * P)), seed=3)
+    slots = s.alloc.alloc(P)                                  # a running request's partial page
+    k, v = _kv(3)
+    s.pool.set_kv_buffer(SimpleNamespace(layer_id=0), slots[:3], k, v)
+    s.pool.set_kv_buffer(SimpleNamespace(layer_id=1), slots[:3], k, v)
+    assert s.store.table.counts()["staging"] == 1
+    s.cache.reset()
+    s.alloc.clear()
+    assert s.alloc.available_size() == free0
+    s.store.table.check()
+    assert s.store.table.counts()["coded"] == [0, 0] and s.store.table.counts()["staging"] == 0
+    assert not s.store.table.written.any()
+
+
+def test_sharers_read_the_same_pages(sglang_stack):
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    s = sglang_stack
+    prefix = list(range(500, 500 + 2 * P))
+    _insert(s, prefix + list(range(900, 900 + P)), seed=4)
+    a = s.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", prefix + [1] * P))))
+    b = s.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", prefix + [2] * P))))
+    assert a.device_prefix_len == b.device_prefix_len == 2 * P
+    ia, ib = s.cache.path_device_indices(a.last_device_node), s.cache.path_device_indices(b.last_device_node)
+    assert torch.equal(ia, ib)
+    va, vb = s.pool.read_prefix(0, ia), s.pool.read_prefix(0, ib)
+    assert torch.equal(va.segments[0].kcode.codes, vb.segments[0].kcode.codes)
+    assert math.isclose(float(va.segments[0].kcode.radius.float().sum()),
+                        float(vb.segments[0].kcode.radius.float().sum()))
