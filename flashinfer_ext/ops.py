@@ -55,10 +55,12 @@ def coded_decode_partial(q_rot: torch.Tensor, k_codes: torch.Tensor, k_radius: t
                          part_lse: torch.Tensor, logits: Optional[torch.Tensor], config: str, num_kv_heads: int,
                          sm_scale: float, backend: str, block_n: int = 0, num_warps: int = 0,
                          num_stages: int = 0) -> None:
+    kw = {}
+    if backend == "triton":
+        kw = dict(block_n=block_n or None, num_warps=num_warps or None, num_stages=num_stages or None)
     fn = _pick(backend, _dec.coded_decode_partial, _dec.coded_decode_partial_reference)
     fn(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
-       layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=logits,
-       block_n=block_n or None, num_warps=num_warps or None, num_stages=num_stages or None)
+       layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=logits, **kw)
 
 
 @coded_decode_partial.register_fake

@@ -24,12 +24,26 @@ import triton.language as tl
 @triton.jit
 def _fields(row_ptr, mask_row, OFF: tl.constexpr, N_F: tl.constexpr, W: tl.constexpr):
     """``N_F`` fields of ``W`` bits starting at bit ``OFF`` of each row → ``[BLOCK_N, N_F]`` int32."""
+    GCD: tl.constexpr = 8 if W % 8 == 0 else (4 if W % 4 == 0 else (2 if W % 2 == 0 else 1))
+    GB: tl.constexpr = W // GCD                           # bytes of one group of whole fields
+    GF: tl.constexpr = 8 // GCD                           # fields per group
     if (OFF % 8 == 0) and (8 % W == 0) and (N_F * W >= 8):
         # byte-aligned fields: one contiguous load, split every byte into 8 / W fields
         E: tl.constexpr = 8 // W
         NB: tl.constexpr = N_F // E
         byt = tl.load(row_ptr[:, None] + (OFF // 8 + tl.arange(0, NB))[None, :], mask=mask_row[:, None], other=0)
         f = (byt.to(tl.int32)[:, :, None] >> (tl.arange(0, E) * W)[None, None, :]) & ((1 << W) - 1)
+        return tl.reshape(f, [row_ptr.shape[0], N_F])
+    elif (OFF % 8 == 0) and (GB <= 3) and (N_F % GF == 0):
+        # byte-aligned groups of GF fields in GB <= 3 bytes (e.g. 8 fields of 3 bits in 3 bytes):
+        # assemble each group into an int32 from GB byte loads, then shift the fields out
+        NG: tl.constexpr = N_F // GF
+        b = tl.arange(0, 4)
+        off = OFF // 8 + tl.arange(0, NG)[:, None] * GB + b[None, :]                       # [NG, 4]
+        byt = tl.load(row_ptr[:, None, None] + off[None, :, :], mask=mask_row[:, None, None] & (b < GB)[None, None, :],
+                      other=0).to(tl.int32)
+        word = tl.sum(byt << (8 * b)[None, None, :], 2)                                    # [BLOCK_N, NG]
+        f = (word[:, :, None] >> (tl.arange(0, GF) * W)[None, None, :]) & ((1 << W) - 1)
         return tl.reshape(f, [row_ptr.shape[0], N_F])
     else:
         o = OFF + tl.arange(0, N_F) * W
@@ -56,7 +70,8 @@ def _descend(u, row_ptr, mask_row, lut_ptr, OFF: tl.constexpr, N_F: tl.constexpr
 
 
 @triton.jit
-def _unit_pairs(row_ptr, mask_row, lut_ptr, HEAD_DIM: tl.constexpr, NUM_LEVELS: tl.constexpr,
+def _unit_pairs(row_ptr, mask_row, lut_ptr, lut1_ptr, BYTE_LUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                NUM_LEVELS: tl.constexpr,
                 LB1: tl.constexpr, LB2: tl.constexpr, LB3: tl.constexpr, LB4: tl.constexpr,
                 LB5: tl.constexpr, LB6: tl.constexpr, LB7: tl.constexpr, LB8: tl.constexpr,
                 LO1: tl.constexpr, LO2: tl.constexpr, LO3: tl.constexpr, LO4: tl.constexpr,
@@ -78,7 +93,15 @@ def _unit_pairs(row_ptr, mask_row, lut_ptr, HEAD_DIM: tl.constexpr, NUM_LEVELS: 
     if NUM_LEVELS >= 3:
         u = _descend(u, row_ptr, mask_row, lut_ptr, LO3, HEAD_DIM >> 3, LB3, LT3)
     u = _descend(u, row_ptr, mask_row, lut_ptr, LO2, HEAD_DIM >> 2, LB2, LT2)
-    c, s = _cos_sin(lut_ptr, _fields(row_ptr, mask_row, LO1, HEAD_DIM // 2, LB1), LT1)
+    if BYTE_LUT:
+        # level 1 is byte-aligned: one gather per code byte from a 256-entry table of its fields' (cos, sin)
+        E1: tl.constexpr = 8 // LB1
+        NB1: tl.constexpr = HEAD_DIM // 2 // E1
+        byt = tl.load(row_ptr[:, None] + tl.arange(0, NB1)[None, :], mask=mask_row[:, None], other=0).to(tl.int32)
+        cs = tl.load(lut1_ptr + (byt * (2 * E1))[:, :, None] + tl.arange(0, 2 * E1)[None, None, :])
+        c, s = tl.split(tl.reshape(cs, [row_ptr.shape[0], HEAD_DIM // 2, 2]))
+    else:
+        c, s = _cos_sin(lut_ptr, _fields(row_ptr, mask_row, LO1, HEAD_DIM // 2, LB1), LT1)
     return u * c, u * s
 
 
@@ -94,12 +117,12 @@ def _int_to_f32(x):
 @triton.jit
 def _coded_decode_kernel(
     q_ptr, stride_qb, stride_qh,
-    kc_ptr, kr_ptr, km_ptr, vc_ptr, vs_ptr, vz_ptr, lut_ptr,
+    kc_ptr, kr_ptr, km_ptr, vc_ptr, vs_ptr, vz_ptr, lut_ptr, lut1_ptr,
     work_ptr, page_ids_ptr, page_lens_ptr,
     po_ptr, pl_ptr, logit_ptr,
     num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_LEVELS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_LEVELS: tl.constexpr, BYTE_LUT: tl.constexpr, PROFILE: tl.constexpr,
     LB1: tl.constexpr, LB2: tl.constexpr, LB3: tl.constexpr, LB4: tl.constexpr,
     LB5: tl.constexpr, LB6: tl.constexpr, LB7: tl.constexpr, LB8: tl.constexpr,
     LO1: tl.constexpr, LO2: tl.constexpr, LO3: tl.constexpr, LO4: tl.constexpr,
@@ -153,10 +176,14 @@ def _coded_decode_kernel(
             valid = n < plen
             tok = page * PAGE_SIZE + n                                   # [BLOCK_N] int64
             radius = tl.load(kr_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-            ue, uo = _unit_pairs(kc_ptr + tok * KB, valid, lut_ptr, HEAD_DIM, NUM_LEVELS,
-                                 LB1, LB2, LB3, LB4, LB5, LB6, LB7, LB8,
-                                 LO1, LO2, LO3, LO4, LO5, LO6, LO7, LO8,
-                                 LT1, LT2, LT3, LT4, LT5, LT6, LT7, LT8)
+            if PROFILE == 1:          # diagnostics: leave the key decode out
+                ue = tl.full([BLOCK_N, N1], 0.0625, tl.float32) + radius[:, None] * 0.0
+                uo = ue
+            else:
+                ue, uo = _unit_pairs(kc_ptr + tok * KB, valid, lut_ptr, lut1_ptr, BYTE_LUT, HEAD_DIM, NUM_LEVELS,
+                                     LB1, LB2, LB3, LB4, LB5, LB6, LB7, LB8,
+                                     LO1, LO2, LO3, LO4, LO5, LO6, LO7, LO8,
+                                     LT1, LT2, LT3, LT4, LT5, LT6, LT7, LT8)
             if F16_DOT:
                 ue = ue.to(tl.float16)
                 uo = uo.to(tl.float16)
@@ -194,7 +221,13 @@ def _coded_decode_kernel(
                 scx = tl.reshape(tl.broadcast_to(sc.to(tl.float32)[:, :, None], [BLOCK_N, NVG, GC]), [BLOCK_N, NBT])
                 zrx = tl.reshape(tl.broadcast_to(zr.to(tl.float32)[:, :, None], [BLOCK_N, NVG, GC]), [BLOCK_N, NBT])
                 vrow = vc_ptr + tok * VB
-                if VE == 1:
+                if PROFILE == 2:          # diagnostics: leave the value unpacking out
+                    v = zrx + scx
+                    if F16_DOT:
+                        v = v.to(tl.float16)
+                    acc0 = acc0 * alpha[:, None] + tl.dot(pr_d, v)
+                    acc1 = acc1 * alpha[:, None] + tl.dot(pr_d, v)
+                elif VE == 1:
                     if VBITS == 8:
                         qv = tl.load(vrow[:, None] + tl.arange(0, HEAD_DIM)[None, :], mask=valid[:, None],
                                      other=0).to(tl.int32)

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Triton kernel that encodes whole pages of keys and values into a coded tier's page arena.
 
-One program per written page: rotate, take the page mean (rounded to bf16, as the codec does),
+One program per written page of already-rotated keys/values (the launcher rotates them with one
+cuBLAS GEMM): take the page mean (rounded to bf16, as the codec does),
 center, run the recursive polar transform bottom-up, bucketize every angle against the level's
 decision thresholds *without* atan2 (sign tests of cross products with the thresholds' cos/sin),
 pack the codes little-endian (``sphkv.packing`` layout) and quantize the values per group.
@@ -81,8 +82,7 @@ def _round_half_even(x):
 def _encode_kernel(
     k_ptr, v_ptr, stride_kw, stride_kp, stride_vw, stride_vp,
     page_ids_ptr, page_lens_ptr,
-    kc_ptr, kr_ptr, km_ptr, vc_ptr, vs_ptr, vz_ptr,
-    rkt_ptr, rvt_ptr, thr_ptr,
+    kc_ptr, kr_ptr, km_ptr, vc_ptr, vs_ptr, vz_ptr, thr_ptr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, ROWS: tl.constexpr, NUM_LEVELS: tl.constexpr,
     LB1: tl.constexpr, LB2: tl.constexpr, LB3: tl.constexpr, LB4: tl.constexpr,
     LB5: tl.constexpr, LB6: tl.constexpr, LB7: tl.constexpr, LB8: tl.constexpr,
@@ -91,8 +91,7 @@ def _encode_kernel(
     LT1: tl.constexpr, LT2: tl.constexpr, LT3: tl.constexpr, LT4: tl.constexpr,
     LT5: tl.constexpr, LT6: tl.constexpr, LT7: tl.constexpr, LT8: tl.constexpr,
     KB: tl.constexpr, NWK: tl.constexpr, VBITS: tl.constexpr, VGROUP: tl.constexpr, VB: tl.constexpr,
-    NVG: tl.constexpr, NWV: tl.constexpr, HAS_MEAN: tl.constexpr, VROT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    NVG: tl.constexpr, NWV: tl.constexpr, HAS_MEAN: tl.constexpr,
 ):
     w = tl.program_id(0)
     page = tl.load(page_ids_ptr + w).to(tl.int64)
@@ -100,7 +99,6 @@ def _encode_kernel(
     w64 = w.to(tl.int64)
     cols = tl.arange(0, HEAD_DIM)
     rows0 = tl.arange(0, ROWS)
-    rk = tl.load(rkt_ptr + cols[:, None] * HEAD_DIM + cols[None, :])          # R.T  [d, d]
     N1: tl.constexpr = HEAD_DIM // 2
 
     # ---- page mean of the rotated keys (first pass) ----
@@ -109,10 +107,9 @@ def _encode_kernel(
         for r0 in range(0, n, ROWS):
             rows = r0 + rows0
             valid = rows < n
-            x = tl.load(k_ptr + w64 * stride_kw + rows[:, None] * stride_kp + cols[None, :], mask=valid[:, None],
+            y = tl.load(k_ptr + w64 * stride_kw + rows[:, None] * stride_kp + cols[None, :], mask=valid[:, None],
                         other=0.0).to(tl.float32)
-            y = tl.dot(x, rk, input_precision=DOT_PREC)
-            mean += tl.sum(tl.where(valid[:, None], y, 0.0), 0)
+            mean += tl.sum(y, 0)
         mean_bf = (mean / n.to(tl.float32)).to(tl.bfloat16)
         tl.store(km_ptr + page * HEAD_DIM + cols, mean_bf)
         mean = mean_bf.to(tl.float32)
@@ -122,9 +119,8 @@ def _encode_kernel(
         rows = r0 + rows0
         valid = rows < n
         tok = page * PAGE_SIZE + rows
-        x = tl.load(k_ptr + w64 * stride_kw + rows[:, None] * stride_kp + cols[None, :], mask=valid[:, None],
-                    other=0.0).to(tl.float32)
-        y = tl.dot(x, rk, input_precision=DOT_PREC) - mean[None, :]
+        y = tl.load(k_ptr + w64 * stride_kw + rows[:, None] * stride_kp + cols[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32) - mean[None, :]
         xe, xo = tl.split(tl.reshape(y, [ROWS, N1, 2]))
         words = tl.zeros([ROWS, NWK], tl.int32)
         words = _pack_words(words, _bucket_circle(xe, xo, thr_ptr, LT1, LB1), LO1, N1, LB1, NWK)
@@ -162,9 +158,6 @@ def _encode_kernel(
         # values
         xv = tl.load(v_ptr + w64 * stride_vw + rows[:, None] * stride_vp + cols[None, :], mask=valid[:, None],
                      other=0.0).to(tl.float32)
-        if VROT:
-            rv = tl.load(rvt_ptr + cols[:, None] * HEAD_DIM + cols[None, :])
-            xv = tl.dot(xv, rv, input_precision=DOT_PREC)
         if VBITS == 16:
             v16 = vc_ptr.to(tl.pointer_type(tl.bfloat16))
             tl.store(v16 + tok[:, None] * HEAD_DIM + cols[None, :], xv.to(tl.bfloat16), mask=valid[:, None])

@@ -72,8 +72,13 @@ def _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv
 def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens,
                          part_o, part_lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
                          logits=None, block_n: int | None = None, num_warps: int | None = None,
-                         num_stages: int | None = None) -> None:
+                         num_stages: int | None = None, byte_lut: bool = True, profile: int = 0):
     """Split-K partial attention over one coded tier's pages (Triton).
+
+    Returns the compiled Triton kernel (diagnostics: ``n_regs``, ``n_spills``, ``metadata.shared``),
+    or None when there is no work. ``byte_lut`` gathers level-1 (cos, sin) per code byte when level 1
+    is byte-aligned; ``profile`` 1/2 leaves the key/value decode out (timing diagnostics only:
+    the output is then wrong).
 
     Parameters
     ----------
@@ -127,22 +132,25 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
             assert t.dtype == torch.float16 and t.is_contiguous() and t.shape == (num_pages, p, nvg)
     w = work.shape[0]
     if w == 0:
-        return
+        return None
     vbits = layout.value_bits
     ve = 8 // vbits if vbits in (2, 4) else 1
     assert layout.value_group % ve == 0
-    lut = layout.on(q_rot.device)["lut"]
-    block_n = block_n or min(p, 64)
-    _coded_decode_kernel[(w,)](
+    consts = layout.on(q_rot.device)
+    block_n = block_n or min(p, 32)
+    lb1 = layout.level_bits[0]
+    byte_lut = bool(byte_lut) and 8 % lb1 == 0 and (d // 2) * lb1 >= 8
+    return _coded_decode_kernel[(w,)](
         q_rot, q_rot.stride(0), q_rot.stride(1),
-        k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, lut,
+        k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, consts["lut"], consts["lut1"],
         work, page_ids, page_lens, part_o, part_lse, logits if logits is not None else part_lse,
         num_kv_heads, float(sm_scale) * LOG2E,
         HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), PAGE_SIZE=p, BLOCK_N=block_n, NUM_LEVELS=layout.num_levels,
+        BYTE_LUT=byte_lut, PROFILE=int(profile),
         **layout.key_constexprs(),
         KB=kb, VBITS=vbits, VE=ve, VGROUP=layout.value_group, VB=vb, NVG=max(nvg, 1),
-        HAS_MEAN=layout.has_mean, F16_DOT=not interpreting(), STORE_LOGITS=logits is not None,
-        num_warps=num_warps or 4, num_stages=num_stages or 2)
+        HAS_MEAN=layout.has_mean, F16_DOT=(not interpreting()) or os.environ.get("SPHKV_FORCE_F16") == "1", STORE_LOGITS=logits is not None,
+        num_warps=num_warps or 4, num_stages=num_stages or 1)
 
 
 def _entries(work: torch.Tensor):

@@ -1,11 +1,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """Encode whole pages of keys/values into a coded tier's arena: Triton launcher and reference.
 
+The launcher rotates keys (and values, when the tier rotates them) with one float32 GEMM, exactly as
+the codec does; the kernel then centers, runs the polar transform, bucketizes and packs.
+
 Tolerance against :class:`sphkv.AngleKeyCodec` / :class:`sphkv.GroupValueQuantizer` (the
-reference, which this module's ``encode_pages_reference`` calls): the kernel rotates with a
-tensor-core dot (``tf32x3`` on GPU) and bucketizes by sign tests instead of ``atan2``, so an angle
-that falls within float rounding of a decision threshold may land in the neighbouring bin, and a
-value within rounding of a ``.5`` step may round the other way. Everything else is identical:
+reference, which this module's ``encode_pages_reference`` calls): the kernel sums the page mean in
+its own order and bucketizes by sign tests instead of ``atan2``, so a page mean within rounding of a
+bf16 tie may round to the neighbouring value, an angle within float rounding of a decision
+threshold may land in the neighbouring bin, and a value within rounding of a ``.5`` step may round
+the other way. Everything else is identical:
 
 * codes differ by at most one step (cyclically for level 1) and in a small fraction of fields;
 * radii agree to fp16 rounding, page means to one bf16 ulp, scales/zeros to one fp16 ulp;
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from .decode import interpreting
 from .layout import CodedLayout
 
 __all__ = ["encode_pages", "encode_pages_reference"]
@@ -74,18 +77,19 @@ def encode_pages(k, v, page_ids, page_lens, k_codes, k_radius, k_mean, v_codes, 
         return
     c = layout.on(k.device)
     d, p = layout.head_dim, layout.page_size
+    k = torch.matmul(k.to(torch.float32), c["key_rotation_t"])                        # [W, n, d] rotated
+    if layout.value_rotate:
+        v = torch.matmul(v.to(torch.float32), c["value_rotation_t"])
     nwk = 1 << max(0, (-(-layout.key_code_bytes // 4) - 1).bit_length())
     nwv = 1 << max(0, (-(-layout.value_code_bytes // 4) - 1).bit_length())
     vbits = layout.value_bits
     _encode_kernel[(w,)](
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_ids, page_lens,
-        k_codes, k_radius, k_mean, v_codes, v_scale, v_zero,
-        c["key_rotation_t"], c["value_rotation_t"], c["thr"],
+        k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, c["thr"],
         HEAD_DIM=d, PAGE_SIZE=p, ROWS=rows or min(p, 16), NUM_LEVELS=layout.num_levels, **layout.key_constexprs(),
         KB=layout.key_code_bytes, NWK=nwk, VBITS=vbits, VGROUP=layout.value_group if vbits != 16 else d,
         VB=layout.value_code_bytes, NVG=max(layout.num_value_groups, 1), NWV=nwv,
-        HAS_MEAN=layout.has_mean, VROT=layout.value_rotate, DOT_PREC="ieee" if interpreting() else "tf32x3",
-        num_warps=num_warps or 4)
+        HAS_MEAN=layout.has_mean, num_warps=num_warps or 4)
 
 
 def encode_pages_reference(k, v, page_ids, page_lens, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, *,

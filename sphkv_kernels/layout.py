@@ -135,8 +135,20 @@ class CodedLayout:
             out[f"LT{l + 1}"] = self.lut_offsets[l] if have else 0
         return out
 
+    def byte_lut(self) -> torch.Tensor:
+        """``[256, 2 * E]`` float32: for every byte value, (cos, sin) of the ``E = 8 / level_bits[0]``
+        level-1 centers it encodes, lowest field first (only meaningful when ``8 % level_bits[0] == 0``)."""
+        w = self.level_bits[0]
+        if 8 % w:
+            return torch.zeros(1, 2)
+        e = 8 // w
+        v = torch.arange(256)
+        codes = torch.stack([(v >> (w * t)) & ((1 << w) - 1) for t in range(e)], 1)       # [256, E]
+        cs = self.lut[:1 << w]                                                          # level 1 (cos, sin)
+        return cs[codes].reshape(256, 2 * e).to(torch.float32)
+
     def on(self, device) -> dict[str, torch.Tensor]:
-        """The constant tensors on ``device`` (cached): ``lut``, ``thr``, ``key_rotation_t`` (``R.T``),
+        """The constant tensors on ``device`` (cached): ``lut``, ``lut1`` (:meth:`byte_lut`), ``thr``, ``key_rotation_t`` (``R.T``),
         ``value_rotation_t`` (``R_v.T``, identity if values are not rotated), ``value_rotation`` (``R_v``)."""
         key = str(torch.device(device))
         if key not in self._device_cache:
@@ -144,6 +156,7 @@ class CodedLayout:
             rv = self.value_rotation if self.value_rotation is not None else eye
             self._device_cache[key] = {
                 "lut": self.lut.to(device).contiguous(),
+                "lut1": self.byte_lut().to(device).contiguous(),
                 "thr": self.thr.to(device).contiguous(),
                 "key_rotation_t": self.key_rotation.T.contiguous().to(device),
                 "value_rotation_t": rv.T.contiguous().to(device),

@@ -62,6 +62,8 @@ def _partials(cache, t, sched, q, group, device, sm_scale, with_logits):
     (97, 16, 4, "sphkv-3", 64),
     (97, 64, 4, "sphkv-4", 128),
     (54, 64, 3, "sphkv-8", 32),
+    (54, 64, 3, "sphkv-8", 64),
+    (54, 64, 3, "sphkv-4", 32),
 ])
 def test_coded_tier_matches_reference(device, seq_len, page_size, group, preset, head_dim):
     tiers = [_coded(preset, head_dim, page_size, value_group=min(64, head_dim))]

@@ -11,7 +11,7 @@ for s in $stages; do
   case $s in
     check) python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee "$OUT/check.log"
            python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>&1 | tail -1 | tee -a "$OUT/check.log" ;;
-    tests) timeout 240 python3 -m pytest -q -x tests/test_kernels_decode.py tests/test_kernels_encode.py \
+    tests) timeout 240 python3 -m pytest -q -rf tests/test_kernels_decode.py tests/test_kernels_encode.py \
              tests/test_wrappers_decode.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     decode) timeout 420 python3 benchmarks/kernels/bench_decode.py --out-dir "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -40 ;;
     e2e) timeout 240 python3 benchmarks/kernels/bench_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -8 ;;
