@@ -10,7 +10,7 @@ import torch
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier, TierSet
 from sphkv_kernels.decode import LOG2E, interpreting
-from sphkv_kernels.layout import CodedLayout
+from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import DecodeSchedule, entry_page_lens, schedule_decode
 
 from . import ops
@@ -159,6 +159,14 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             else:
                 rot.append(eye)
         present = [t for t in range(len(self._tiers)) if sched.tiers[t].num_items > 0]
+        # per tier: the Triton kernels where they support the layout, else the reference (documented);
+        # under the CPU interpreter every layout the kernels compile for runs through them
+        interp = device.type != "cuda"
+        kernel_ok = (head_dim >= 32 if interp else head_dim in KERNEL_HEAD_DIMS) and page_size >= 16
+        tier_backend = [backend if (lay is None and kernel_ok) or
+                        (lay is not None and (lay.kernel_compiles if interp else lay.kernel_supported))
+                        else "reference" for lay in self._layouts]
+        merge_backend = backend if kernel_ok else "reference"
         # one rotated-query buffer per distinct key rotation among the coded tiers present
         qrot_of, rot_keys, qrot_bufs, rts = {}, [], [], []
         for t in present:
@@ -184,6 +192,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             sched=sched, backend=backend, device=device, batch=batch, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, group=group, part_o=part_o,
             part_lse=part_lse, rotations=torch.stack(rot).contiguous(), rotate_mask=rotate_mask, present=present,
+            tier_backend=tier_backend, merge_backend=merge_backend,
             qrot_of=qrot_of, qrot_bufs=qrot_bufs, rts=rts,
             qf=torch.empty(batch, num_qo_heads, head_dim, dtype=torch.float32, device=device) if rts else None,
             logits=logits, q_data_type=q_data_type, nnz=int(indices.numel()),
@@ -226,7 +235,6 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         if len(kv_cache) != len(self._tiers):
             raise ValueError(f"kv_cache has {len(kv_cache)} tiers; the wrapper has {len(self._tiers)}")
         scale = float(sm_scale) if sm_scale is not None else d ** -0.5
-        backend = pl["backend"]
         if out is None:
             out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
         if key_mass_out is not None:
@@ -248,14 +256,14 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             if self._tiers[t].dense:
                 c = _tier_tensors(kv_cache[t], True)
                 ns.dense_decode_partial(q, c["k"], c["v"], tw.work, tw.page_ids, tw.page_lens, po, plse, lg,
-                                        pl["num_kv_heads"], scale, backend, *pl["kopts"])
+                                        pl["num_kv_heads"], scale, pl["tier_backend"][t], *pl["kopts"])
             else:
                 c = _tier_tensors(kv_cache[t], False)
                 ns.coded_decode_partial(pl["qrot_bufs"][pl["qrot_of"][t]], *(c[n] for n in _CODED_NAMES),
                                         tw.work, tw.page_ids, tw.page_lens, po, plse, lg, self._config_keys[t],
-                                        pl["num_kv_heads"], scale, backend, *pl["kopts"])
+                                        pl["num_kv_heads"], scale, pl["tier_backend"][t], *pl["kopts"])
         ns.merge_partials(po, plse, sched.slot_ptr, pl["rotations"], out, lse, pl["num_kv_heads"],
-                          pl["rotate_mask"], backend)
+                          pl["rotate_mask"], pl["merge_backend"])
         if key_mass_out is not None:
             self._key_mass(lse, key_mass_out)
         return (out, lse) if return_lse else out

@@ -6,6 +6,7 @@ import torch
 
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier
+from sphkv_kernels.layout import CodedLayout
 
 from . import ops  # noqa: F401  (registers the custom ops)
 from .decode import resolve_backend
@@ -55,6 +56,8 @@ class SphKVPageEncoder:
         pool : the tier's :class:`sphkv.pool.TierPool` (its tensors are written in place).
         """
         backend = resolve_backend(self._backend, k.device)
+        if backend == "triton" and not CodedLayout.from_config(self.tier.config).kernel_compiles:
+            backend = "reference"
         getattr(torch.ops, NAMESPACE).encode_pages(
             k, v, page_ids, page_lens, pool.k_codes, pool.k_radius, pool.k_mean, pool.v_codes, pool.v_scale,
             pool.v_zero, self._key, backend)

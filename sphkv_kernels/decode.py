@@ -119,7 +119,7 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
 
     p = layout.page_size
     b, hq, d, g = _check_common(q_rot, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
-    assert layout.kernel_supported, f"layout head_dim={layout.head_dim} page_size={p} needs the reference"
+    assert layout.kernel_compiles, f"layout head_dim={layout.head_dim} page_size={p} needs the reference"
     assert d == layout.head_dim and q_rot.dtype == torch.float32
     kb, vb, nvg = layout.key_code_bytes, layout.value_code_bytes, layout.num_value_groups
     assert k_codes.dtype == torch.uint8 and k_codes.is_contiguous() and k_codes.shape[1:] == (p, kb)

@@ -72,7 +72,7 @@ def encode_pages(k, v, page_ids, page_lens, k_codes, k_radius, k_mean, v_codes, 
     from ._encode_kernels import _encode_kernel
 
     w = _check(k, v, page_ids, page_lens, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, layout)
-    assert layout.kernel_supported, "layout needs the reference encoder"
+    assert layout.kernel_compiles, "layout needs the reference encoder"
     if w == 0:
         return
     c = layout.on(k.device)

@@ -162,3 +162,17 @@ def test_run_is_cuda_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager)
+
+
+def test_head_dim_32_routes_to_a_working_path(device):
+    """d = 32 runs the kernels under the interpreter and the reference on GPU; both match the oracle."""
+    tiers = [Tier("dense"), Tier("sphkv-4", SphKVConfig.from_name("sphkv-4", head_dim=32, page_size=16, value_group=32))]
+    cache = random_paged_cache(tiers, seq_lens=[54, 17], num_kv_heads=1, head_dim=32, page_size=16, device=device,
+                               seed=32)
+    w = _wrapper(tiers, device, "auto")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 3, 1, 32, 16,
+           page_lens=cache.page_lens, pages_per_split=2)
+    q = torch.randn(2, 3, 32, device=device)
+    out = w.run(q, cache.pools)
+    ref_out, _ = dense_oracle(q, cache, sm_scale=32 ** -0.5)
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=2e-2, rtol=2e-2)

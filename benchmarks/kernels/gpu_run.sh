@@ -14,6 +14,11 @@ for s in $stages; do
     tests) timeout 240 python3 -m pytest -q -rf tests/test_kernels_decode.py tests/test_kernels_encode.py \
              tests/test_wrappers_decode.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     decode) timeout 420 python3 benchmarks/kernels/bench_decode.py --out-dir "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -40 ;;
+    ncu) NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+         timeout 200 "$NCU" --clock-control none -k regex:decode_kernel --launch-skip 3 --launch-count 3 \
+           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+           --section MemoryWorkloadAnalysis python3 benchmarks/kernels/profile_decode.py > "$OUT/ncu.txt" 2>&1
+         grep -E "^  [a-z_]+decode_kernel|Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Warp Cycles Per Issued|Local Memory|Stall|L1/TEX Hit|Mem Busy|Max Bandwidth|Waves Per SM" "$OUT/ncu.txt" | head -80 ;;
     e2e) timeout 240 python3 benchmarks/kernels/bench_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -8 ;;
   esac
 done
