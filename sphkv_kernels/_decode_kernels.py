@@ -176,7 +176,7 @@ def _coded_decode_kernel(
             valid = n < plen
             tok = page * PAGE_SIZE + n                                   # [BLOCK_N] int64
             radius = tl.load(kr_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-            if PROFILE == 1:          # diagnostics: leave the key decode out
+            if PROFILE == 1 or PROFILE == 3:          # diagnostics: leave the key decode out
                 ue = tl.full([BLOCK_N, N1], 0.0625, tl.float32) + radius[:, None] * 0.0
                 uo = ue
             else:
@@ -221,7 +221,7 @@ def _coded_decode_kernel(
                 scx = tl.reshape(tl.broadcast_to(sc.to(tl.float32)[:, :, None], [BLOCK_N, NVG, GC]), [BLOCK_N, NBT])
                 zrx = tl.reshape(tl.broadcast_to(zr.to(tl.float32)[:, :, None], [BLOCK_N, NVG, GC]), [BLOCK_N, NBT])
                 vrow = vc_ptr + tok * VB
-                if PROFILE == 2:          # diagnostics: leave the value unpacking out
+                if PROFILE >= 2:          # diagnostics: leave the value unpacking out
                     v = zrx + scx
                     if F16_DOT:
                         v = v.to(tl.float16)

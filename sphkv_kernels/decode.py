@@ -77,7 +77,7 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
 
     Returns the compiled Triton kernel (diagnostics: ``n_regs``, ``n_spills``, ``metadata.shared``),
     or None when there is no work. ``byte_lut`` gathers level-1 (cos, sin) per code byte when level 1
-    is byte-aligned; ``profile`` 1/2 leaves the key/value decode out (timing diagnostics only:
+    is byte-aligned; ``profile`` 1/2/3 leaves the key/value/both decodes out (timing diagnostics only:
     the output is then wrong).
 
     Parameters

@@ -151,8 +151,8 @@ def flashinfer_case(batch: int, ctx: int, page_size: int):
 # -------------------------------------------------------------------------------------------------
 def tune(tier: Tier, page_size: int, batch: int, ctx: int) -> dict:
     """Time the coded-tier kernel alone under a few launch variants at one shape, report registers and
-    spills, and time two diagnostic variants that leave the key (profile=1) or value (profile=2)
-    decode out. Returns the fastest full variant's options."""
+    spills, and time diagnostic variants that leave the key (profile=1), value (2) or both (3)
+    decodes out. Returns the fastest full variant's options."""
     from sphkv_kernels import coded_decode_partial
     from sphkv_kernels.layout import CodedLayout
 
@@ -168,10 +168,9 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int) -> dict:
                 dict(block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=2),
                 dict(block_n=32, num_warps=4, num_stages=1, byte_lut=False)]
     best, results = None, []
-    for opts in variants + [None, None]:
-        if opts is None:                              # the two diagnostics, at the best options so far
-            prof = 1 if not any(r.get("profile") == 1 for r in results) else 2
-            opts = dict(best[1], profile=prof)
+    for opts in variants + [1, 2, 3]:
+        if isinstance(opts, int):                     # the diagnostics, at the best options so far
+            opts = dict(best[1], profile=opts)
         t0 = time.time()
         try:
             kern = coded_decode_partial(*args, layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5, **opts)
