@@ -46,21 +46,39 @@ def prefix_attention(q: torch.Tensor, view: PrefixView, new_k: torch.Tensor, new
 
 
 def _gather_kv(view: PrefixView, new_k: torch.Tensor, new_v: torch.Tensor, store: SphKVStore, dtype):
-    """``[Hkv, N_prefix + M, d]`` keys and values in the original domain, prefix first; + per-token pages."""
+    """Keys and values ``[Hkv, N_prefix + M, d]`` (prefix first) and the prefix tokens' pages.
+
+    Without coded pages everything stays in the original domain (bit-identical to torch_native).
+    With coded pages, attention runs in the codec's rotated domain (orthogonal, so logits are
+    unchanged): expanded keys stay rotated, the few dense keys are rotated instead, and values stay
+    in the value quantizer's storage domain — the caller rotates ``q`` and un-rotates the output.
+    Returns ``(k, v, pages, key_rotation | None, value_rotation | None)``.
+    """
+    segs = view.segments
+    rotated = bool(segs) and store.shared_rotation
+    rk = store.kcodec[segs[0].tier].rotation.to(new_k.device) if rotated else None
+    vq = store.vquant[segs[0].tier] if rotated else None
     ks, vs, pages = [], [], []
-    for s in view.segments:
+    for s in segs:
         y = store.kplanes[s.tier].expand(s.kcode.codes, s.kcode.radius, s.kcode.mean, store.P)   # rotated
-        ks.append((y @ store.kcodec[s.tier].rotation.to(y.device)).to(dtype))
-        v = store.vplanes[s.tier].expand(s.vcode.codes, s.vcode.scale, s.vcode.zero)
-        vs.append(store.vquant[s.tier].from_storage_domain(v).to(dtype))
+        v = store.vplanes[s.tier].expand(s.vcode.codes, s.vcode.scale, s.vcode.zero)            # storage domain
+        if not rotated:
+            y, v = y @ store.kcodec[s.tier].rotation.to(y.device), store.vquant[s.tier].from_storage_domain(v)
+        ks.append(y.to(dtype))
+        vs.append(v.to(dtype))
         pages.append(s.pages.repeat_interleave(store.P))
+    dense_k, dense_v = [new_k.transpose(0, 1)], [new_v.transpose(0, 1)]
     if view.dense_k is not None:
-        ks.append(view.dense_k.to(dtype))
-        vs.append(view.dense_v.to(dtype))
+        dense_k.insert(0, view.dense_k)
+        dense_v.insert(0, view.dense_v)
         pages.append(view.dense_pages)
-    ks.append(new_k.transpose(0, 1).to(dtype))
-    vs.append(new_v.transpose(0, 1).to(dtype))
-    return torch.cat(ks, 1), torch.cat(vs, 1), (torch.cat(pages) if pages else None)
+    for dk, dv in zip(dense_k, dense_v):
+        if rotated:
+            dk, dv = dk.float() @ rk.T, vq.to_storage_domain(dv.float())
+        ks.append(dk.to(dtype))
+        vs.append(dv.to(dtype))
+    return (torch.cat(ks, 1), torch.cat(vs, 1), (torch.cat(pages) if pages else None),
+            rk, (vq.rotation.to(new_k.device) if rotated and vq.rotation is not None else None))
 
 
 def reference_attention(q: torch.Tensor, view: PrefixView, new_k: torch.Tensor, new_v: torch.Tensor,
@@ -83,9 +101,11 @@ def reference_attention(q: torch.Tensor, view: PrefixView, new_k: torch.Tensor, 
     ``[M, Hq, d]`` in ``q.dtype`` (and the mass when asked).
     """
     m, hq, d = q.shape
-    k, v, pages = _gather_kv(view, new_k, new_v, store, q.dtype)                   # [Hkv, N+M, d]
+    k, v, pages, rk, rv = _gather_kv(view, new_k, new_v, store, q.dtype)           # [Hkv, N+M, d]
     n = k.shape[1] - m
     qh = q.transpose(0, 1)                                                         # [Hq, M, d]
+    if rk is not None:
+        qh = (qh.float() @ rk.T).to(q.dtype)
     if logit_cap > 0:
         raise NotImplementedError("sphkv reference attention: logit soft-capping is not supported")
     if not causal or m == 1:
@@ -97,6 +117,8 @@ def reference_attention(q: torch.Tensor, view: PrefixView, new_k: torch.Tensor, 
         is_causal, qq = False, qh
     out = scaled_dot_product_attention(qq[None], k[None], v[None], attn_mask=mask, is_causal=is_causal,
                                        scale=scale, enable_gqa=hq != k.shape[0])[0]  # [Hq, M, d]
+    if rv is not None:
+        out = (out.float() @ rv).to(q.dtype)
     out = out.transpose(0, 1)
     if not return_mass or n == 0:
         return (out, None) if return_mass else out

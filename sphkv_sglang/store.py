@@ -64,6 +64,17 @@ class PrefixView:
         return sum(s.kcode.num_tokens for s in self.segments)
 
 
+def _key_expanders(codecs, device) -> list:
+    """Fused C++ key expansion on the CPU when it builds, else the pure-torch byte-plane path."""
+    if torch.device(device).type == "cpu":
+        from .cpu_expand import FusedKeyExpander, load
+
+        module = load()
+        if module is not None:
+            return [FusedKeyExpander(c, module) for c in codecs]
+    return [KeyPlanes(c) for c in codecs]
+
+
 def plan_phys_pages(cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
                     head_dim: int) -> tuple[int, ...]:
     """Physical pages per tier so that ``Σ phys ≥ num_pages`` and bytes follow ``cfg.fractions``."""
@@ -97,8 +108,11 @@ class SphKVStore:
         self.tiers = [Tier(n, cfg.codec_config(n, head_dim)) for n in cfg.tiers]
         self.kcodec = [AngleKeyCodec(t.config) for t in self.tiers]
         self.vquant = [GroupValueQuantizer(t.config) for t in self.tiers]
-        self.kplanes = [KeyPlanes(c) for c in self.kcodec]                 # transient expansion (reference path)
+        self.kplanes = _key_expanders(self.kcodec, device)                 # transient expansion (reference path)
         self.vplanes = [ValuePlanes(v) for v in self.vquant]
+        rots = {(c.rotation.numpy().tobytes(), None if v.rotation is None else v.rotation.numpy().tobytes())
+                for c, v in zip(self.kcodec, self.vquant)}
+        self.shared_rotation = len(rots) == 1                               # attention may run rotated
         self.arenas = [[TierPool(t, n * num_kv_heads, head_dim=head_dim, page_size=self.P, device=device)
                         for _ in range(num_layers)] for t, n in zip(self.tiers, self.phys_pages)]
         shape = (num_layers, cfg.num_staging_pages, num_kv_heads, self.P, head_dim)

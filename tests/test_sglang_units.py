@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sphkv.config import PRESETS
 from sphkv.keys import AngleKeyCodec
 from sphkv.logits import logits_lut
 from sphkv_sglang.cli import SphKVArgumentError, add_sphkv_args, resolve_args
@@ -25,7 +26,7 @@ P = 8   # small pages keep the CPU tests fast
 
 # -- configuration and command line ----------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(preset="sphkv-5"), "allowed: ['sphkv-2', 'sphkv-3', 'sphkv-4', 'sphkv-8']"),
+    (dict(preset="sphkv-5"), f"allowed: {sorted(PRESETS)}"),
     (dict(budget_bytes=0), "budget_bytes=0 must be a positive"),
     (dict(budget_bytes=-5), "budget_bytes=-5"),
     (dict(page_size=12), "page_size=12 is not supported; allowed: (8, 16, 32, 64, 128, 256)"),
@@ -319,3 +320,17 @@ def test_sharers_read_the_same_pages(sglang_stack):
     assert torch.equal(va.segments[0].kcode.codes, vb.segments[0].kcode.codes)
     assert math.isclose(float(va.segments[0].kcode.radius.float().sum()),
                         float(vb.segments[0].kcode.radius.float().sum()))
+
+
+def test_fused_cpu_expansion_matches_planes():
+    from sphkv_sglang import cpu_expand
+
+    module = cpu_expand.load()
+    if module is None:
+        pytest.skip("no C++ toolchain: the server uses the pure-torch planes path")
+    for preset in ("sphkv-8", "sphkv-4", "sphkv-2"):
+        codec = _store(preset).kcodec[0]
+        code = codec.encode(torch.randn(3, 5 * P, 64) * 2 + 1)
+        want = KeyPlanes(codec).expand(code.codes, code.radius, code.mean, P)
+        got = cpu_expand.FusedKeyExpander(codec, module).expand(code.codes, code.radius, code.mean, P)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)

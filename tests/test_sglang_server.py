@@ -1,0 +1,163 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Real SGLang servers on 127.0.0.1 with the sphkv plugin (SmolLM2-135M-Instruct, CPU engine here).
+
+One sphkv server (default preset, 256 MiB KV budget) is shared by the module; the parity test starts
+a dense and a ``sphkv-8`` server side by side. Every server runs in its own process group and is
+stopped by its fixture/context manager.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("sglang")
+
+from sphkv_sglang.server_process import ServerProcess  # noqa: E402
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = ("You are a concise assistant for a travel agency. " +
+          " ".join(f"Policy {i}: answer questions about destination number {i} briefly and politely."
+                   for i in range(30)))
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    path = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
+    if not (path / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "sphkv_hf.prepare_model"], check=True, cwd=ROOT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("sphkv-server") / "server.log"
+    with ServerProcess(model_path, args=["--sphkv-budget", "256MiB", "--enable-cache-report"], log_path=log) as srv:
+        yield srv
+
+
+def _generate(url, text, n=24, **extra):
+    r = requests.post(url + "/generate", json={"text": text, "sampling_params": {
+        "max_new_tokens": n, "temperature": 0}, **extra}, timeout=300)
+    r.raise_for_status()
+    return r.json()
+
+
+def _stats(url) -> dict:
+    info = requests.get(url + "/get_server_info", timeout=60).json()
+    return info["internal_states"][0]["sphkv"]
+
+
+def test_generate_and_openai_chat(server):
+    out = _generate(server.url, "The capital of France is", n=8)
+    assert "Paris" in out["text"]
+    r = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "default", "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of Italy? One word."}]}).json()
+    assert "Rome" in r["choices"][0]["message"]["content"]
+    stats = _stats(server.url)
+    assert stats["tiers"] == ["sphkv-4", "sphkv-2"] and stats["page_size"] == 64
+
+
+def test_multi_turn_chat_reads_compressed_shared_prefix(server):
+    messages = [{"role": "system", "content": SYSTEM}]
+    before = _stats(server.url)
+    cached = []
+    for question in ("Where is destination 3?", "And destination 4?", "Thank you. Any tips?"):
+        messages.append({"role": "user", "content": question})
+        r = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+            "model": "default", "messages": messages, "max_tokens": 12, "temperature": 0}).json()
+        messages.append({"role": "assistant", "content": r["choices"][0]["message"]["content"]})
+        cached.append((r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+    after = _stats(server.url)
+    assert cached[0] >= 0 and all(c >= 512 for c in cached[1:]), cached      # the system prompt is reused
+    assert after["coded_pages_read"] - before["coded_pages_read"] > 0           # ... and read from coded pages
+    assert after["pages_coded"][0] > before["pages_coded"][0]
+
+
+def test_frontend_program_with_fork(server):
+    import sglang as sgl
+
+    @sgl.function
+    def two_facts(s, topic):
+        s += SYSTEM + "\nWrite one short fact about " + topic + ".\n"
+        forks = s.fork(2)
+        for i, f in enumerate(forks):
+            f += f"Fact {i + 1}:" + sgl.gen("fact", max_tokens=10, temperature=0)
+        s += "A: " + forks[0]["fact"] + "\nB: " + forks[1]["fact"]
+
+    backend = sgl.RuntimeEndpoint(server.url)
+    state = two_facts.run(topic="the moon", backend=backend)
+    text = state.text()
+    assert "A: " in text and "B: " in text and len(text) > len(SYSTEM)
+    states = two_facts.run_batch([{"topic": "the sun"}, {"topic": "the sea"}], backend=backend)
+    assert all("B: " in s.text() for s in states)
+
+
+def test_flush_cache_returns_every_page(server):
+    _generate(server.url, SYSTEM + "\nSay hello.", n=4)
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
+    stats = _stats(server.url)
+    assert stats["coded_pages"] == [0, 0] and stats["staging_in_use"] == 0
+    assert stats["free_phys_pages"] == stats["phys_pages"]
+
+
+def test_sphkv8_greedy_matches_dense(model_path, tmp_path):
+    """Greedy tokens of the high-precision preset against a dense bf16 server (torch_native).
+
+    Without a coded page the sphkv attention is bit-identical to torch_native, so prompts shorter
+    than a page must give identical tokens. With coded pages the outputs are not always identical:
+    measured on 5 prompts of 157-547 tokens (32 new tokens), 4 identical and one diverging after 7
+    tokens at a near-tie (sphkv-8's top-2 log-probabilities 0.125 apart). So the test asserts
+    identity for short prompts, and for long ones that any divergence happens at a near-tie: the
+    dense token is within 0.5 nats of sphkv-8's choice at the first differing position.
+    """
+    short = ["The capital of France is", "Write a short poem about the sea.\n", "1, 2, 3, 4,"]
+    long = [("The history of the city is long and complicated. " * 12) + "In summary, the city",
+            "Once upon a time, " * 30 + "the end. Then",
+            ("A long essay about machine learning and its uses. " * 20) + "Conclusion:",
+            SYSTEM + "\nUser: Where is destination 7?\nAssistant:"]
+    servers = [ServerProcess(model_path, sphkv=False, args=["--max-total-tokens", "16384"],
+                             log_path=tmp_path / "dense.log"),
+               ServerProcess(model_path, args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "192MiB"],
+                             log_path=tmp_path / "sphkv8.log")]
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(lambda s: s.start(), servers))
+        dense = [_generate(servers[0].url, p, n=32)["output_ids"] for p in short + long]
+        sph = [_generate(servers[1].url, p, n=32, return_logprob=True, top_logprobs_num=5)
+               for p in short + long]
+    finally:
+        for s in servers:
+            s.stop()
+    assert dense[:len(short)] == [o["output_ids"] for o in sph[:len(short)]]
+    identical = 0
+    for want, got in zip(dense[len(short):], sph[len(short):]):
+        ids = got["output_ids"]
+        first = next((i for i, (a, b) in enumerate(zip(want, ids)) if a != b), None)
+        if first is None:
+            identical += 1
+            continue
+        top = {tok: lp for lp, tok, _ in got["meta_info"]["output_top_logprobs"][first]}
+        assert want[first] in top and top[ids[first]] - top[want[first]] < 0.5, (first, top)
+    assert identical >= len(long) // 2
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--sphkv", "--sphkv-preset", "sphkv-5"], "--sphkv-preset: invalid choice"),
+    (["--sphkv", "--sphkv-budget", "0"], "--sphkv-budget"),
+    (["--sphkv", "--sphkv-config", '{"preset": sphkv-4}'], "not valid JSON"),
+    (["--sphkv", "--sphkv-budget", "8MiB"], "below the minimum"),
+])
+def test_bad_configuration_fails_at_startup(model_path, flags, needle):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sphkv_sglang.launch_server", "--model-path", str(model_path), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in r.stderr
