@@ -118,7 +118,9 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         key_mass : allocate what ``run(..., key_mass_out=...)`` needs.
         device : where ``run`` will compute (default: ``indices``' device).
         kernel_options : optional Triton launch overrides for the tier kernels: ``block_n``
-            (tokens per tile), ``num_warps``, ``num_stages`` (0 or absent: the launcher's default).
+            (tokens per tile), ``num_warps``, ``num_stages`` (0 or absent: the launcher's default), and
+            ``programs_per_sm`` (split-K target when ``pages_per_split`` is None; default 8: the coded
+            kernel holds 2 CTAs per SM, so fewer programs leave a wave tail — NOTES.md).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -135,8 +137,9 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             page_lens = entry_page_lens(indptr, last_page_len, page_size)
         if pages_per_split is None:
             nnz = int(indices.numel())
-            target = 2 * (torch.cuda.get_device_properties(device).multi_processor_count
-                          if device.type == "cuda" else 16)
+            per_sm = int((kernel_options or {}).get("programs_per_sm", 0)) or 8
+            target = per_sm * (torch.cuda.get_device_properties(device).multi_processor_count
+                               if device.type == "cuda" else 2)
             pages_per_split = max(1, -(-nnz // target)) if backend == "triton" else max(1, nnz)
         sched = schedule_decode(indptr, page_tiers, indices, page_lens, num_tiers=len(self._tiers),
                                 pages_per_split=pages_per_split, device=device)

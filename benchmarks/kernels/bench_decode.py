@@ -163,10 +163,9 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int) -> dict:
     lay = CodedLayout.from_pool(pool)
     qrot = (q.float() @ lay.on("cuda")["key_rotation_t"]).contiguous()
     args = (qrot, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, pl["part_o"], pl["part_lse"])
-    variants = [dict(block_n=32, num_warps=4, num_stages=1), dict(block_n=64, num_warps=4, num_stages=1),
-                dict(block_n=16, num_warps=4, num_stages=1), dict(block_n=32, num_warps=2, num_stages=1),
-                dict(block_n=32, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=2),
-                dict(block_n=32, num_warps=4, num_stages=1, byte_lut=False)]
+    variants = [dict(block_n=64, num_warps=4, num_stages=1), dict(block_n=64, num_warps=8, num_stages=1),
+                dict(block_n=128, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1),
+                dict(block_n=64, num_warps=4, num_stages=1, byte_lut=False)]
     best, results = None, []
     for opts in variants + [1, 2, 3]:
         if isinstance(opts, int):                     # the diagnostics, at the best options so far
@@ -189,7 +188,21 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int) -> dict:
             best = (us, {k: v for k, v in opts.items() if k in ("block_n", "num_warps", "num_stages")})
     del w, pool
     torch.cuda.empty_cache()
-    return {"best": best[1] if best else {}, "shape": dict(batch=batch, context=ctx), "results": results}
+    best_opts = dict(best[1]) if best else {}
+    split = []
+    for per_sm in (2, 4, 8, 16):
+        opts = dict(best_opts, programs_per_sm=per_sm)
+        w, pool, _ = ada_case(batch, ctx, tier, page_size, kernel_options=opts)
+        out = torch.empty_like(q)
+        us, _ = _time_us(lambda: w.run(q, [pool], out=out), rep_ms=100)
+        items = w._plan["sched"].tiers[0].num_items
+        split.append(dict(programs_per_sm=per_sm, programs=items, us=round(us, 1)))
+        print(f"  wrapper {opts}: {items} programs, {us:9.1f} us", flush=True)
+        del w, pool
+        torch.cuda.empty_cache()
+    best_split = min(split, key=lambda r: r["us"])["programs_per_sm"]
+    best_opts["programs_per_sm"] = best_split
+    return {"best": best_opts, "shape": dict(batch=batch, context=ctx), "results": results, "split": split}
 
 
 def sweep(args) -> dict:

@@ -111,7 +111,7 @@ def dense_attention(batch: int, ctx: int):
     return attend, "sdpa"
 
 
-def sphkv_attention(batch: int, ctx: int, preset: str):
+def sphkv_attention(batch: int, ctx: int, preset: str, kernel_options=None):
     coded = Tier(preset, SphKVConfig.from_name(preset, head_dim=D, page_size=P))
     tiers = [Tier("dense"), coded]
     rows = batch * HKV
@@ -142,7 +142,7 @@ def sphkv_attention(batch: int, ctx: int, preset: str):
     w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"), tiers=tiers)
     w.plan(indptr.cuda(), torch.tensor(indices, dtype=torch.int32, device="cuda"),
            torch.tensor(tier_ids, dtype=torch.int32, device="cuda"), torch.full((rows,), P, dtype=torch.int32, device="cuda"),
-           HQ, HKV, D, P)
+           HQ, HKV, D, P, kernel_options=kernel_options)
     recent = torch.arange(1, rows + 1, device="cuda").view(batch, HKV)
 
     def attend(i, q, k, v):
@@ -186,14 +186,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--preset", default="sphkv-4")
+    ap.add_argument("--kernel-options", type=json.loads, default=None,
+                    help='JSON, e.g. {"block_n": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 8}')
     ap.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results" / "decode_e2e.json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     t0 = time.time()
     model = Model(args.batch)
     res = dict(device=torch.cuda.get_device_name(), batch=args.batch, context=args.context, layers=LAYERS,
-               torch=torch.__version__)
-    attend, name = sphkv_attention(args.batch, args.context, args.preset)
+               torch=torch.__version__, kernel_options=args.kernel_options)
+    attend, name = sphkv_attention(args.batch, args.context, args.preset, args.kernel_options)
     ms = time_step(model, attend, args.batch)
     res["sphkv"] = dict(method=name, step_ms=round(ms, 3), tokens_per_s=round(args.batch / ms * 1e3, 1))
     print(f"{name}: {ms:.3f} ms/step, {args.batch / ms * 1e3:.1f} tokens/s", flush=True)

@@ -19,6 +19,7 @@ for s in $stages; do
            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
            --section MemoryWorkloadAnalysis python3 benchmarks/kernels/profile_decode.py > "$OUT/ncu.txt" 2>&1
          grep -E "^  [a-z_]+decode_kernel|Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Warp Cycles Per Issued|Local Memory|Stall|L1/TEX Hit|Mem Busy|Max Bandwidth|Waves Per SM" "$OUT/ncu.txt" | head -80 ;;
-    e2e) timeout 240 python3 benchmarks/kernels/bench_e2e.py --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -8 ;;
+    e2e) KO=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["tuned"]["best"]))' "$OUT/decode.json" 2>/dev/null || echo null)
+         timeout 240 python3 benchmarks/kernels/bench_e2e.py --kernel-options "$KO" --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -8 ;;
   esac
 done
