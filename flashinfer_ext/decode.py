@@ -119,8 +119,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         device : where ``run`` will compute (default: ``indices``' device).
         kernel_options : optional Triton launch overrides for the tier kernels: ``block_n``
             (tokens per tile), ``num_warps``, ``num_stages`` (0 or absent: the launcher's default), and
-            ``programs_per_sm`` (split-K target when ``pages_per_split`` is None; default 8: the coded
-            kernel holds 2 CTAs per SM, so fewer programs leave a wave tail — NOTES.md).
+            ``programs_per_sm`` (split-K target when ``pages_per_split`` is None; default 4 when a coded
+            tier is present, 2 for dense-only batches, as measured on an H100 — NOTES.md).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -137,7 +137,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             page_lens = entry_page_lens(indptr, last_page_len, page_size)
         if pages_per_split is None:
             nnz = int(indices.numel())
-            per_sm = int((kernel_options or {}).get("programs_per_sm", 0)) or 8
+            coded = any(not self._tiers[int(t)].dense for t in torch.unique(page_tiers.cpu()).tolist())
+            per_sm = int((kernel_options or {}).get("programs_per_sm", 0)) or (4 if coded else 2)
             target = per_sm * (torch.cuda.get_device_properties(device).multi_processor_count
                                if device.type == "cuda" else 2)
             pages_per_split = max(1, -(-nnz // target)) if backend == "triton" else max(1, nnz)

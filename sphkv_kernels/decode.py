@@ -137,7 +137,7 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     ve = 8 // vbits if vbits in (2, 4) else 1
     assert layout.value_group % ve == 0
     consts = layout.on(q_rot.device)
-    block_n = block_n or min(p, 32)
+    block_n = block_n or min(p, 64)
     lb1 = layout.level_bits[0]
     byte_lut = bool(byte_lut) and 8 % lb1 == 0 and (d // 2) * lb1 >= 8
     return _coded_decode_kernel[(w,)](
