@@ -176,3 +176,32 @@ def test_head_dim_32_routes_to_a_working_path(device):
     out = w.run(q, cache.pools)
     ref_out, _ = dense_oracle(q, cache, sm_scale=32 ** -0.5)
     torch.testing.assert_close(out.double().cpu(), ref_out, atol=2e-2, rtol=2e-2)
+
+
+def test_extend_reference_last_token_equals_decode(device):
+    """The extend reference's last new token attends to prefix + all new tokens: equal to a decode
+    over the prefix pages plus a dense page holding the new tokens."""
+    from sphkv_kernels.extend import extend_attention_reference
+
+    ts = TierSet.default(head_dim=64, page_size=16)
+    cache = random_paged_cache(ts.tiers, seq_lens=[40], num_kv_heads=1, head_dim=64, page_size=16, device=device,
+                               seed=9)
+    m = 5
+    q = torch.randn(m, 2, 64, device=device)
+    k_new, v_new = torch.randn(m, 1, 64, device=device), torch.randn(m, 1, 64, device=device)
+    out = extend_attention_reference(q, k_new, v_new, torch.tensor([0, m]), cache.pools, cache.indptr, cache.indices,
+                                     cache.page_tiers, cache.page_lens, num_kv_heads=1, sm_scale=0.125)
+    dense = cache.pools[0]
+    spare = TierPool(dense.tier, 1, head_dim=64, page_size=16, device=device)
+    spare.write(0, k_new[:, 0], v_new[:, 0])
+    dense_k = torch.cat([dense.k, spare.k])
+    dense_v = torch.cat([dense.v, spare.v])
+    pools = [{"k": dense_k, "v": dense_v}, cache.pools[1], cache.pools[2]]
+    nnz = cache.indices.numel()
+    w = _wrapper(ts, device, "auto")
+    w.plan(torch.tensor([0, nnz + 1], dtype=torch.int32, device=device),
+           torch.cat([cache.indices, torch.tensor([dense.num_pages], dtype=torch.int32, device=device)]),
+           torch.cat([cache.page_tiers, torch.zeros(1, dtype=torch.int32, device=device)]), None, 2, 1, 64, 16,
+           page_lens=torch.cat([cache.page_lens.cpu(), torch.tensor([m], dtype=torch.int32)]))
+    dec = w.run(q[-1:].contiguous(), pools, sm_scale=0.125)
+    torch.testing.assert_close(dec[0].float(), out[-1], atol=2e-2, rtol=2e-2)
