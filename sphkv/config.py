@@ -104,4 +104,12 @@ PRESETS: dict[str, dict] = {
     "sphkv-4": dict(angle_bits_per_coord=3.5, value_bits=4, value_group=64),
     "sphkv-3": dict(angle_bits_per_coord=2.5, value_bits=3, value_group=64),
     "sphkv-2": dict(angle_bits_per_coord=1.75, value_bits=2, value_group=64),
+    # Tuned on SmolLM2-135M (benchmarks/quality, essays 2K/4K): key error dominates the logit error, so
+    # bits move from values to keys, and level-1 angles keep >= 3 bits. Meant to run with the first
+    # tokens of each layer dense (sphkv_hf.CachePolicy(dense_sink=4)). Bits/element at 2K, all
+    # metadata and 4 sink tokens counted: 4.78 / 4.03 / 2.97 / 2.53.
+    "sphkv-5b": dict(angle_bits_per_coord=4.5, value_bits=4, value_group=64),
+    "sphkv-4b": dict(angle_bits_per_coord=4.0, value_bits=3, value_group=64),
+    "sphkv-3b": dict(angle_bits_per_coord=3.0, value_bits=2, value_group=64, page_size=128),
+    "sphkv-2b": dict(angle_bits_per_coord=2.0, value_bits=2, value_group=64),
 }

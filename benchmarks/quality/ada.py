@@ -2,12 +2,15 @@
 """ADA methods: the whole context coded as angle-code pages (logits from codes at scoring time).
 
 * ``sphkv-{8,4,3,2}`` — the presets of :data:`sphkv.config.PRESETS` as they stand.
+* ``sphkv-{5b,4b,3b,2b}`` — presets tuned on this harness (bits moved from values to keys), and
+  ``sphkv-{5b,4b,3b,2b}+sink`` the same with the first ``SINK`` = 4 tokens of every layer dense;
+  ``sphkv-2b-lo+sink`` the low end (1.5 angle bits per coordinate, 128-token pages, ~2.2 bits).
 * variants of ``sphkv-4`` / ``sphkv-3`` / ``sphkv-2`` to measure what matters:
   ``-nocenter`` (no page-mean centering), ``-uniform`` (uniform instead of Lloyd-Max codebooks for the
   higher levels), ``-fitted`` (per-level Lloyd-Max fitted to this context's own angles, online like
-  PolarQuant-R), ``-sinkpage`` (the first page of every layer kept dense bf16: attention sinks).
-* ``+sink`` — the first ``SINK`` tokens of every layer kept dense bf16 (the cache's
-  ``CachePolicy(dense_sink=SINK)``), coded pages start after them.
+  PolarQuant-R), ``+sink`` (the first ``SINK`` tokens of every layer kept dense bf16, as the cache's
+  ``CachePolicy(dense_sink=SINK)`` does; coded pages start after them), ``-sinkpage`` (the whole
+  first page dense).
 """
 from __future__ import annotations
 
@@ -71,10 +74,17 @@ def _reg(name: str, quick: bool = False, group: str = "sphkv", **kw) -> None:
     register(name, functools.partial(Ada, name=name, **kw), quick=quick, group=group)
 
 
-for _p in ("sphkv-4", "sphkv-3", "sphkv-2"):
+SINK = 4
+for _p in ("sphkv-4", "sphkv-3", "sphkv-2"):          # the core presets as they stand, and what moves them
     _reg(_p, quick=True, preset=_p)
+    _reg(f"{_p}+sink", group="sphkv+sink", preset=_p, sink=SINK)
     _reg(f"{_p}-nocenter", group="sphkv-nocenter", preset=_p, overrides={"center": "none"})
     _reg(f"{_p}-uniform", group="sphkv-uniform", preset=_p, overrides={"codebook": "uniform"})
     _reg(f"{_p}-fitted", group="sphkv-fitted", preset=_p, fitted=True)
-    _reg(f"{_p}-sink", group="sphkv-sink", preset=_p, sink=True)
+    _reg(f"{_p}-sinkpage", group="sphkv-sinkpage", preset=_p, sink=64)
+for _p in ("sphkv-5b", "sphkv-4b", "sphkv-3b", "sphkv-2b"):   # tuned presets, with and without the sinks
+    _reg(f"{_p}+sink", quick=_p != "sphkv-5b", group="sphkv-b+sink", preset=_p, sink=SINK)
+    _reg(_p, group="sphkv-b", preset=_p)
+_reg("sphkv-2b-lo+sink", group="sphkv-b+sink", preset="sphkv-2b", sink=SINK,   # the low end, ~2.2 bits
+     overrides={"level_bits": (2, 1, 1, 1, 1, 2), "page_size": 128})
 _reg("sphkv-8", group="sphkv-8", preset="sphkv-8")
