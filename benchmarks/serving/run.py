@@ -1,0 +1,261 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Serving benchmark: a dense and a sphkv SGLang server given the same KV memory.
+
+``python -m benchmarks.serving.run [--quick]`` (``make serving-quick``). For each mode it starts a
+real server on 127.0.0.1 (SmolLM2-135M-Instruct; the CPU engine on a GPU-less machine), then:
+
+1. **quality** — caches a ``context``-token essay prefix with a first request, then sends the prefix
+   plus the true ``continuation`` tokens and reads their input log-probabilities (the prefix is
+   served from the radix cache: coded pages on the sphkv server) → ``cont_logprob_mean``;
+2. **single stream** — one request, ``stream_tokens`` new tokens → ``single_stream_tok_s``;
+3. **multi-turn workload** — ``conversations`` chats of ``turns`` turns sharing one
+   ``system_tokens`` system prompt, essay passages as user turns, greedy answers of
+   ``answer_tokens``; turns are interleaved across conversations (all first turns, then all second
+   turns, ...) with ``concurrency`` requests in flight, so a conversation's history is reused only if
+   the cache kept it while the other conversations ran.
+
+The dense server gets ``--max-total-tokens dense_tokens``; the sphkv server gets
+``--sphkv-budget`` = the same bytes (``dense_tokens`` × bf16 bytes per token). Results: a JSON list
+of one record per mode (``mode``, ``max_total_num_tokens``, ``throughput_tok_s``,
+``prefix_hit_rate``, ``cont_logprob_mean``, ...) and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+
+from sphkv_sglang.server_process import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Workload:
+    conversations: int = 32
+    turns: int = 4
+    system_tokens: int = 1536
+    user_tokens: int = 384
+    answer_tokens: int = 32
+    concurrency: int = 8
+    dense_tokens: int = 12288
+    context: int = 4096
+    continuation: int = 256
+    stream_tokens: int = 128
+    max_running_requests: int = 8
+    preset: str = "sphkv-4"
+
+    def __post_init__(self):
+        for name in ("conversations", "turns", "system_tokens", "user_tokens", "answer_tokens", "concurrency",
+                     "dense_tokens", "context", "continuation", "stream_tokens", "max_running_requests"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.context + self.continuation + 64 > self.dense_tokens:
+            raise ValueError(f"context+continuation ({self.context}+{self.continuation}) must fit dense_tokens="
+                             f"{self.dense_tokens}")
+
+
+QUICK = Workload(conversations=12, turns=3, system_tokens=1024, user_tokens=256, answer_tokens=16, concurrency=4,
+                 dense_tokens=4608, context=4096, continuation=256, stream_tokens=48)
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+def _tokens(model: Path, n: int) -> tuple[object, list[int]]:
+    from transformers import AutoTokenizer
+
+    from sphkv_hf.data import load_essays
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return tok, tok(load_essays(), add_special_tokens=False)["input_ids"][:n]
+
+
+def build_inputs(w: Workload, model: Path):
+    need = w.context + w.continuation + w.system_tokens + w.conversations * w.turns * w.user_tokens
+    tok, ids = _tokens(model, need + 10)
+    ctx, cont = ids[:w.context], ids[w.context:w.context + w.continuation]
+    off = w.context + w.continuation
+    system = ("You are a careful reading assistant. Answer in one short sentence. Reference essays:\n"
+              + tok.decode(ids[off:off + w.system_tokens]))
+    off += w.system_tokens
+    users = [[f"Passage {c}.{t}: " + tok.decode(ids[off + (c * w.turns + t) * w.user_tokens:
+                                                    off + (c * w.turns + t + 1) * w.user_tokens])
+              + "\nWhat is the main point of this passage?" for t in range(w.turns)] for c in range(w.conversations)]
+    return tok, ctx, cont, system, users
+
+
+# -- measurements ---------------------------------------------------------------------------------------
+def _post(url: str, payload: dict, timeout: float = 900) -> dict:
+    r = requests.post(url + "/generate", json=payload, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def _stream(url: str, text: str, n: int) -> dict:
+    """One streamed greedy request; returns meta_info plus ``ttft`` and ``latency`` (seconds) and the text."""
+    t0 = time.perf_counter()
+    ttft, last = None, None
+    with requests.post(url + "/generate", stream=True, timeout=900, json={
+            "text": text, "stream": True,
+            "sampling_params": {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            last = json.loads(line[5:])
+    return {**last["meta_info"], "ttft": ttft, "latency": time.perf_counter() - t0, "text": last["text"]}
+
+
+def quality(url: str, ctx: list[int], cont: list[int]) -> dict:
+    requests.post(url + "/flush_cache", timeout=60)
+    _post(url, {"input_ids": ctx, "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
+    out = _post(url, {"input_ids": ctx + cont, "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+                      "return_logprob": True, "logprob_start_len": len(ctx)})
+    lps = [x[0] for x in out["meta_info"]["input_token_logprobs"] if x[0] is not None][-len(cont):]
+    return {"cont_logprob_mean": statistics.fmean(lps), "cont_tokens": len(lps),
+            "cont_cached_tokens": out["meta_info"]["cached_tokens"]}
+
+
+def single_stream(url: str, n: int) -> float:
+    out = _stream(url, "Write a long story about a lighthouse keeper and the sea.", n)
+    return out["completion_tokens"] / max(out["latency"] - out["ttft"], 1e-9)
+
+
+def workload(url: str, tok, system: str, users: list[list[str]], w: Workload) -> dict:
+    requests.post(url + "/flush_cache", timeout=60)
+    history = [[{"role": "system", "content": system}] for _ in users]
+    records = []
+
+    def one(c: int, t: int) -> dict:
+        msgs = history[c] + [{"role": "user", "content": users[c][t]}]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        rec = _stream(url, text, w.answer_tokens)
+        history[c] = msgs + [{"role": "assistant", "content": rec["text"]}]
+        return rec
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(w.concurrency) as ex:
+        for t in range(w.turns):                                   # turn-major: conversations interleave
+            records += list(ex.map(lambda c: one(c, t), range(len(users))))
+    wall = time.perf_counter() - t0
+    prompt = sum(r["prompt_tokens"] for r in records)
+    cached = sum(r["cached_tokens"] for r in records)
+    out = sum(r["completion_tokens"] for r in records)
+    ttfts = sorted(r["ttft"] for r in records)
+    return {"requests": len(records), "wall_s": wall, "throughput_tok_s": out / wall,
+            "total_throughput_tok_s": (prompt + out) / wall, "prompt_tokens": prompt, "cached_tokens": cached,
+            "prefix_hit_rate": cached / max(prompt, 1), "ttft_mean_s": statistics.fmean(ttfts),
+            "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))],
+            "retractions": sum(r.get("num_retractions", 0) or 0 for r in records)}
+
+
+def server_state(url: str) -> dict:
+    state = requests.get(url + "/get_server_info", timeout=60).json()["internal_states"][0]
+    return {"max_total_num_tokens": state["memory_usage"]["token_capacity"],
+            "kv_cache_gb": state["memory_usage"]["kvcache"], "sphkv": state.get("sphkv")}
+
+
+def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir: Path) -> dict:
+    tok, ctx, cont, system, users = inputs
+    common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report"]
+    if mode == "dense":
+        srv = ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
+                            log_path=logdir / "dense.log")
+    else:
+        srv = ServerProcess(model, args=["--sphkv-preset", w.preset, "--sphkv-budget", str(kv_bytes), *common],
+                            log_path=logdir / "sphkv.log")
+    with srv:
+        rec = {"mode": mode, "start_s": srv.start_seconds, "kv_budget_bytes": kv_bytes}
+        rec.update(server_state(srv.url))
+        print(f"[{mode}] up in {srv.start_seconds:.0f} s, max_total_num_tokens={rec['max_total_num_tokens']}",
+              flush=True)
+        rec.update(quality(srv.url, ctx, cont))
+        rec["single_stream_tok_s"] = single_stream(srv.url, w.stream_tokens)
+        rec.update(workload(srv.url, tok, system, users, w))
+        end = server_state(srv.url)
+        rec["sphkv_stats"] = end["sphkv"]
+        if end["sphkv"]:
+            rec["tokens_resident"] = end["sphkv"].get("tree_tokens")
+            rec["pages_demoted"] = end["sphkv"].get("pages_demoted")
+        print(f"[{mode}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in rec.items() if k != "sphkv_stats" and k != "sphkv"), flush=True)
+    rec.pop("sphkv", None)
+    return rec
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("max_total_num_tokens", "tokens in the same KV memory"), ("throughput_tok_s", "output tokens / s"),
+            ("prefix_hit_rate", "prefix hit rate"), ("ttft_mean_s", "mean TTFT (s)"),
+            ("single_stream_tok_s", "one stream, tokens / s"), ("cont_logprob_mean", "continuation mean logprob")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
+    for ax, (k, title) in zip(axes, keys):
+        vals = [r[k] for r in records]
+        ax.bar([r["mode"] for r in records], vals, color=["#888888", "#2a7ab0"][:len(records)])
+        ax.set_title(title, fontsize=9)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small workload, under 10 minutes on 2 CPU cores")
+    ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--modes", default="dense,sphkv")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a Workload field, e.g. --set conversations=8")
+    args = ap.parse_args(argv)
+    w = QUICK if args.quick else Workload()
+    for item in args.set:
+        key, _, val = item.partition("=")
+        w = Workload(**{**asdict(w), key: type(getattr(w, key))(val)})
+    if not (args.model / "config.json").is_file():
+        import subprocess
+        subprocess.run([sys.executable, "-m", "sphkv_hf.prepare_model"], check=True, cwd=ROOT)
+    out = args.out or RESULTS / ("serving-quick.json" if args.quick else "serving.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hf = json.loads((args.model / "config.json").read_text())
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    kv_bytes = w.dense_tokens * hf["num_hidden_layers"] * hf["num_key_value_heads"] * head_dim * 2 * 2
+    inputs = build_inputs(w, args.model)
+    logdir = out.parent / (out.stem + "-logs")
+    logdir.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    records = [run_mode(m, w, args.model, inputs, kv_bytes, logdir) for m in args.modes.split(",")]
+    by = {r["mode"]: r for r in records}
+    if "dense" in by and "sphkv" in by:
+        d, s = by["dense"], by["sphkv"]
+        s["vs_dense"] = {"capacity_x": s["max_total_num_tokens"] / d["max_total_num_tokens"],
+                         "throughput_x": s["throughput_tok_s"] / d["throughput_tok_s"],
+                         "prefix_hit_rate_delta": s["prefix_hit_rate"] - d["prefix_hit_rate"],
+                         "cont_logprob_rel_diff": abs(s["cont_logprob_mean"] - d["cont_logprob_mean"])
+                         / abs(d["cont_logprob_mean"])}
+    for r in records:
+        r["workload"] = asdict(w)
+        r["device"] = "cpu" if not Path("/dev/nvidia0").exists() else "cuda"
+    total = time.perf_counter() - t0
+    out.write_text(json.dumps(records, indent=2) + "\n")
+    plot(records, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {total:.0f} s")
+    if "sphkv" in by and "vs_dense" in by["sphkv"]:
+        print("sphkv vs dense:", json.dumps(by["sphkv"]["vs_dense"]))
+    return records
+
+
+if __name__ == "__main__":
+    main()
