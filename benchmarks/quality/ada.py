@@ -5,12 +5,12 @@
 * ``sphkv-{5b,4b,3b,2b}`` — presets tuned on this harness (bits moved from values to keys), and
   ``sphkv-{5b,4b,3b,2b}+sink`` the same with the first ``SINK`` = 4 tokens of every layer dense;
   ``sphkv-2b-lo+sink`` the low end (1.5 angle bits per coordinate, 128-token pages, ~2.2 bits).
-* variants of ``sphkv-4`` / ``sphkv-3`` / ``sphkv-2`` to measure what matters:
-  ``-nocenter`` (no page-mean centering), ``-uniform`` (uniform instead of Lloyd-Max codebooks for the
-  higher levels), ``-fitted`` (per-level Lloyd-Max fitted to this context's own angles, online like
-  PolarQuant-R), ``+sink`` (the first ``SINK`` tokens of every layer kept dense bf16, as the cache's
-  ``CachePolicy(dense_sink=SINK)`` does; coded pages start after them), ``-sinkpage`` (the whole
-  first page dense).
+* variants to measure what matters: ``-nocenter`` (no page-mean centering) and ``+sink`` (the first
+  ``SINK`` tokens of every layer kept dense bf16, as the cache's ``CachePolicy(dense_sink=SINK)``
+  does; coded pages start after them) on the three core presets; on ``sphkv-4`` also ``-uniform``
+  (uniform instead of Lloyd-Max codebooks for the higher levels), ``-fitted`` (per-level Lloyd-Max
+  fitted to this context's own angles, online like PolarQuant-R) and ``-sinkpage`` (the whole first
+  page dense); ``sphkv-4b`` without the sinks.
 """
 from __future__ import annotations
 
@@ -79,12 +79,12 @@ for _p in ("sphkv-4", "sphkv-3", "sphkv-2"):          # the core presets as they
     _reg(_p, quick=True, preset=_p)
     _reg(f"{_p}+sink", group="sphkv+sink", preset=_p, sink=SINK)
     _reg(f"{_p}-nocenter", group="sphkv-nocenter", preset=_p, overrides={"center": "none"})
-    _reg(f"{_p}-uniform", group="sphkv-uniform", preset=_p, overrides={"codebook": "uniform"})
-    _reg(f"{_p}-fitted", group="sphkv-fitted", preset=_p, fitted=True)
-    _reg(f"{_p}-sinkpage", group="sphkv-sinkpage", preset=_p, sink=64)
-for _p in ("sphkv-5b", "sphkv-4b", "sphkv-3b", "sphkv-2b"):   # tuned presets, with and without the sinks
+_reg("sphkv-4-uniform", group="sphkv-4 variants", preset="sphkv-4", overrides={"codebook": "uniform"})
+_reg("sphkv-4-fitted", group="sphkv-4 variants", preset="sphkv-4", fitted=True)
+_reg("sphkv-4-sinkpage", group="sphkv-4 variants", preset="sphkv-4", sink=64)
+for _p in ("sphkv-5b", "sphkv-4b", "sphkv-3b", "sphkv-2b"):   # tuned presets, with the sinks
     _reg(f"{_p}+sink", quick=_p != "sphkv-5b", group="sphkv-b+sink", preset=_p, sink=SINK)
-    _reg(_p, group="sphkv-b", preset=_p)
 _reg("sphkv-2b-lo+sink", group="sphkv-b+sink", preset="sphkv-2b", sink=SINK,   # the low end, ~2.2 bits
      overrides={"level_bits": (2, 1, 1, 1, 1, 2), "page_size": 128})
+_reg("sphkv-4b", group="sphkv-4 variants", preset="sphkv-4b")                 # tuned, without the sinks
 _reg("sphkv-8", group="sphkv-8", preset="sphkv-8")

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["markdown_table", "rate_distortion_plot"]
+__all__ = ["markdown_table", "rate_distortion_plot", "target_check"]
+
+ADA_GROUP = "sphkv-b+sink"          # the tuned ADA curve the targets are checked on
+BASELINE_GROUPS = ("kivi", "turbo", "polarquant", "streamingllm", "snapkv", "pyramidkv", "h2o")
 
 _COLS = [("method", "{}"), ("context", "{}"), ("bits_per_element", "{:.3f}"), ("nll", "{:.4f}"),
          ("nll_delta_pct", "{:+.2f}"), ("needle_hit_rate", "{:.2f}"), ("answer_nll", "{:.2f}"),
@@ -53,3 +56,42 @@ def rate_distortion_plot(rows: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of sorted ``(bits, value)`` points at ``x`` (None outside their range)."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def target_check(rows: list[dict], group: str = ADA_GROUP) -> str:
+    """The issue's targets, checked on the ``group`` ADA curve, as markdown lines (pass/fail with numbers)."""
+    out = [f"Targets, checked on the `{group}` rows:\n"]
+    for ctx in sorted({r["context"] for r in rows}):
+        rs = [r for r in rows if r["context"] == ctx]
+        full = next((r for r in rs if r["method"] == "full"), None)
+        ada = sorted((r for r in rs if r.get("group") == group), key=lambda r: r["bits_per_element"])
+        if full is None or not ada:
+            continue
+        for limit, tol, needle in ((4.5, 1.0, True), (3.0, 3.0, False)):
+            ok = [r for r in ada if r["bits_per_element"] <= limit]
+            best = min(ok, key=lambda r: r["nll_delta_pct"], default=None)
+            if best is None:
+                out.append(f"- {ctx}: no ADA row at <= {limit} bits\n")
+                continue
+            passed = best["nll_delta_pct"] <= tol and (not needle or best["needle_hit_rate"] >= full["needle_hit_rate"])
+            extra = f", needle {best['needle_hit_rate']:.2f} vs full {full['needle_hit_rate']:.2f}" if needle else ""
+            out.append(f"- {ctx}, <= {limit} bits: {'PASS' if passed else 'MISS'} — {best['method']} "
+                       f"{best['bits_per_element']:.3f} b/elem, NLL {best['nll_delta_pct']:+.2f}% (target <= +{tol}%){extra}\n")
+        pts = [(r["bits_per_element"], r["nll_delta_pct"]) for r in ada]
+        for r in sorted(rs, key=lambda r: r["bits_per_element"]):
+            if r.get("group") not in BASELINE_GROUPS or not 2.0 <= r["bits_per_element"] <= 5.0:
+                continue
+            a = _interp(pts, r["bits_per_element"])
+            verdict = "no ADA point at these bits" if a is None else ("ADA lower" if a < r["nll_delta_pct"] else "ADA NOT lower")
+            a_txt = "–" if a is None else f"{a:+.2f}%"
+            out.append(f"- {ctx}, matched {r['bits_per_element']:.3f} b/elem: {r['method']} {r['nll_delta_pct']:+.2f}% "
+                       f"vs ADA (interpolated) {a_txt}: {verdict}\n")
+    return "".join(out)
