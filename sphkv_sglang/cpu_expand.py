@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Optional fused C++ expansion of coded keys for the CPU server (same result as :class:`.planes.KeyPlanes`).
+"""Optional fused C++ expansion of coded keys and values for the CPU server (same results as
+:class:`.planes.KeyPlanes` / :class:`.planes.ValuePlanes`).
 
 Eager PyTorch spends most of a CPU decode step extracting the 63 packed angle fields of every
 prefix key and running the polar recurrence through many small tensor ops. This module compiles
@@ -20,7 +21,7 @@ import threading
 
 import torch
 
-__all__ = ["load", "FusedKeyExpander"]
+__all__ = ["load", "FusedKeyExpander", "FusedValueExpander"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,31 @@ torch::Tensor expand_keys(torch::Tensor codes, torch::Tensor radius, torch::Tens
   }
   return out;
 }
+
+// codes [T, nbytes] uint8 with d fields of `bits` bits, scale/zero [T, d/group] float32 -> [T, d] float32.
+torch::Tensor expand_values(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                            int64_t bits, int64_t group, int64_t d) {
+  const int64_t T = codes.size(0), nbytes = codes.size(1), G = scale.size(1);
+  auto out = torch::empty({T, d}, torch::kFloat32);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* row = cp + t * nbytes;
+    float* o = op + t * d;
+    int64_t bit = 0;
+    for (int64_t i = 0; i < d; ++i, bit += bits) {
+      const int64_t byte = bit >> 3, sh = bit & 7;
+      uint32_t word = row[byte];
+      if (byte + 1 < nbytes) word |= uint32_t(row[byte + 1]) << 8;
+      const int64_t g = i / group;
+      o[i] = zp[t * G + g] + float((word >> sh) & mask) * sp[t * G + g];
+    }
+  }
+  return out;
+}
 """
 
 _lock = threading.Lock()
@@ -101,7 +127,7 @@ def load():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _module = load_inline(name="sphkv_cpu_expand_v1", cpp_sources=_SOURCE, functions=["expand_keys"],
+            _module = load_inline(name="sphkv_cpu_expand_v2", cpp_sources=_SOURCE, functions=["expand_keys", "expand_values"],
                                   extra_cflags=["-O3"], verbose=False)
             logger.info("sphkv: fused CPU key expansion compiled/loaded")
         except Exception as e:                                   # no compiler, no headers, build error
@@ -127,7 +153,7 @@ class FusedKeyExpander:
     def expand(self, codes: torch.Tensor, radius: torch.Tensor, mean: torch.Tensor | None,
                page_size: int) -> torch.Tensor:
         h, n, nbytes = codes.shape
-        d = self.cos_sin.shape[1] and int(self.sizes[0]) * 2
+        d = int(self.sizes[0]) * 2
         if mean is None:
             mean = torch.zeros(h, max(1, n // page_size), d)
         out = self.module.expand_keys(codes.reshape(h * n, nbytes).contiguous(),
@@ -135,3 +161,21 @@ class FusedKeyExpander:
                                       mean.reshape(-1, d).to(torch.float32).contiguous(),
                                       self.cos_sin, self.widths, self.sizes, page_size)
         return out.view(h, n, d)
+
+
+class FusedValueExpander:
+    """Same interface as :class:`.planes.ValuePlanes` ``.expand``, backed by the C++ loop."""
+
+    def __init__(self, vquant, module):
+        self.vquant, self.module = vquant, module
+
+    def expand(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        cfg = self.vquant.config
+        if cfg.value_bits == 16:
+            return codes.view(torch.bfloat16).to(torch.float32)
+        h, n, nbytes = codes.shape
+        out = self.module.expand_values(codes.reshape(h * n, nbytes).contiguous(),
+                                        scale.reshape(h * n, -1).to(torch.float32).contiguous(),
+                                        zero.reshape(h * n, -1).to(torch.float32).contiguous(),
+                                        cfg.value_bits, cfg.value_group, cfg.head_dim)
+        return out.view(h, n, cfg.head_dim)

@@ -8,7 +8,7 @@ lands every device uses the reference below and says so once in the log.
 
 The reference expands a request's coded pages transiently (:mod:`.planes`, per layer, freed at
 once), maps them back from the rotated domain, and runs one ``scaled_dot_product_attention`` over
-``[coded prefix | staged prefix | new tokens]`` in the model dtype — the same kernel and the same
+``[coded prefix | staged prefix | new tokens]`` in the model dtype when no page is coded — the same kernel and
 key order SGLang's ``torch_native`` backend uses, so a request with no coded page gets bit-identical
 attention to a dense server. The attention mass each prefix page receives (RDR's utility signal) is
 measured on the last ``mass_window`` queries of the call (all of them in decode).
@@ -101,33 +101,48 @@ def reference_attention(q: torch.Tensor, view: PrefixView, new_k: torch.Tensor, 
     ``[M, Hq, d]`` in ``q.dtype`` (and the mass when asked).
     """
     m, hq, d = q.shape
-    k, v, pages, rk, rv = _gather_kv(view, new_k, new_v, store, q.dtype)           # [Hkv, N+M, d]
+    # Coded prefix: float32 (exact expansion, and faster than bf16 SDPA on CPUs without bf16 units);
+    # otherwise the model dtype, exactly as torch_native.
+    dtype = torch.float32 if view.segments else q.dtype
+    k, v, pages, rk, rv = _gather_kv(view, new_k, new_v, store, dtype)             # [Hkv, N+M, d]
     n = k.shape[1] - m
-    qh = q.transpose(0, 1)                                                         # [Hq, M, d]
+    qh = q.transpose(0, 1).to(dtype)                                               # [Hq, M, d]
     if rk is not None:
-        qh = (qh.float() @ rk.T).to(q.dtype)
+        qh = qh @ rk.T
     if logit_cap > 0:
         raise NotImplementedError("sphkv reference attention: logit soft-capping is not supported")
-    if not causal or m == 1:
-        mask, is_causal, qq = None, False, qh
-    elif n == 0:
-        mask, is_causal, qq = None, True, qh
+    hkv = k.shape[0]
+    g = hq // hkv
+    if m == 1 and dtype == torch.float32:          # decode over coded pages: explicit softmax, mass for free
+        p = torch.softmax((qh.reshape(hkv, g, d) @ k.transpose(-1, -2)) * scale, -1)    # [Hkv, G, N+1]
+        out = (p @ v).reshape(hq, 1, d)
+        mass = p[..., :n].sum((0, 1)) if return_mass and n else None
     else:
-        mask = torch.ones(m, n + m, dtype=torch.bool, device=q.device).tril(n)   # row i sees keys <= n + i
-        is_causal, qq = False, qh
-    out = scaled_dot_product_attention(qq[None], k[None], v[None], attn_mask=mask, is_causal=is_causal,
-                                       scale=scale, enable_gqa=hq != k.shape[0])[0]  # [Hq, M, d]
+        if not causal or m == 1:
+            mask, is_causal = None, False
+        elif n == 0:
+            mask, is_causal = None, True
+        else:
+            mask, is_causal = torch.ones(m, n + m, dtype=torch.bool, device=q.device).tril(n), False  # i sees <= n+i
+        out = scaled_dot_product_attention(qh[None], k[None], v[None], attn_mask=mask, is_causal=is_causal,
+                                           scale=scale, enable_gqa=hq != hkv)[0]         # [Hq, M, d]
+        mass = _window_mass(qh, k, n, scale, causal, mass_window) if return_mass and n else None
     if rv is not None:
-        out = (out.float() @ rv).to(q.dtype)
-    out = out.transpose(0, 1)
-    if not return_mass or n == 0:
-        return (out, None) if return_mass else out
-    w = min(m, mass_window)
-    g = hq // k.shape[0]
-    qw = qh[:, m - w:].float().reshape(k.shape[0], g * w, d)                      # [Hkv, G*w, d]
+        out = out @ rv
+    out = out.transpose(0, 1).to(q.dtype)
+    if not return_mass:
+        return out
+    return out, (None if mass is None else (pages, mass))
+
+
+def _window_mass(qh: torch.Tensor, k: torch.Tensor, n: int, scale: float, causal: bool, window: int) -> torch.Tensor:
+    """Attention mass ``[n]`` the prefix keys get from the last ``window`` queries (summed over heads)."""
+    hq, m, d = qh.shape
+    hkv = k.shape[0]
+    g, w = hq // hkv, min(m, window)
+    qw = qh[:, m - w:].float().reshape(hkv, g * w, d)                              # [Hkv, G*w, d]
     s = (qw @ k.float().transpose(-1, -2)) * scale                                 # [Hkv, G*w, N+M]
     if causal:
-        rows = (n + m - w + torch.arange(w, device=q.device)).repeat(g)
-        s = s.masked_fill(torch.arange(n + m, device=q.device)[None, :] > rows[:, None], float("-inf"))
-    mass = torch.softmax(s, -1)[..., :n].sum((0, 1))                               # [N]
-    return out, (pages, mass)
+        rows = (n + m - w + torch.arange(w, device=qh.device)).repeat(g)
+        s = s.masked_fill(torch.arange(n + m, device=qh.device)[None, :] > rows[:, None], float("-inf"))
+    return torch.softmax(s, -1)[..., :n].sum((0, 1))

@@ -64,15 +64,15 @@ class PrefixView:
         return sum(s.kcode.num_tokens for s in self.segments)
 
 
-def _key_expanders(codecs, device) -> list:
-    """Fused C++ key expansion on the CPU when it builds, else the pure-torch byte-plane path."""
+def _expanders(codecs, vquants, device) -> tuple[list, list]:
+    """Fused C++ expansion on the CPU when it builds, else the pure-torch byte-plane path."""
     if torch.device(device).type == "cpu":
-        from .cpu_expand import FusedKeyExpander, load
+        from .cpu_expand import FusedKeyExpander, FusedValueExpander, load
 
         module = load()
         if module is not None:
-            return [FusedKeyExpander(c, module) for c in codecs]
-    return [KeyPlanes(c) for c in codecs]
+            return [FusedKeyExpander(c, module) for c in codecs], [FusedValueExpander(v, module) for v in vquants]
+    return [KeyPlanes(c) for c in codecs], [ValuePlanes(v) for v in vquants]
 
 
 def plan_phys_pages(cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
@@ -108,8 +108,7 @@ class SphKVStore:
         self.tiers = [Tier(n, cfg.codec_config(n, head_dim)) for n in cfg.tiers]
         self.kcodec = [AngleKeyCodec(t.config) for t in self.tiers]
         self.vquant = [GroupValueQuantizer(t.config) for t in self.tiers]
-        self.kplanes = _key_expanders(self.kcodec, device)                 # transient expansion (reference path)
-        self.vplanes = [ValuePlanes(v) for v in self.vquant]
+        self.kplanes, self.vplanes = _expanders(self.kcodec, self.vquant, device)   # transient expansion
         rots = {(c.rotation.numpy().tobytes(), None if v.rotation is None else v.rotation.numpy().tobytes())
                 for c, v in zip(self.kcodec, self.vquant)}
         self.shared_rotation = len(rots) == 1                               # attention may run rotated

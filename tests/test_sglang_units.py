@@ -17,7 +17,7 @@ from sphkv.logits import logits_lut
 from sphkv_sglang.cli import SphKVArgumentError, add_sphkv_args, resolve_args
 from sphkv_sglang.config import RETENTION_POLICIES_HINT, SphKVServeConfig, parse_bytes
 from sphkv_sglang.page_table import PageTable, PageTableError
-from sphkv_sglang.planes import KeyPlanes
+from sphkv_sglang.planes import KeyPlanes, ValuePlanes
 from sphkv_sglang.reference import reference_attention
 from sphkv_sglang.store import SphKVStore
 
@@ -334,3 +334,7 @@ def test_fused_cpu_expansion_matches_planes():
         want = KeyPlanes(codec).expand(code.codes, code.radius, code.mean, P)
         got = cpu_expand.FusedKeyExpander(codec, module).expand(code.codes, code.radius, code.mean, P)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+        vq = _store(preset).vquant[0]
+        vcode = vq.encode(torch.randn(3, 5 * P, 64))
+        torch.testing.assert_close(cpu_expand.FusedValueExpander(vq, module).expand(vcode.codes, vcode.scale, vcode.zero),
+                                   ValuePlanes(vq).expand(vcode.codes, vcode.scale, vcode.zero), rtol=1e-6, atol=1e-5)
