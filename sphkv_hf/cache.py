@@ -80,6 +80,9 @@ class SphKVLayer(CacheLayerMixin):
         self.observed_queries: torch.Tensor | None = None   # [B, Hq, W, d] float32
         self._pending = False
         self._sink_done = bool(self.segments)
+        # optional ``hook(layer, masses)`` after each attention: the key mass per segment slot and tail
+        # token (see ``segment_attention(return_key_mass=True)``); used by decode-time RDR re-planning
+        self.key_mass_hook = None
 
     # -- transformers layer API --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -121,7 +124,12 @@ class SphKVLayer(CacheLayerMixin):
         """Queries ``[B, Hq, M, d]`` (the tail's last ``M`` tokens) → ``[B, Hq, M, d]`` float32; then roll pages."""
         if not self._pending:
             raise RuntimeError("attend() without a preceding update() for this layer")
-        out = segment_attention(query, self.segments, self.tail_k, self.tail_v, scale=scale)
+        if self.key_mass_hook is None:
+            out = segment_attention(query, self.segments, self.tail_k, self.tail_v, scale=scale)
+        else:
+            out, masses = segment_attention(query, self.segments, self.tail_k, self.tail_v, scale=scale,
+                                            return_key_mass=True)
+            self.key_mass_hook(self, masses)
         self._pending = False
         w = self.policy.observe_window
         if w:

@@ -13,7 +13,8 @@
 Rows: one per (method, context) with ``method``, ``group``, ``bits_per_element``, ``context``,
 ``nll``, ``nll_delta_pct``, ``needle_hit_rate``, ``needle_hits``, ``answer_nll`` (mean over depths of
 the summed answer NLL, nats), ``answer_nll_per_depth``, ``logit_rel_err``, ``kl``,
-``layer_attn_rel_err``, ``budget_fraction`` and ``seconds``. See :mod:`benchmarks.quality.tasks`.
+``layer_attn_rel_err``, ``budget_fraction`` and ``seconds``, plus whatever a method's optional
+``extra_row()`` returns (e.g. RDR's ``metadata_overhead_pct``). See :mod:`benchmarks.quality.tasks`.
 Methods are registered in :mod:`benchmarks.quality.methods` (interface documented there).
 """
 from __future__ import annotations
@@ -73,7 +74,8 @@ def _row(name, entry, method, ctx_len, res, ref, secs) -> dict:
             "nll_delta_pct": 100.0 * (res.nll - ref.nll) / ref.nll,
             "needle_hit_rate": sum(res.needle_hits) / len(res.needle_hits), "needle_hits": res.needle_hits,
             "answer_nll": sum(res.answer_nll) / len(res.answer_nll), "answer_nll_per_depth": res.answer_nll,
-            **fidelity(ref, res), "budget_fraction": method.budget_fraction, "seconds": round(secs, 1)}
+            **fidelity(ref, res), "budget_fraction": method.budget_fraction, "seconds": round(secs, 1),
+            **(method.extra_row() if hasattr(method, "extra_row") else {})}
 
 
 def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path, progress: bool = True) -> list[dict]:
