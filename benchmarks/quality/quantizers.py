@@ -133,7 +133,8 @@ class PolarWu:
         x, y = kf[..., : d // 2], kf[..., d // 2:]                  # RoPE pairs of the rotate-half layout
         r, phi = torch.sqrt(x * x + y * y), torch.remainder(torch.atan2(y, x), 2 * math.pi)
         pad = -n % self.group
-        grp = lambda t: torch.nn.functional.pad(t, (0, 0, 0, pad), mode="replicate").unflatten(-2, (-1, self.group))  # noqa: E731
+        def grp(t):                                                  # [.., n, d/2] → [.., groups, G, d/2]
+            return torch.nn.functional.pad(t, (0, 0, 0, pad), mode="replicate").unflatten(-2, (-1, self.group))
         rq = _mid_quant(grp(r), self.bits, -2).flatten(-3, -2)[..., :n, :]
         pq = _mid_quant(grp(phi), self.bits, -2).flatten(-3, -2)[..., :n, :]
         return torch.cat([rq * torch.cos(pq), rq * torch.sin(pq)], -1)

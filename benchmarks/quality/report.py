@@ -84,13 +84,15 @@ def target_check(rows: list[dict], group: str = ADA_GROUP) -> str:
             passed = best["nll_delta_pct"] <= tol and (not needle or best["needle_hit_rate"] >= full["needle_hit_rate"])
             extra = f", needle {best['needle_hit_rate']:.2f} vs full {full['needle_hit_rate']:.2f}" if needle else ""
             out.append(f"- {ctx}, <= {limit} bits: {'PASS' if passed else 'MISS'} — {best['method']} "
-                       f"{best['bits_per_element']:.3f} b/elem, NLL {best['nll_delta_pct']:+.2f}% (target <= +{tol}%){extra}\n")
+                       f"{best['bits_per_element']:.3f} b/elem, NLL {best['nll_delta_pct']:+.2f}% "
+                       f"(target <= +{tol}%){extra}\n")
         pts = [(r["bits_per_element"], r["nll_delta_pct"]) for r in ada]
         for r in sorted(rs, key=lambda r: r["bits_per_element"]):
             if r.get("group") not in BASELINE_GROUPS or not 2.0 <= r["bits_per_element"] <= 5.0:
                 continue
             a = _interp(pts, r["bits_per_element"])
-            verdict = "no ADA point at these bits" if a is None else ("ADA lower" if a < r["nll_delta_pct"] else "ADA NOT lower")
+            verdict = ("no ADA point at these bits" if a is None
+                       else "ADA lower" if a < r["nll_delta_pct"] else "ADA NOT lower")
             a_txt = "–" if a is None else f"{a:+.2f}%"
             out.append(f"- {ctx}, matched {r['bits_per_element']:.3f} b/elem: {r['method']} {r['nll_delta_pct']:+.2f}% "
                        f"vs ADA (interpolated) {a_txt}: {verdict}\n")

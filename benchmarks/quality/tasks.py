@@ -84,7 +84,8 @@ class ContextTask:
         if prefix is None:
             cache = SphKVCache(None, policy=policy)
         else:
-            segs = [[DenseSegment.build(k[..., :start, :], v[..., :start, :])] for k, v in zip(prefix.keys, prefix.values)]
+            segs = [[DenseSegment.build(k[..., :start, :], v[..., :start, :])]
+                    for k, v in zip(prefix.keys, prefix.values)]
             cache = SphKVCache.from_prefix(segs, start, policy=policy)
         pos = torch.arange(start, start + ids.shape[-1])[None]
         self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
