@@ -73,7 +73,12 @@ class SphKVServeConfig:
         ``max_running_requests + 2``.
     retention : node utility policy of the radix cache, one of ``retention.POLICIES``.
     track_mass : accumulate per-page attention mass (RDR's utility signal) during attention.
-    rotation_seed, nonfinite : passed to every tier's :class:`sphkv.SphKVConfig`.
+    rotation_seed : passed to every tier's :class:`sphkv.SphKVConfig`.
+    nonfinite : what a NaN/Inf key or value row written to the pool does, passed to every tier's
+        :class:`sphkv.SphKVConfig`: ``"zero"`` (default) zeroes the row, codes the page and counts it
+        in ``nonfinite_rows`` — other tokens' pages are untouched and the server keeps serving;
+        ``"raise"`` raises :class:`sphkv.validation.NonFiniteError` naming the layer, which SGLang
+        treats as a fatal scheduler error (the server exits) — for debugging a model.
 
     Examples
     --------
@@ -94,7 +99,7 @@ class SphKVServeConfig:
     retention: str = "reuse"
     track_mass: bool = True
     rotation_seed: int = 0
-    nonfinite: str = "raise"
+    nonfinite: str = "zero"
 
     def __post_init__(self) -> None:
         presets = sorted(PRESETS)

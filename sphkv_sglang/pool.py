@@ -16,6 +16,7 @@ import torch
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
 from .config import SphKVServeConfig
+from .debug import enable_poison, poison_requested
 from .store import PrefixView, SphKVStore
 
 __all__ = ["SphKVPool", "SphKVDenseAccessError"]
@@ -73,6 +74,8 @@ class SphKVPool(MHATokenToKVPool):
         self.store = SphKVStore(cfg, num_pages=(self.size + self.page_size) // self.page_size,
                                 num_layers=self.layer_num, num_kv_heads=self.head_num, head_dim=self.head_dim,
                                 dtype=self.dtype, device=self.device)
+        if poison_requested():                 # SPHKV_DEBUG_POISON=1: freed pages poisoned, reads checked
+            enable_poison(self.store)
         # Tiny placeholders keep code that holds k_buffer/v_buffer references (pointer tables, layer
         # transfer counters) working; nothing reads them (get_key_buffer raises).
         self.k_buffer = [torch.zeros(self.page_size, self.head_num, self.head_dim, dtype=self.dtype,

@@ -92,6 +92,20 @@ class ServerProcess:
             pass
         self.proc = None
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds used so far by the server and all its child processes."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     def __enter__(self) -> "ServerProcess":
         return self.start()
 

@@ -9,11 +9,13 @@ Layout (``L`` layers, ``H`` KV heads, ``P`` tokens per page, ``d`` head_dim)::
     table          PageTable: logical page → staging slot or (tier, physical page)
 
 Writes (one forward = the same ``loc`` for every layer, first layer first): the first layer stages
-the touched pages and decides which pages became full and where they go (the most precise tier with
-room; if it is full, cold pages named by the demotion source — the radix cache — are re-encoded one
-tier down first); every layer writes its tokens densely and codes the full pages of its own layer;
-the last layer frees their staging slots. Readers use the staging copy while a page has one, so a
-page coded in this forward is read densely by all layers of this forward.
+the partially written pages (a page written whole by this forward is coded straight from the new
+K/V and never staged) and decides which pages became full and where they go (the most precise tier
+with room; if it is full, cold pages named by the demotion source — the radix cache — are
+re-encoded one tier down first); every layer writes its staged tokens densely and codes the full
+pages of its own layer; the last layer frees their staging slots. Readers use the staging copy
+while a page has one, so a page completed in this forward is read densely by all its layers; a
+page written whole by this forward belongs to no request's prefix yet.
 """
 from __future__ import annotations
 

@@ -17,12 +17,15 @@ real server on 127.0.0.1 (SmolLM2-135M-Instruct; the CPU engine on a GPU-less ma
 The dense server gets ``--max-total-tokens dense_tokens``; the sphkv server gets
 ``--sphkv-budget`` = the same bytes (``dense_tokens`` × bf16 bytes per token). Results: a JSON list
 of one record per mode (``mode``, ``max_total_num_tokens``, ``throughput_tok_s``,
-``prefix_hit_rate``, ``cont_logprob_mean``, ...) and a PNG plot.
+``prefix_hit_rate``, ``cont_logprob_mean``, ...) and a PNG plot. Wall-clock throughput on a shared
+machine moves with other processes' load, so each record also has the server's own CPU seconds
+during the workload and tokens per server CPU-second, and the 1-minute load average.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -151,7 +154,7 @@ def workload(url: str, tok, system: str, users: list[list[str]], w: Workload) ->
     cached = sum(r["cached_tokens"] for r in records)
     out = sum(r["completion_tokens"] for r in records)
     ttfts = sorted(r["ttft"] for r in records)
-    return {"requests": len(records), "wall_s": wall, "throughput_tok_s": out / wall,
+    return {"requests": len(records), "wall_s": wall, "completion_tokens": out, "throughput_tok_s": out / wall,
             "total_throughput_tok_s": (prompt + out) / wall, "prompt_tokens": prompt, "cached_tokens": cached,
             "prefix_hit_rate": cached / max(prompt, 1), "ttft_mean_s": statistics.fmean(ttfts),
             "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))],
@@ -180,7 +183,12 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
               flush=True)
         rec.update(quality(srv.url, ctx, cont))
         rec["single_stream_tok_s"] = single_stream(srv.url, w.stream_tokens)
+        cpu0, load0 = srv.cpu_seconds(), os.getloadavg()[0]
         rec.update(workload(srv.url, tok, system, users, w))
+        rec["workload_server_cpu_s"] = srv.cpu_seconds() - cpu0
+        rec["output_tok_per_server_cpu_s"] = rec["completion_tokens"] / rec["workload_server_cpu_s"]
+        rec["total_tok_per_server_cpu_s"] = (rec["prompt_tokens"] + rec["completion_tokens"]) / rec["workload_server_cpu_s"]
+        rec["loadavg_1min"] = [load0, os.getloadavg()[0]]
         end = server_state(srv.url)
         rec["sphkv_stats"] = end["sphkv"]
         if end["sphkv"]:
@@ -199,7 +207,8 @@ def plot(records: list[dict], path: Path) -> None:
 
     keys = [("max_total_num_tokens", "tokens in the same KV memory"), ("throughput_tok_s", "output tokens / s"),
             ("prefix_hit_rate", "prefix hit rate"), ("ttft_mean_s", "mean TTFT (s)"),
-            ("single_stream_tok_s", "one stream, tokens / s"), ("cont_logprob_mean", "continuation mean logprob")]
+            ("total_tok_per_server_cpu_s", "tokens / server CPU-s"), ("single_stream_tok_s", "one stream, tokens / s"),
+            ("cont_logprob_mean", "continuation mean logprob")]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     for ax, (k, title) in zip(axes, keys):
         vals = [r[k] for r in records]
@@ -242,6 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         d, s = by["dense"], by["sphkv"]
         s["vs_dense"] = {"capacity_x": s["max_total_num_tokens"] / d["max_total_num_tokens"],
                          "throughput_x": s["throughput_tok_s"] / d["throughput_tok_s"],
+                         "tok_per_server_cpu_s_x": s["total_tok_per_server_cpu_s"] / d["total_tok_per_server_cpu_s"],
                          "prefix_hit_rate_delta": s["prefix_hit_rate"] - d["prefix_hit_rate"],
                          "cont_logprob_rel_diff": abs(s["cont_logprob_mean"] - d["cont_logprob_mean"])
                          / abs(d["cont_logprob_mean"])}

@@ -1,0 +1,110 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Debug mode of the sphkv store: poison freed pages so a read after free fails loudly.
+
+:func:`enable_poison` (or ``SPHKV_DEBUG_POISON=1`` in a server's environment, read by
+:class:`~sphkv_sglang.pool.SphKVPool`) makes a :class:`~sphkv_sglang.store.SphKVStore`
+
+* fill every physical page it frees (release, demotion, flush) with poison in every layer: key and
+  value codes ``0xFF``, radii, page means, value scales and zero points NaN;
+* fill every staging slot it frees with NaN;
+* check every prefix it hands to attention: a NaN radius, mean, scale or staged token means the
+  page table pointed at a freed page, and :class:`PoisonedReadError` is raised naming the layer
+  and the logical pages.
+
+It costs a few tensor fills per free and one NaN scan per read: for tests and load tests, not for
+production serving.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .page_table import PageTableError
+
+__all__ = ["enable_poison", "PoisonedReadError", "ENV_POISON", "poison_requested"]
+
+ENV_POISON = "SPHKV_DEBUG_POISON"
+_FLOAT_FIELDS = ("k_radius", "k_mean", "v_scale", "v_zero")
+_CODE_FIELDS = ("k_codes", "v_codes")
+
+
+class PoisonedReadError(PageTableError):
+    """Attention read a page (or staging slot) that had been freed."""
+
+
+def poison_requested() -> bool:
+    """True when ``$SPHKV_DEBUG_POISON`` is set to something other than ``""``/``0``."""
+    return os.environ.get(ENV_POISON, "") not in ("", "0")
+
+
+def _poison_phys(store, tier: int, phys: int) -> None:
+    for layer in range(store.num_layers):
+        for name in _CODE_FIELDS:
+            store._view(tier, layer, name)[phys] = 0xFF
+        for name in _FLOAT_FIELDS:
+            store._view(tier, layer, name)[phys] = float("nan")
+
+
+def _poison_stage(store, slots: list[int]) -> None:
+    if slots:
+        idx = torch.tensor(slots, dtype=torch.int64, device=store.k_stage.device)
+        store.k_stage[:, idx] = float("nan")
+        store.v_stage[:, idx] = float("nan")
+
+
+def _check_view(view, layer: int) -> None:
+    for seg in view.segments:
+        for name, t in (("radius", seg.kcode.radius), ("mean", seg.kcode.mean), ("value scale", seg.vcode.scale)):
+            if bool(torch.isnan(t.float()).any()):
+                raise PoisonedReadError(f"layer {layer}: key/value {name} of coded page(s) "
+                                        f"{seg.pages.tolist()[:8]} (tier {seg.tier}) is poisoned: read after free")
+    if view.dense_k is not None and bool(torch.isnan(view.dense_k.float()).any()):
+        pages = sorted(set(view.dense_pages.tolist()))[:8]
+        raise PoisonedReadError(f"layer {layer}: staged tokens of page(s) {pages} are poisoned: read after free")
+
+
+def enable_poison(store) -> None:
+    """Turn on free-page poisoning and poisoned-read checks for ``store`` (idempotent)."""
+    if getattr(store, "poison_freed", False):
+        return
+    store.poison_freed = True
+    table = store.table
+    free_phys, finish_pending, release, reset = (table.free_phys_page, table.finish_pending, table.release,
+                                                 table.reset)
+
+    def free_phys_page(tier: int, phys: int) -> None:
+        _poison_phys(store, tier, phys)
+        free_phys(tier, phys)
+
+    def _freed_slots(fn, pages):
+        pages = pages.to("cpu", torch.int64)
+        valid = pages[(pages > 0) & (pages < table.num_pages)]
+        slots = [int(s) for s in table.stage_of[valid].tolist() if s >= 0]
+        fn(pages)
+        _poison_stage(store, [s for s in slots if s in set(table.free_stage)])
+
+    def poisoned_reset() -> None:
+        reset()
+        for tier in range(len(store.phys_pages)):
+            for layer in range(store.num_layers):
+                for name in _CODE_FIELDS:
+                    store._view(tier, layer, name).fill_(0xFF)
+                for name in _FLOAT_FIELDS:
+                    store._view(tier, layer, name).fill_(float("nan"))
+        store.k_stage.fill_(float("nan"))
+        store.v_stage.fill_(float("nan"))
+
+    read_prefix = store.read_prefix
+
+    def checked_read(layer: int, slots: torch.Tensor):
+        view = read_prefix(layer, slots)
+        _check_view(view, layer)
+        return view
+
+    table.free_phys_page = free_phys_page
+    table.finish_pending = lambda pages: _freed_slots(finish_pending, pages)
+    table.release = lambda pages: _freed_slots(release, pages)
+    table.reset = poisoned_reset
+    store.read_prefix = checked_read
+    poisoned_reset()
