@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 from sphkv import AngleKeyCodec, GroupValueQuantizer, SphKVConfig, fit_codebook
-from sphkv.polar import polar_forward
 from sphkv_hf.segments import CodedSegment, DenseSegment
 
 from .methods import CompressedPrefix, PrefillContext, register
@@ -28,16 +27,34 @@ from .methods import CompressedPrefix, PrefillContext, register
 __all__ = ["Ada"]
 
 
-def _fitted_codec(cfg: SphKVConfig, keys: list[torch.Tensor]) -> AngleKeyCodec:
-    """Codec whose level-2+ codebooks are Lloyd-Max fitted to the centered, rotated angles of ``keys``."""
+def _level_samples(y: torch.Tensor, max_samples: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per polar level: (angles, squared node radii) of keys ``y`` ``[T, d]``, each flattened and
+    strided down to at most ``max_samples`` values (a key's error from an angle error δψ is ρ_node²·δψ²)."""
+    out = []
+    even, odd = y[..., 0::2], y[..., 1::2]
+    rho = torch.sqrt(even * even + odd * odd)
+    ang, w = torch.remainder(torch.atan2(odd, even), 2 * torch.pi), rho * rho
+    while True:
+        step = max(1, ang.numel() // max_samples)
+        out.append((ang.flatten()[::step], w.flatten()[::step]))
+        if rho.shape[-1] == 1:
+            return out
+        a, b = rho[..., 0::2], rho[..., 1::2]
+        rho = torch.sqrt(a * a + b * b)
+        ang, w = torch.atan2(b, a), rho * rho
+
+
+def _fitted_codec(cfg: SphKVConfig, keys: list[torch.Tensor], max_samples: int = 20000) -> AngleKeyCodec:
+    """Codec whose per-level codebooks are weighted Lloyd-Max fitted to this context's rotated (and
+    page-centered) keys, sampled from every 4th layer."""
     base = AngleKeyCodec(cfg)
-    y = torch.cat([base.rotate(k[0]).flatten(0, 1) for k in keys[:: max(1, len(keys) // 8)]], 0)   # sample layers
+    y = torch.cat([base.rotate(k[0]).flatten(0, 1) for k in keys[::4]], 0)          # [T, d]
     if cfg.center == "page":
         n = y.shape[0] // cfg.page_size * cfg.page_size
         y = y[:n].unflatten(0, (-1, cfg.page_size))
         y = (y - y.mean(1, keepdim=True)).flatten(0, 1)
-    _, angles = polar_forward(y[:: max(1, y.shape[0] // 50000)])
-    books = [fit_codebook(a, l + 1, b) for l, (a, b) in enumerate(zip(angles, cfg.level_bits))]
+    books = [fit_codebook(a, l + 1, b, weights=w)
+             for l, ((a, w), b) in enumerate(zip(_level_samples(y, max_samples), cfg.level_bits))]
     return AngleKeyCodec(cfg, codebooks=books)
 
 
