@@ -192,6 +192,19 @@ class CodedSegment(Segment):
     def mix(self, p: torch.Tensor) -> torch.Tensor:
         return self.vquant.from_storage_domain(p @ self.vquant.decode_storage(self.vcode))
 
+    def head(self, n: int) -> "CodedSegment":
+        """The first ``n`` slots (``n`` a multiple of the page size; unpadded segments only)."""
+        p = self.kcodec.config.page_size
+        if self.lengths is not None or n % p or not 0 < n <= self.num_tokens:
+            raise ValueError(f"head({n}) needs an unpadded segment and a whole number of pages (page_size={p})")
+        kc, vc = self.kcode, self.vcode
+        kcode = KeyCode(kc.codes[..., :n, :], kc.radius[..., :n], None if kc.mean is None else kc.mean[..., :n // p, :])
+        vcode = ValueCode(vc.codes[..., :n, :], vc.scale[..., :n, :], vc.zero[..., :n, :])
+        b, h = kc.codes.shape[:2]
+        return CodedSegment(coded_bytes([n] * (b * h), self.kcodec, self.vquant), kcode=kcode, vcode=vcode,
+                            kcodec=self.kcodec, vquant=self.vquant,
+                            positions=None if self.positions is None else self.positions[..., :n])
+
     def append(self, other: "CodedSegment") -> "CodedSegment":
         """This segment followed by ``other`` (same codecs, no padding, this one whole pages)."""
         if not (self.full_pages and other.lengths is None and other.kcodec is self.kcodec

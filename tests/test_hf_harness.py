@@ -103,3 +103,27 @@ def test_smoke_run_writes_rows(tmp_path):
     assert ada["bits_per_element"] < 4.5 and abs(ada["nll_delta_pct"]) < 5.0
     assert rows[3]["budget_fraction"] == 0.10 and rows[3]["bits_per_element"] < 1.7
     assert out.with_suffix(".md").read_text().startswith("| method")
+
+
+def test_ada_reuses_shared_pages_bit_identically(ctx):
+    """A needle-like context sharing its first 150 tokens with ``ctx``: reusing the base's pages gives
+    the same codes, means, values and bytes as encoding from scratch."""
+    from benchmarks.quality.ada import Ada
+
+    g = torch.Generator().manual_seed(1)
+
+    def swap(t):
+        return torch.cat([t[..., :150, :], torch.randn(t[..., 150:, :].shape, generator=g).to(t.dtype)], -2)
+
+    needle = PrefillContext([swap(k) for k in ctx.keys], [swap(v) for v in ctx.values], ctx.queries, None,
+                            base=ctx, shared=150)
+    shared = Ada("sphkv-4b", sink=4)
+    shared.build(ctx)
+    got = shared.build(needle)
+    want = Ada("sphkv-4b", sink=4).build(PrefillContext(needle.keys, needle.values, ctx.queries, None))
+    assert got.nbytes == want.nbytes
+    for a, b in zip(got.segments, want.segments):
+        ca, cb = a[1], b[1]
+        assert torch.equal(ca.kcode.codes, cb.kcode.codes) and torch.equal(ca.kcode.radius, cb.kcode.radius)
+        assert torch.equal(ca.kcode.mean, cb.kcode.mean) and torch.equal(ca.vcode.codes, cb.vcode.codes)
+        assert torch.equal(ca.vcode.scale, cb.vcode.scale)

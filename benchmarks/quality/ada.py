@@ -66,24 +66,43 @@ class Ada:
     fitted: bool = False
     name: str = "sphkv"
     budget_fraction: float | None = None
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)   # id(ctx) → (ctx, codecs, coded segs)
 
     def config(self, head_dim: int) -> SphKVConfig:
         return SphKVConfig.from_name(self.preset, head_dim=head_dim, **self.overrides)
 
+    def _reusable(self, ctx: PrefillContext, page_size: int):
+        """(coded segments of ``ctx.base``, number of leading coded tokens that are whole shared pages)."""
+        hit = self._memo.get(id(ctx.base)) if ctx.base is not None else None
+        if hit is None or hit[0] is not ctx.base:
+            return None, 0
+        return hit, max(0, ctx.shared - self.sink) // page_size * page_size
+
     def build(self, ctx: PrefillContext) -> CompressedPrefix:
+        """Sinks dense, the rest coded. Pages a needle context shares whole with its base are taken from
+        the base's encoding (bit-identical to encoding them again: codes and page means are page-local)."""
         cfg = self.config(ctx.head_dim)
-        kcodec = _fitted_codec(cfg, ctx.keys) if self.fitted else AngleKeyCodec(cfg)
-        vquant = GroupValueQuantizer(cfg)
         p = cfg.page_size
-        segs = []
-        for k, v in zip(ctx.keys, ctx.values):
+        hit, reuse = (None, 0) if self.fitted else self._reusable(ctx, p)
+        kcodec, vquant = hit[1] if hit else (_fitted_codec(cfg, ctx.keys) if self.fitted else AngleKeyCodec(cfg),
+                                             GroupValueQuantizer(cfg))
+        segs, coded = [], []
+        for l, (k, v) in enumerate(zip(ctx.keys, ctx.values)):
             layer = []
             if self.sink:
                 s = self.sink
                 layer.append(DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=p))
                 k, v = k[..., s:, :], v[..., s:, :]
-            layer.append(CodedSegment.encode(k, v, kcodec, vquant))
+            if reuse and reuse < k.shape[-2]:
+                seg = hit[2][l].head(reuse).append(CodedSegment.encode(k[..., reuse:, :], v[..., reuse:, :],
+                                                                       kcodec, vquant))
+            else:
+                seg = CodedSegment.encode(k, v, kcodec, vquant)
+            layer.append(seg)
+            coded.append(seg)
             segs.append(layer)
+        if ctx.base is None:
+            self._memo[id(ctx)] = (ctx, (kcodec, vquant), coded)
         return CompressedPrefix.of(segs, ctx)
 
 

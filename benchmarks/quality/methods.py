@@ -12,7 +12,8 @@ A method turns the dense KV of a prefilled context into a compressed prefix::
   ``keys[l]``, ``values[l]`` ``[1, Hkv, N, d]`` (model dtype, bf16: this *is* the full bf16 cache),
   the post-RoPE queries of the context's last ``W`` tokens ``queries[l]`` ``[1, Hq, W, d]`` float32
   (the observation window), the model config, and ``dense_bytes`` (bytes of the bf16 prefix, the
-  reference a budget fraction multiplies).
+  reference a budget fraction multiplies). A needle context also names its ``base`` (the plain context)
+  and how many leading tokens it ``shared`` with it, so a method may reuse work; ignoring them is fine.
 * :class:`CompressedPrefix` holds per layer a list of :mod:`sphkv_hf.segments` segments (dense or
   ADA-coded, optionally padded per kv head with ``lengths``), which :class:`sphkv_hf.SphKVCache`
   attends over; ``nbytes`` is the exact sum of the segments' stored bytes (codes, radii, means,
@@ -50,6 +51,8 @@ class PrefillContext:
     values: list[torch.Tensor]
     queries: list[torch.Tensor]
     model_config: object
+    base: "PrefillContext | None" = None    # another context whose first ``shared`` tokens have the same K/V
+    shared: int = 0                         # (a method may reuse its encoding of ``base`` for those tokens)
 
     @property
     def num_layers(self) -> int:

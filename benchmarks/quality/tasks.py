@@ -91,7 +91,8 @@ class ContextTask:
         self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
         kv = [layer.dense_kv() for layer in cache.layers]
         return PrefillContext([k for k, _ in kv], [v for _, v in kv],
-                              [layer.observed_queries for layer in cache.layers], self.model.config)
+                              [layer.observed_queries for layer in cache.layers], self.model.config,
+                              base=prefix, shared=start)
 
     def _needle_context(self, depth: float) -> tuple[PrefillContext, int]:
         base = self.ids[: self.n]
