@@ -55,12 +55,16 @@ def _poison_stage(store, slots: list[int]) -> None:
 
 def _check_view(view, layer: int) -> None:
     for seg in view.segments:
-        for name, t in (("radius", seg.kcode.radius), ("mean", seg.kcode.mean), ("value scale", seg.vcode.scale)):
-            if bool(torch.isnan(t.float()).any()):
-                raise PoisonedReadError(f"layer {layer}: key/value {name} of coded page(s) "
-                                        f"{seg.pages.tolist()[:8]} (tier {seg.tier}) is poisoned: read after free")
+        m = seg.pages.numel()
+        bad = torch.zeros(m, dtype=torch.bool)
+        for t in (seg.kcode.radius, seg.kcode.mean, seg.vcode.scale):        # [H, m*P, ...] or [H, m, d]
+            bad |= torch.isnan(t.float()).reshape(t.shape[0], m, -1).any(-1).any(0).cpu()
+        if bool(bad.any()):
+            raise PoisonedReadError(f"layer {layer}: coded page(s) {seg.pages[bad].tolist()[:8]} (tier {seg.tier}) "
+                                    "are poisoned: read after free")
     if view.dense_k is not None and bool(torch.isnan(view.dense_k.float()).any()):
-        pages = sorted(set(view.dense_pages.tolist()))[:8]
+        rows = torch.isnan(view.dense_k.float()).any(-1).any(0).cpu()
+        pages = sorted(set(view.dense_pages[rows].tolist()))[:8]
         raise PoisonedReadError(f"layer {layer}: staged tokens of page(s) {pages} are poisoned: read after free")
 
 
