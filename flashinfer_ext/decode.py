@@ -2,6 +2,7 @@
 """FlashInfer-style batch decode over Spherical KV tier pages: ``plan()`` once per batch, ``run()`` per layer."""
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -9,7 +10,7 @@ import torch
 
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier, TierSet
-from sphkv_kernels.decode import LOG2E, interpreting
+from sphkv_kernels.decode import LOG2E, interpreting, rowwise_scratch_elems, rowwise_supported
 from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import DecodeSchedule, entry_page_lens, schedule_decode
 
@@ -17,6 +18,9 @@ from . import ops
 from .ops import NAMESPACE, config_key
 
 __all__ = ["BatchDecodeWithSphKVPagedKVCacheWrapper", "resolve_backend"]
+
+_VARIANT_KEYS = ("kernel", "maxnreg", "tab16", "lut16", "asm_values", "prefetch")
+CODED_PROGRAMS_PER_SM = 8          # split-K target with a coded tier present (row-wise kernel: 2-warp programs)
 
 _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
 
@@ -118,9 +122,12 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         key_mass : allocate what ``run(..., key_mass_out=...)`` needs.
         device : where ``run`` will compute (default: ``indices``' device).
         kernel_options : optional Triton launch overrides for the tier kernels: ``block_n``
-            (tokens per tile), ``num_warps``, ``num_stages`` (0 or absent: the launcher's default), and
-            ``programs_per_sm`` (split-K target when ``pages_per_split`` is None; default 4 when a coded
-            tier is present, 2 for dense-only batches, as measured on an H100 — NOTES.md).
+            (tokens per tile), ``num_warps``, ``num_stages`` (0 or absent: the launcher's default),
+            ``programs_per_sm`` (split-K target when ``pages_per_split`` is None; default
+            :data:`CODED_PROGRAMS_PER_SM` when a coded tier is present, 2 for dense-only batches, as
+            measured on an H100 — NOTES.md), and for coded tiers ``kernel`` (``"rowwise"``/``"tile"``),
+            ``maxnreg``, ``tab16``, ``lut16``, ``asm_values``, ``prefetch`` (see
+            :func:`sphkv_kernels.decode.coded_decode_partial`).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -138,7 +145,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         if pages_per_split is None:
             nnz = int(indices.numel())
             coded = any(not self._tiers[int(t)].dense for t in torch.unique(page_tiers.cpu()).tolist())
-            per_sm = int((kernel_options or {}).get("programs_per_sm", 0)) or (4 if coded else 2)
+            per_sm = int((kernel_options or {}).get("programs_per_sm", 0)) or (CODED_PROGRAMS_PER_SM if coded else 2)
             target = per_sm * (torch.cuda.get_device_properties(device).multi_processor_count
                                if device.type == "cuda" else 2)
             pages_per_split = max(1, -(-nnz // target)) if backend == "triton" else max(1, nnz)
@@ -186,6 +193,10 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                 rts.append(lay.on(device)["key_rotation_t"])
                 qrot_bufs.append(torch.empty(batch, num_qo_heads, head_dim, dtype=torch.float32, device=device))
                 qrot_of[t] = len(rot_keys) - 1
+        # the row-wise coded kernel's per-work-item level-1 tables (one buffer, sized for the largest tier)
+        need = max([rowwise_scratch_elems(self._layouts[t], group, sched.tiers[t].num_items) for t in present
+                    if self._layouts[t] is not None and rowwise_supported(self._layouts[t], group)] + [0])
+        scratch = torch.empty(need, dtype=torch.float32, device=device) if need and backend == "triton" else None
         logits = {}
         if key_mass:
             for t in present:
@@ -202,6 +213,9 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             logits=logits, q_data_type=q_data_type, nnz=int(indices.numel()),
             row_of_entry=row_of_entry.to(device), page_lens=page_lens.to(torch.int64).to(device),
             kopts=tuple(int((kernel_options or {}).get(k, 0)) for k in ("block_n", "num_warps", "num_stages")),
+            variant=json.dumps({k: v for k, v in (kernel_options or {}).items() if k in _VARIANT_KEYS}, sort_keys=True)
+            if any(k in _VARIANT_KEYS for k in (kernel_options or {})) else "",
+            scratch=scratch,
             mass_lse=torch.empty(batch, num_qo_heads, dtype=torch.float32, device=device) if key_mass else None)
 
     # ---------------------------------------------------------------------------------------------
@@ -265,7 +279,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                 c = _tier_tensors(kv_cache[t], False)
                 ns.coded_decode_partial(pl["qrot_bufs"][pl["qrot_of"][t]], *(c[n] for n in _CODED_NAMES),
                                         tw.work, tw.page_ids, tw.page_lens, po, plse, lg, self._config_keys[t],
-                                        pl["num_kv_heads"], scale, pl["tier_backend"][t], *pl["kopts"])
+                                        pl["num_kv_heads"], scale, pl["tier_backend"][t], *pl["kopts"],
+                                        pl["scratch"], pl["variant"])
         ns.merge_partials(po, plse, sched.slot_ptr, pl["rotations"], out, lse, pl["num_kv_heads"],
                           pl["rotate_mask"], pl["merge_backend"])
         if key_mass_out is not None:

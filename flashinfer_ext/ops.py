@@ -48,16 +48,20 @@ def _pick(backend: str, triton_fn, reference_fn):
     raise ValueError(f"backend={backend!r}; allowed: 'triton', 'reference'")
 
 
-@torch.library.custom_op(f"{NAMESPACE}::coded_decode_partial", mutates_args=("part_o", "part_lse", "logits"))
+@torch.library.custom_op(f"{NAMESPACE}::coded_decode_partial",
+                         mutates_args=("part_o", "part_lse", "logits", "scratch"))
 def coded_decode_partial(q_rot: torch.Tensor, k_codes: torch.Tensor, k_radius: torch.Tensor, k_mean: torch.Tensor,
                          v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, work: torch.Tensor,
                          page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,
                          part_lse: torch.Tensor, logits: Optional[torch.Tensor], config: str, num_kv_heads: int,
                          sm_scale: float, backend: str, block_n: int = 0, num_warps: int = 0,
-                         num_stages: int = 0) -> None:
+                         num_stages: int = 0, scratch: Optional[torch.Tensor] = None, variant: str = "") -> None:
+    """``variant``: JSON object of further launcher options (``kernel``, ``maxnreg``, ``tab16``, ``lut16``,
+    ``asm_values``, ``prefetch``; see :func:`sphkv_kernels.decode.coded_decode_partial`), empty for the defaults."""
     kw = {}
     if backend == "triton":
-        kw = dict(block_n=block_n or None, num_warps=num_warps or None, num_stages=num_stages or None)
+        kw = dict(block_n=block_n or None, num_warps=num_warps or None, num_stages=num_stages or None,
+                  scratch=scratch, **(json.loads(variant) if variant else {}))
     fn = _pick(backend, _dec.coded_decode_partial, _dec.coded_decode_partial_reference)
     fn(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
        layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=logits, **kw)
@@ -65,7 +69,8 @@ def coded_decode_partial(q_rot: torch.Tensor, k_codes: torch.Tensor, k_radius: t
 
 @coded_decode_partial.register_fake
 def _(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
-      logits, config, num_kv_heads, sm_scale, backend, block_n=0, num_warps=0, num_stages=0):
+      logits, config, num_kv_heads, sm_scale, backend, block_n=0, num_warps=0, num_stages=0, scratch=None,
+      variant=""):
     return None
 
 

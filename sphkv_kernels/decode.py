@@ -69,16 +69,48 @@ def _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv
 # -------------------------------------------------------------------------------------------------
 # coded tier
 # -------------------------------------------------------------------------------------------------
+def rowwise_supported(layout: CodedLayout, group: int) -> bool:
+    """Whether the row-wise kernel (:mod:`sphkv_kernels._coded_rowwise_kernels`) handles this tier.
+
+    It needs 32-bit aligned key codes (``key_code_bytes % 4 == 0``), a level-1 table that stays small
+    (``level_bits[0] <= 5``), byte-aligned value fields (2, 4 or 8 bits) with at least 16 bytes per
+    value group (the tensor-core dots' minimum width) and ``group <= 16``."""
+    return (layout.key_code_bytes % 4 == 0 and layout.level_bits[0] <= 5 and layout.value_bits in (2, 4, 8)
+            and layout.value_group * layout.value_bits // 8 >= 16 and group <= 16 and layout.page_size >= 16
+            and layout.head_dim >= 32)
+
+
+def rowwise_scratch_elems(layout: CodedLayout, group: int, num_items: int) -> int:
+    """float32 elements of the per-work-item level-1 table scratch of the row-wise kernel."""
+    return num_items * (layout.head_dim // 2) * (1 << layout.level_bits[0]) * _pow2(group)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens,
                          part_o, part_lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
                          logits=None, block_n: int | None = None, num_warps: int | None = None,
-                         num_stages: int | None = None, byte_lut: bool = True, profile: int = 0):
+                         num_stages: int | None = None, byte_lut: bool = True, profile: int = 0,
+                         kernel: str = "auto", scratch: torch.Tensor | None = None, tab16: bool = False,
+                         lut16: bool = False, asm_values: bool = True, maxnreg: int | None = None,
+                         prefetch: bool = False):
     """Split-K partial attention over one coded tier's pages (Triton).
 
     Returns the compiled Triton kernel (diagnostics: ``n_regs``, ``n_spills``, ``metadata.shared``),
-    or None when there is no work. ``byte_lut`` gathers level-1 (cos, sin) per code byte when level 1
-    is byte-aligned; ``profile`` 1/2/3 leaves the key/value/both decodes out (timing diagnostics only:
-    the output is then wrong).
+    or None when there is no work. ``kernel`` picks the implementation: ``"rowwise"`` (one thread per
+    token, the polar tree unrolled with constant field offsets, level-1 logits from a per-query table;
+    :func:`rowwise_supported` layouts), ``"tile"`` (codes expanded to a unit-key tile, tensor-core
+    logits; every layout) or ``"auto"`` (row-wise where supported).
+
+    Launch and variant options (tuning; defaults are the measured best): ``block_n`` tokens per tile,
+    ``num_warps``, ``num_stages``, ``maxnreg`` (register cap, GPU); row-wise only: ``tab16`` (float16
+    level-1 table), ``lut16`` (float16 cos/sin of levels >= 2), ``prefetch`` (code words one tile ahead), ``asm_values`` (value integers to float16
+    by inline PTX on GPU; off: portable Triton); tile only: ``byte_lut`` (level-1 (cos, sin) gathered per
+    code byte). ``profile`` (timing diagnostics only, the output is then wrong): 1 leaves the key decode
+    out, 2 the value unpacking, 3 both; row-wise also 4 (no level-1 table gathers) and 5 (no cos/sin
+    gathers of levels >= 2).
 
     Parameters
     ----------
@@ -91,6 +123,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     part_o : ``[S, G, d]`` float32, part_lse : ``[S, G]`` float32 — written at each item's slot
         (``o`` in the tier's value storage domain, i.e. still rotated when ``layout.value_rotate``).
     logits : optional ``[n * P, G]`` float32 — receives the log2-domain scaled logits of valid tokens.
+    scratch : optional float32 buffer of at least :func:`rowwise_scratch_elems` elements (row-wise
+        kernel; allocated per call when absent).
 
     Examples
     --------
@@ -113,9 +147,7 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     >>> bool(torch.isfinite(po).all())
     True
     """
-    import triton
-
-    from ._decode_kernels import _coded_decode_kernel
+    import triton  # noqa: F401
 
     p = layout.page_size
     b, hq, d, g = _check_common(q_rot, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
@@ -130,6 +162,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     if layout.value_bits != 16:
         for t in (v_scale, v_zero):
             assert t.dtype == torch.float16 and t.is_contiguous() and t.shape == (num_pages, p, nvg)
+    if kernel not in ("auto", "rowwise", "tile"):
+        raise ValueError(f"kernel={kernel!r}; allowed: 'auto', 'rowwise', 'tile'")
     w = work.shape[0]
     if w == 0:
         return None
@@ -137,6 +171,36 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     ve = 8 // vbits if vbits in (2, 4) else 1
     assert layout.value_group % ve == 0
     consts = layout.on(q_rot.device)
+    f16_dot = (not interpreting()) or os.environ.get("SPHKV_FORCE_F16") == "1"
+    extra = {} if interpreting() or not maxnreg else {"maxnreg": int(maxnreg)}
+    rowwise = rowwise_supported(layout, g) and k_codes.data_ptr() % 4 == 0
+    if kernel == "rowwise" and not rowwise:
+        raise ValueError("the row-wise kernel does not support this layout (see rowwise_supported)")
+    if kernel != "tile" and rowwise:
+        from ._coded_rowwise_kernels import _coded_decode_rowwise_kernel
+
+        block_n = block_n or min(p, 64)
+        assert p % block_n == 0 and block_n >= 16, f"block_n={block_n} must divide page_size={p} and be >= 16"
+        need = rowwise_scratch_elems(layout, g, w)
+        if scratch is None or scratch.numel() < need:
+            scratch = torch.empty(need, dtype=torch.float32, device=q_rot.device)
+        assert scratch.dtype == torch.float32 and scratch.is_contiguous() and scratch.device == q_rot.device
+        return _coded_decode_rowwise_kernel[(w,)](
+            q_rot, q_rot.stride(0), q_rot.stride(1),
+            k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, consts["lut"], consts["lut16" if lut16 else "lut"],
+            scratch, work, page_ids, page_lens, part_o, part_lse, logits if logits is not None else part_lse,
+            num_kv_heads, float(sm_scale) * LOG2E,
+            HEAD_DIM=d, GROUP=g, GP=_pow2(g), G_PAD=_g_pad(g), PAGE_SIZE=p, BLOCK_N=block_n,
+            NUM_LEVELS=layout.num_levels, **layout.key_constexprs(),
+            KW=kb // 4, VBITS=vbits, VE=ve, VGROUP=layout.value_group, VB=vb, NVG=max(nvg, 1),
+            HAS_MEAN=layout.has_mean, F16_DOT=f16_dot, STORE_LOGITS=logits is not None,
+            ASM_VALUES=bool(asm_values) and f16_dot and not interpreting(),
+            PAIRED_WORDS=kb % 8 == 0 and k_codes.data_ptr() % 8 == 0, TAB16=bool(tab16), LUT16=bool(lut16),
+            PREFETCH=bool(prefetch),
+            PROFILE=int(profile), num_warps=num_warps or max(1, block_n // 32), num_stages=num_stages or 1, **extra)
+
+    from ._decode_kernels import _coded_decode_kernel
+
     block_n = block_n or min(p, 64)
     lb1 = layout.level_bits[0]
     byte_lut = bool(byte_lut) and 8 % lb1 == 0 and (d // 2) * lb1 >= 8
@@ -149,8 +213,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
         BYTE_LUT=byte_lut, PROFILE=int(profile),
         **layout.key_constexprs(),
         KB=kb, VBITS=vbits, VE=ve, VGROUP=layout.value_group, VB=vb, NVG=max(nvg, 1),
-        HAS_MEAN=layout.has_mean, F16_DOT=(not interpreting()) or os.environ.get("SPHKV_FORCE_F16") == "1", STORE_LOGITS=logits is not None,
-        num_warps=num_warps or 4, num_stages=num_stages or 1)
+        HAS_MEAN=layout.has_mean, F16_DOT=f16_dot, STORE_LOGITS=logits is not None,
+        num_warps=num_warps or 4, num_stages=num_stages or 1, **extra)
 
 
 def _entries(work: torch.Tensor):

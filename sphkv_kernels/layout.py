@@ -155,7 +155,8 @@ class CodedLayout:
         return cs[codes].reshape(256, 2 * e).to(torch.float32)
 
     def on(self, device) -> dict[str, torch.Tensor]:
-        """The constant tensors on ``device`` (cached): ``lut``, ``lut1`` (:meth:`byte_lut`), ``thr``, ``key_rotation_t`` (``R.T``),
+        """The constant tensors on ``device`` (cached): ``lut`` (and its float16 copy ``lut16``), ``lut1``
+        (:meth:`byte_lut`), ``thr``, ``key_rotation_t`` (``R.T``),
         ``value_rotation_t`` (``R_v.T``, identity if values are not rotated), ``value_rotation`` (``R_v``)."""
         key = str(torch.device(device))
         if key not in self._device_cache:
@@ -163,6 +164,7 @@ class CodedLayout:
             rv = self.value_rotation if self.value_rotation is not None else eye
             self._device_cache[key] = {
                 "lut": self.lut.to(device).contiguous(),
+                "lut16": self.lut.to(torch.float16).to(device).contiguous(),
                 "lut1": self.byte_lut().to(device).contiguous(),
                 "thr": self.thr.to(device).contiguous(),
                 "key_rotation_t": self.key_rotation.T.contiguous().to(device),

@@ -21,7 +21,8 @@ from sphkv.tiers import Tier
 
 __all__ = ["RandomCache", "random_paged_cache", "dense_oracle", "use_interpreter_if_no_cuda", "poison"]
 
-_KERNEL_MODULES = ("sphkv_kernels._decode_kernels", "sphkv_kernels._encode_kernels")
+_KERNEL_MODULES = ("sphkv_kernels._decode_kernels", "sphkv_kernels._coded_rowwise_kernels",
+                   "sphkv_kernels._encode_kernels")
 
 
 @contextlib.contextmanager

@@ -84,6 +84,61 @@ def test_coded_tier_matches_reference(device, seq_len, page_size, group, preset,
     torch.testing.assert_close(kg[written], rg[written], **_tol(device))
 
 
+@pytest.mark.parametrize("kernel,opts", [
+    ("rowwise", {}), ("tile", {}), ("rowwise", {"tab16": True, "lut16": True}), ("rowwise", {"block_n": 32}),
+    ("rowwise", {"asm_values": False}), ("rowwise", {"prefetch": True}),
+])
+@pytest.mark.parametrize("preset,head_dim,group", [("sphkv-4", 128, 4), ("sphkv-2", 128, 3)])
+def test_coded_kernels_and_variants(device, kernel, opts, preset, head_dim, group):
+    """Both coded kernels (row-wise, tile) and the row-wise variants agree with the reference."""
+    from sphkv_kernels import coded_decode_partial as kern
+
+    tier = _coded(preset, head_dim, 64)
+    cache = random_paged_cache([tier], seq_lens=[150, 70], num_kv_heads=2, head_dim=head_dim, page_size=64,
+                               device=device, seed=group)
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=1,
+                            pages_per_split=2, device=device)
+    pool = cache.pools[0]
+    lay = CodedLayout.from_pool(pool)
+    tw = sched.tiers[0]
+    q = (torch.randn(2, 2 * group, head_dim, device=device) * 2) @ lay.on(device)["key_rotation_t"]
+    outs = []
+    for fn, kw in ((kern, dict(kernel=kernel, **opts)), (coded_decode_partial_reference, {})):
+        po = torch.empty(sched.num_slots, group, head_dim, device=device)
+        pl = torch.empty(sched.num_slots, group, device=device)
+        lg = torch.empty(tw.page_ids.numel() * 64, group, device=device)
+        poison(po, pl, lg)
+        fn(q, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, po, pl, layout=lay, num_kv_heads=2,
+           sm_scale=head_dim ** -0.5, logits=lg, **kw)
+        outs.append((po, pl, lg))
+    (ko, kl, kg), (ro, rl, rg) = outs
+    # float16 tables round T and cos/sin to 11 bits: ~1e-3 relative logit error, far below the 4-bit code error
+    tol = _tol(device) if not opts.get("tab16") or device != "cpu" else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(ko, ro, **tol)
+    torch.testing.assert_close(kl, rl, **tol)
+    written = ~torch.isnan(rg)
+    assert torch.equal(written, ~torch.isnan(kg))
+    torch.testing.assert_close(kg[written], rg[written], **tol)
+
+
+def test_rowwise_kernel_rejects_unsupported_layouts(device):
+    from sphkv_kernels import coded_decode_partial as kern
+    from sphkv_kernels.decode import rowwise_supported
+
+    tier = _coded("sphkv-8", 64, 16)               # 7-bit level 1: the level-1 table would not stay small
+    lay = CodedLayout.from_config(tier.config)
+    assert not rowwise_supported(lay, 3)
+    cache = random_paged_cache([tier], seq_lens=[20], num_kv_heads=1, head_dim=64, page_size=16, device=device)
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=1,
+                            pages_per_split=2, device=device)
+    tw = sched.tiers[0]
+    po = torch.empty(sched.num_slots, 3, 64, device=device)
+    pl = torch.empty(sched.num_slots, 3, device=device)
+    with pytest.raises(ValueError, match="row-wise"):
+        kern(torch.randn(1, 3, 64, device=device), *cache.pools[0].tensors().values(), tw.work, tw.page_ids,
+             tw.page_lens, po, pl, layout=lay, num_kv_heads=1, sm_scale=0.125, kernel="rowwise")
+
+
 @pytest.mark.parametrize("value_bits", [2, 3, 8, 16])
 def test_coded_tier_value_bits(device, value_bits):
     tiers = [_coded("sphkv-4", 64, 16, value_bits=value_bits, value_group=32 if value_bits != 16 else 64)]

@@ -149,48 +149,73 @@ def flashinfer_case(batch: int, ctx: int, page_size: int):
 
 
 # -------------------------------------------------------------------------------------------------
-def tune(tier: Tier, page_size: int, batch: int, ctx: int) -> dict:
-    """Time the coded-tier kernel alone under a few launch variants at one shape, report registers and
-    spills, and time diagnostic variants that leave the key (profile=1), value (2) or both (3)
-    decodes out. Returns the fastest full variant's options."""
+# launch variants timed by ``tune`` (kernel alone, batch 8 x 32K); the first full variant that wins sets the sweep's
+# options. ``kernel="tile"`` is the previous design (unit-key tiles on tensor cores), kept as the reference point.
+TUNE_VARIANTS = [
+    dict(kernel="rowwise", block_n=64, num_warps=2),
+    dict(kernel="rowwise", block_n=64, num_warps=2, maxnreg=128),
+    dict(kernel="rowwise", block_n=64, num_warps=2, prefetch=True),
+    dict(kernel="rowwise", block_n=64, num_warps=2, lut16=True),
+    dict(kernel="rowwise", block_n=64, num_warps=2, tab16=True, lut16=True),
+    dict(kernel="rowwise", block_n=64, num_warps=2, asm_values=False),
+    dict(kernel="rowwise", block_n=64, num_warps=1),
+    dict(kernel="rowwise", block_n=32, num_warps=1),
+    dict(kernel="tile", block_n=64, num_warps=4, num_stages=1),
+]
+# diagnostics at the best options: 1 no key decode, 2 no value unpacking, 3 neither, 4 no level-1 table
+# gathers, 5 no cos/sin gathers of levels >= 2 (row-wise only)
+TUNE_PROFILES = [1, 2, 3, 4, 5]
+TUNE_SPLITS = [4, 8, 16, 32]
+_LAUNCH_KEYS = ("kernel", "block_n", "num_warps", "num_stages", "maxnreg", "tab16", "lut16", "asm_values",
+                "prefetch")
+
+
+def tune(tier: Tier, page_size: int, batch: int, ctx: int, variants=None, profiles=None, splits=None) -> dict:
+    """Time the coded-tier kernel alone under launch variants at one shape, report registers and spills,
+    and time diagnostic variants that leave parts of the work out (``profile``). Then time the wrapper
+    under several split-K targets. Returns the fastest full variant's options (plus ``programs_per_sm``)."""
     from sphkv_kernels import coded_decode_partial
+    from sphkv_kernels.decode import rowwise_scratch_elems
     from sphkv_kernels.layout import CodedLayout
 
+    variants = TUNE_VARIANTS if variants is None else variants
+    profiles = TUNE_PROFILES if profiles is None else profiles
+    splits = TUNE_SPLITS if splits is None else splits
     q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
-    w, pool, kv_bytes = ada_case(batch, ctx, tier, page_size)
+    w, pool, kv_bytes = ada_case(batch, ctx, tier, page_size, kernel_options=dict(programs_per_sm=8))
     pl = w._plan                                     # the bench reads the plan's buffers (diagnostics only)
     tw = pl["sched"].tiers[0]
     lay = CodedLayout.from_pool(pool)
     qrot = (q.float() @ lay.on("cuda")["key_rotation_t"]).contiguous()
+    scratch = torch.empty(rowwise_scratch_elems(lay, HQ // HKV, tw.num_items), dtype=torch.float32, device="cuda")
     args = (qrot, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, pl["part_o"], pl["part_lse"])
-    variants = [dict(block_n=64, num_warps=4, num_stages=1), dict(block_n=64, num_warps=8, num_stages=1),
-                dict(block_n=128, num_warps=8, num_stages=1), dict(block_n=32, num_warps=4, num_stages=1),
-                dict(block_n=64, num_warps=4, num_stages=1, byte_lut=False)]
     best, results = None, []
-    for opts in variants + [1, 2, 3]:
+    for opts in list(variants) + list(profiles):
         if isinstance(opts, int):                     # the diagnostics, at the best options so far
+            if best is None or (opts >= 4 and best[1].get("kernel") == "tile"):
+                continue
             opts = dict(best[1], profile=opts)
         t0 = time.time()
+        kw = dict(layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5, scratch=scratch, **opts)
         try:
-            kern = coded_decode_partial(*args, layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5, **opts)
-            us, _ = _time_us(lambda: coded_decode_partial(*args, layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5,
-                                                          **opts), graph=True, rep_ms=100)
+            kern = coded_decode_partial(*args, **kw)
+            us, _ = _time_us(lambda: coded_decode_partial(*args, **kw), graph=True, rep_ms=100)
         except Exception as exc:  # noqa: BLE001
-            print(f"  tune {opts}: failed {type(exc).__name__}: {str(exc)[:160]}")
+            print(f"  tune {opts}: failed {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
         info = dict(us=round(us, 1), gb_s=round(kv_bytes / (us * 1e-6) / 1e9), n_regs=getattr(kern, "n_regs", None),
                     n_spills=getattr(kern, "n_spills", None), shared=getattr(getattr(kern, "metadata", None), "shared", None),
-                    **opts)
+                    programs=tw.num_items, **opts)
         results.append(info)
         print(f"  kernel {opts}: {us:9.1f} us  {info['gb_s']} GB/s  regs={info['n_regs']} spills={info['n_spills']} "
               f"smem={info['shared']}  ({time.time() - t0:.1f} s incl. compile)", flush=True)
-        if "profile" not in opts and opts.get("byte_lut", True) and (best is None or us < best[0]):
-            best = (us, {k: v for k, v in opts.items() if k in ("block_n", "num_warps", "num_stages")})
+        if "profile" not in opts and (best is None or us < best[0]):
+            best = (us, {k: v for k, v in opts.items() if k in _LAUNCH_KEYS})
     del w, pool
     torch.cuda.empty_cache()
     best_opts = dict(best[1]) if best else {}
     split = []
-    for per_sm in (2, 4, 8, 16):
+    for per_sm in splits:
         opts = dict(best_opts, programs_per_sm=per_sm)
         w, pool, _ = ada_case(batch, ctx, tier, page_size, kernel_options=opts)
         out = torch.empty_like(q)
@@ -200,8 +225,8 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int) -> dict:
         print(f"  wrapper {opts}: {items} programs, {us:9.1f} us", flush=True)
         del w, pool
         torch.cuda.empty_cache()
-    best_split = min(split, key=lambda r: r["us"])["programs_per_sm"]
-    best_opts["programs_per_sm"] = best_split
+    if split:
+        best_opts["programs_per_sm"] = min(split, key=lambda r: r["us"])["programs_per_sm"]
     return {"best": best_opts, "shape": dict(batch=batch, context=ctx), "results": results, "split": split}
 
 
@@ -214,7 +239,10 @@ def sweep(args) -> dict:
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
     tier = coded_tier(args.preset, args.page_size)
     bpe = tier.bytes_per_token(D, args.page_size) * 8 / (2 * D)
-    tuned = tune(tier, args.page_size, 8, 32768) if args.tune else {"best": {}}
+    variants = json.loads(args.variants) if args.variants else None
+    tuned = tune(tier, args.page_size, 8, 32768, variants=variants) if args.tune else {"best": {}}
+    if args.options:
+        tuned["best"] = json.loads(args.options)
     opts = tuned["best"]
     print(f"ADA launch options: {opts or 'defaults'}")
     rows = []
@@ -372,6 +400,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="sphkv-4")
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--no-tune", dest="tune", action="store_false")
+    ap.add_argument("--variants", default=None, help="JSON list of launch variants for the tune step")
+    ap.add_argument("--options", default=None, help="JSON launch options for the sweep (overrides the tuned ones)")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)

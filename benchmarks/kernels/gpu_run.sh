@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # One device call: software check, kernel tests on CUDA, the decode sweep, the end-to-end step.
 # Usage on the device machine (repo root): bash benchmarks/kernels/gpu_run.sh [stages...]
-#   stages: check tests decode e2e (default: all). FlashInfer, if carried, is on PYTHONPATH=.fi/site.
+#   stages: check tests kt (kernel tests only) decode ncu e2e (default: check tests decode e2e);
+#   BENCH_ARGS passes extra arguments to bench_decode.py. FlashInfer, if carried, is on PYTHONPATH=.fi/site.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.fi/site:${PYTHONPATH:-}"
@@ -11,14 +12,18 @@ for s in $stages; do
   case $s in
     check) python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee "$OUT/check.log"
            python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>&1 | tail -1 | tee -a "$OUT/check.log" ;;
-    tests) timeout 240 python3 -m pytest -q -rf tests/test_kernels_decode.py tests/test_kernels_encode.py \
+    tests) timeout 300 python3 -m pytest -q -rf tests/test_kernels_decode.py tests/test_kernels_encode.py \
              tests/test_wrappers_decode.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
-    decode) timeout 420 python3 benchmarks/kernels/bench_decode.py --out-dir "$OUT" 2>&1 | tee "$OUT/decode.log" | tail -40 ;;
+    kt) timeout 240 python3 -m pytest -q -rf tests/test_kernels_decode.py -p no:cacheprovider 2>&1 \
+             | tee "$OUT/tests.log" | tail -15 ;;
+    decode) timeout 420 python3 benchmarks/kernels/bench_decode.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
+             | tee "$OUT/decode.log" | tail -60 ;;
     ncu) NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-         timeout 200 "$NCU" --clock-control none -k regex:decode_kernel --launch-skip 3 --launch-count 3 \
+         timeout 240 "$NCU" --clock-control none -k "regex:decode_(rowwise_)?kernel" --launch-skip 3 --launch-count 4 \
            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-           --section MemoryWorkloadAnalysis python3 benchmarks/kernels/profile_decode.py > "$OUT/ncu.txt" 2>&1
-         grep -E "^  [a-z_]+decode_kernel|Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Warp Cycles Per Issued|Local Memory|Stall|L1/TEX Hit|Mem Busy|Max Bandwidth|Waves Per SM" "$OUT/ncu.txt" | head -80 ;;
+           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+           python3 benchmarks/kernels/profile_decode.py > "$OUT/ncu.txt" 2>&1
+         grep -E "^  [a-z_]+decode_(rowwise_)?kernel|Duration|Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit Reg|Warp Cycles Per Issued|Local Memory|Stall|L1/TEX Hit|Mem Busy|Max Bandwidth|Waves Per SM|Executed Ipc A|Issue Slots Busy|Pipe" "$OUT/ncu.txt" | head -120 ;;
     e2e) KO=$(python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["tuned"]["best"]))' "$OUT/decode.json" 2>/dev/null || echo null)
          timeout 240 python3 benchmarks/kernels/bench_e2e.py --kernel-options "$KO" --out "$OUT/decode_e2e.json" 2>&1 | tee "$OUT/e2e.log" | tail -8 ;;
   esac
