@@ -2,8 +2,8 @@
 """SGLang plugin entry point (``[project.entry-points."sglang.srt.plugins"] sphkv``).
 
 SGLang runs :func:`register` in every process it starts (launcher, tokenizer, scheduler,
-detokenizer) before it parses arguments or builds pools. It is cheap after the first call and
-idempotent. It registers:
+detokenizer) before it parses arguments or builds pools. It is idempotent, and light in processes
+that are not part of a sphkv server. It registers:
 
 * the ``sphkv`` attention backend and its ``--attention-backend`` choice;
 * the ``sphkv`` radix-cache backend (``--radix-cache-backend sphkv``);
@@ -20,11 +20,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 
-__all__ = ["register"]
+from .config import ENV_VAR
+
+__all__ = ["register", "register_server"]
 
 logger = logging.getLogger(__name__)
 _registered = False
+_server_registered = False
 
 _SA = "sglang.srt.server_args.ServerArgs"
 _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
@@ -33,7 +37,15 @@ _STATE = "sglang.srt.managers.scheduler_components.internal_state.SchedulerInter
 
 
 def register() -> None:
-    """Register the sphkv backend, radix cache, CLI flags and hooks (idempotent)."""
+    """Register the sphkv CLI flags everywhere, and the backend, radix cache and pool hooks in the
+    processes of a sphkv server (idempotent).
+
+    The launcher parses ``--sphkv`` and exports the resolved config as ``$SGLANG_SPHKV`` before SGLang
+    spawns its tokenizer/scheduler/detokenizer processes; in those the variable is set when their
+    ``load_plugins()`` runs, so the heavier registrations (they import the attention registry and
+    the pool modules) happen only where they are used. ``sgl.Engine`` users set ``$SGLANG_SPHKV`` to
+    a config JSON (and ``attention_backend="sphkv"``, ``radix_cache_backend="sphkv"``) themselves.
+    """
     global _registered
     if _registered:
         return
@@ -43,11 +55,23 @@ def register() -> None:
 
     if "sphkv" not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices(["sphkv"])
+    HookRegistry.register(f"{_SA}.add_cli_args", _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register(f"{_SA}.from_cli_args", _around_from_cli_args, HookType.AROUND)
+    if os.environ.get(ENV_VAR):
+        register_server()
+
+
+def register_server() -> None:
+    """Backend, radix cache and pool/sizing/stats hooks (a sphkv server's processes)."""
+    global _server_registered
+    if _server_registered:
+        return
+    _server_registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
     _register_backend()
     _register_radix_cache()
     hooks = [
-        (f"{_SA}.add_cli_args", _after_add_cli_args, HookType.AFTER),
-        (f"{_SA}.from_cli_args", _around_from_cli_args, HookType.AROUND),
         (f"{_KVC}._profile_available_bytes", _around_available_bytes, HookType.AROUND),
         (f"{_POOLCFG}._compute_cell_size", _around_cell_size, HookType.AROUND),
         (f"{_KVC}._build_mha_kv_pool", _around_build_pool, HookType.AROUND),
@@ -95,6 +119,8 @@ def _around_from_cli_args(original, cls, args, *rest, **kwargs):
     if cfg is not None:
         publish(server_args, cfg)
         logger.info("sphkv: enabled with %s", cfg.to_json())
+    else:
+        os.environ.pop(ENV_VAR, None)          # a dense launch never inherits a stale sphkv config
     return server_args
 
 

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Real SGLang servers on 127.0.0.1 with the sphkv plugin (SmolLM2-135M-Instruct, CPU engine here).
 
-One sphkv server (default preset, 256 MiB KV budget) is shared by the module; the parity test starts
-a dense and a ``sphkv-8`` server side by side. Every server runs in its own process group and is
+One sphkv server (the high-precision preset ``sphkv-8``, 256 MiB KV budget) is shared by the
+module; the parity test compares it with a dense server it starts. (The default preset runs in
+``make serve`` and the serving benchmark.) Every server runs in its own process group and is
 stopped by its fixture/context manager.
 """
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,8 @@ def model_path() -> Path:
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("sphkv-server") / "server.log"
-    with ServerProcess(model_path, args=["--sphkv-budget", "256MiB", "--enable-cache-report"], log_path=log) as srv:
+    args = ["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB", "--enable-cache-report"]
+    with ServerProcess(model_path, args=args, log_path=log) as srv:
         yield srv
 
 
@@ -62,7 +63,7 @@ def test_generate_and_openai_chat(server):
         "messages": [{"role": "user", "content": "What is the capital of Italy? One word."}]}).json()
     assert "Rome" in r["choices"][0]["message"]["content"]
     stats = _stats(server.url)
-    assert stats["tiers"] == ["sphkv-4", "sphkv-2"] and stats["page_size"] == 64
+    assert stats["tiers"] == ["sphkv-8", "sphkv-2"] and stats["page_size"] == 64
 
 
 def test_multi_turn_chat_reads_compressed_shared_prefix(server):
@@ -108,7 +109,7 @@ def test_flush_cache_returns_every_page(server):
     assert stats["free_phys_pages"] == stats["phys_pages"]
 
 
-def test_sphkv8_greedy_matches_dense(model_path, tmp_path):
+def test_sphkv8_greedy_matches_dense(server, model_path, tmp_path):
     """Greedy tokens of the high-precision preset against a dense bf16 server (torch_native).
 
     Without a coded page the sphkv attention is bit-identical to torch_native, so prompts shorter
@@ -123,19 +124,11 @@ def test_sphkv8_greedy_matches_dense(model_path, tmp_path):
             "Once upon a time, " * 30 + "the end. Then",
             ("A long essay about machine learning and its uses. " * 20) + "Conclusion:",
             SYSTEM + "\nUser: Where is destination 7?\nAssistant:"]
-    servers = [ServerProcess(model_path, sphkv=False, args=["--max-total-tokens", "16384"],
-                             log_path=tmp_path / "dense.log"),
-               ServerProcess(model_path, args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "192MiB"],
-                             log_path=tmp_path / "sphkv8.log")]
-    try:
-        with ThreadPoolExecutor(2) as ex:
-            list(ex.map(lambda s: s.start(), servers))
-        dense = [_generate(servers[0].url, p, n=32)["output_ids"] for p in short + long]
-        sph = [_generate(servers[1].url, p, n=32, return_logprob=True, top_logprobs_num=5)
-               for p in short + long]
-    finally:
-        for s in servers:
-            s.stop()
+    requests.post(server.url + "/flush_cache", timeout=60)
+    sph = [_generate(server.url, p, n=32, return_logprob=True, top_logprobs_num=5) for p in short + long]
+    with ServerProcess(model_path, sphkv=False, args=["--max-total-tokens", "16384"],
+                       log_path=tmp_path / "dense.log") as dense_server:
+        dense = [_generate(dense_server.url, p, n=32)["output_ids"] for p in short + long]
     assert dense[:len(short)] == [o["output_ids"] for o in sph[:len(short)]]
     identical = 0
     for want, got in zip(dense[len(short):], sph[len(short):]):
@@ -149,12 +142,10 @@ def test_sphkv8_greedy_matches_dense(model_path, tmp_path):
     assert identical >= len(long) // 2
 
 
-BAD_FLAGS = [
+BAD_FLAGS = [   # the other option errors are covered without a launcher in test_sglang_units.py
     (["--sphkv", "--sphkv-preset", "sphkv-5"], "--sphkv-preset: invalid choice"),
-    (["--sphkv", "--sphkv-budget", "0"], "--sphkv-budget"),
     (["--sphkv", "--sphkv-config", '{"preset": sphkv-4}'], "not valid JSON"),
     (["--sphkv", "--sphkv-budget", "8MiB"], "below the minimum"),
-    (["--sphkv-preset", "sphkv-8"], "--sphkv-preset requires --sphkv"),
 ]
 
 
@@ -167,8 +158,7 @@ def test_bad_configuration_fails_at_startup(model_path):
                *flags]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
-    with ThreadPoolExecutor(len(BAD_FLAGS)) as ex:
-        results = list(ex.map(launch, [f for f, _ in BAD_FLAGS]))
-    for (flags, needle), r in zip(BAD_FLAGS, results):
+    for flags, needle in BAD_FLAGS:
+        r = launch(flags)
         assert r.returncode == 2, (flags, r.stderr[-2000:])
         assert needle in r.stderr, (flags, r.stderr[-2000:])
