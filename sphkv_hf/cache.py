@@ -114,6 +114,15 @@ class SphKVLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("SphKVCache supports one sequence per batch row without beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("SphKVCache does not expand batches (num_return_sequences > 1, beams)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("SphKVCache does not select batch rows")
+
     def reset(self) -> None:
         self.segments, self.seen, self._pending, self._sink_done = [], 0, False, False
         self.tail_k = self.tail_v = self.observed_queries = None

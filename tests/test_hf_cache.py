@@ -70,6 +70,19 @@ def test_low_bit_generation_runs(model):
     assert 0 < cache.bits_per_element() < 16
 
 
+def test_no_cache_forward_falls_back_to_dense_sdpa(model):
+    ids = torch.randint(0, 128, (1, 17), generator=torch.Generator().manual_seed(5))
+    want = _tiny_model()(ids, use_cache=False).logits
+    got = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_is_refused(model):
+    with pytest.raises(NotImplementedError):
+        model.generate(torch.randint(0, 128, (1, 5)), past_key_values=SphKVCache(None), num_beams=2,
+                       max_new_tokens=2, do_sample=False)
+
+
 def test_wrong_attention_implementation_is_caught():
     m = _tiny_model()                                                       # stays on sdpa
     cache = SphKVCache(_cfg())

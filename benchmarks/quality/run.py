@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=None, help="method names (default: by mode)")
     ap.add_argument("--score-len", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("SPHKV_THREADS", "2")))
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("SPHKV_THREADS", "1")),
+                    help="torch threads (default 1: with other processes on the cores, 2 threads collapse)")
     ap.add_argument("--out", type=Path, default=None, help="output JSON path")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
