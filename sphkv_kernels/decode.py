@@ -93,8 +93,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
                          part_o, part_lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
                          logits=None, block_n: int | None = None, num_warps: int | None = None,
                          num_stages: int | None = None, byte_lut: bool = True, profile: int = 0,
-                         kernel: str = "auto", scratch: torch.Tensor | None = None, tab16: bool = False,
-                         lut16: bool = False, asm_values: bool = True, maxnreg: int | None = None,
+                         kernel: str = "auto", scratch: torch.Tensor | None = None, tab16: bool | None = None,
+                         lut16: bool | None = None, asm_values: bool = True, maxnreg: int | None = None,
                          prefetch: bool = False):
     """Split-K partial attention over one coded tier's pages (Triton).
 
@@ -106,7 +106,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
 
     Launch and variant options (tuning; defaults are the measured best): ``block_n`` tokens per tile,
     ``num_warps``, ``num_stages``, ``maxnreg`` (register cap, GPU); row-wise only: ``tab16`` (float16
-    level-1 table), ``lut16`` (float16 cos/sin of levels >= 2), ``prefetch`` (code words one tile ahead), ``asm_values`` (value integers to float16
+    level-1 table), ``lut16`` (float16 cos/sin of levels >= 2) — both default to on where the dots are
+    float16 (GPU) and off under the interpreter (float32 throughout, for exact comparisons), ``prefetch`` (code words one tile ahead), ``asm_values`` (value integers to float16
     by inline PTX on GPU; off: portable Triton); tile only: ``byte_lut`` (level-1 (cos, sin) gathered per
     code byte). ``profile`` (timing diagnostics only, the output is then wrong): 1 leaves the key decode
     out, 2 the value unpacking, 3 both; row-wise also 4 (no level-1 table gathers) and 5 (no cos/sin
@@ -181,6 +182,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
 
         block_n = block_n or min(p, 64)
         assert p % block_n == 0 and block_n >= 16, f"block_n={block_n} must divide page_size={p} and be >= 16"
+        tab16 = f16_dot if tab16 is None else bool(tab16)
+        lut16 = f16_dot if lut16 is None else bool(lut16)
         need = rowwise_scratch_elems(layout, g, w)
         if scratch is None or scratch.numel() < need:
             scratch = torch.empty(need, dtype=torch.float32, device=q_rot.device)
@@ -197,7 +200,7 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
             ASM_VALUES=bool(asm_values) and f16_dot and not interpreting(),
             PAIRED_WORDS=kb % 8 == 0 and k_codes.data_ptr() % 8 == 0, TAB16=bool(tab16), LUT16=bool(lut16),
             PREFETCH=bool(prefetch),
-            PROFILE=int(profile), num_warps=num_warps or max(1, block_n // 32), num_stages=num_stages or 1, **extra)
+            PROFILE=int(profile), num_warps=num_warps or max(1, block_n // 64), num_stages=num_stages or 1, **extra)
 
     from ._decode_kernels import _coded_decode_kernel
 

@@ -249,7 +249,9 @@ def sweep(args) -> dict:
     tier = coded_tier(args.preset, args.page_size)
     bpe = tier.bytes_per_token(D, args.page_size) * 8 / (2 * D)
     variants = json.loads(args.variants) if args.variants else None
-    tuned = tune(tier, args.page_size, 8, 32768, variants=variants) if args.tune else {"best": {}}
+    profiles = [int(x) for x in args.profiles.split(",") if x] if args.profiles is not None else None
+    tuned = tune(tier, args.page_size, 8, 32768, variants=variants, profiles=profiles,
+                 splits=args.splits) if args.tune else {"best": {}}
     if args.options:
         tuned["best"] = json.loads(args.options)
     opts = tuned["best"]
@@ -411,6 +413,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-tune", dest="tune", action="store_false")
     ap.add_argument("--variants", default=None, help="JSON list of launch variants for the tune step")
     ap.add_argument("--options", default=None, help="JSON launch options for the sweep (overrides the tuned ones)")
+    ap.add_argument("--profiles", default=None, help="comma-separated diagnostic profiles for the tune step ('' none)")
+    ap.add_argument("--splits", type=int, nargs="*", default=None, help="programs per SM tried by the tune step")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
