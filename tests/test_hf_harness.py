@@ -26,9 +26,10 @@ def ctx() -> PrefillContext:
 
 def test_registry_has_required_methods():
     reg = load_methods()
-    need = ["full", "kivi-4", "kivi-2", "turbo-4", "polarquant-4", "sphkv-4", "sphkv-3", "sphkv-2",
-            "snapkv@0.10", "streamingllm@0.10", "pyramidkv@0.10", "h2o@0.10"]
-    assert all(n in reg and reg[n].quick for n in need)
+    quick = ["full", "kivi-4", "kivi-2", "turbo-4", "polarquant-4", "sphkv-4", "sphkv-4b+sink", "sphkv-3b+sink",
+             "sphkv-2b+sink", "snapkv@0.10", "streamingllm@0.10", "pyramidkv@0.10", "h2o@0.10"]
+    assert all(n in reg and reg[n].quick for n in quick)
+    assert all(n in reg for n in ["sphkv-3", "sphkv-2", "sphkv-8", "turbo-3", "kivi-3", "polarquant-2"])
     with pytest.raises(ValueError, match="unknown method"):
         get_method("nope")
 

@@ -112,7 +112,7 @@ def _reg(name: str, quick: bool = False, group: str = "sphkv", **kw) -> None:
 
 SINK = 4
 for _p in ("sphkv-4", "sphkv-3", "sphkv-2"):          # the core presets as they stand, and what moves them
-    _reg(_p, quick=True, preset=_p)
+    _reg(_p, quick=_p == "sphkv-4", preset=_p)
     _reg(f"{_p}+sink", group="sphkv+sink", preset=_p, sink=SINK)
     _reg(f"{_p}-nocenter", group="sphkv-nocenter", preset=_p, overrides={"center": "none"})
 _reg("sphkv-4-uniform", group="sphkv-4 variants", preset="sphkv-4", overrides={"codebook": "uniform"})

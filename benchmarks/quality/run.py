@@ -6,7 +6,7 @@
 * ``--quick`` (``make quality-quick``): contexts 2K and 4K, the methods registered ``quick=True``;
   writes ``benchmarks/results/quality-quick.json`` (+ ``.md``).
 * default (``make quality``): every registered method, contexts 2K and 4K (add 8192 with
-  ``--contexts``), 1024 scored tokens (``--score-len``); writes ``quality.json``, ``quality.md`` and
+  ``--contexts``), 512 scored tokens (``--score-len``); writes ``quality.json``, ``quality.md`` and
   ``rate_distortion.png``.
 * ``--smoke``: a 256-token context, 32 scored tokens, four methods (for the tests).
 
@@ -117,15 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=None, help="method names (default: by mode)")
     ap.add_argument("--score-len", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("SPHKV_THREADS", "1")),
-                    help="torch threads (default 1: with other processes on the cores, 2 threads collapse)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("SPHKV_THREADS", "0")),
+                    help="torch threads; 0 (default): 2 on an idle machine, else 1 (2 threads collapse "
+                         "when other processes compete for the two cores)")
     ap.add_argument("--out", type=Path, default=None, help="output JSON path")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or (2 if os.getloadavg()[0] < 1.0 else 1))
     registry = load_methods()
     if args.smoke:
         contexts, names, score_len, stem = [256], SMOKE_METHODS, 32, "quality-smoke"
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         contexts, score_len, stem = [2048, 4096], 256, "quality-quick"
         names = [n for n, e in registry.items() if e.quick]
     else:                       # more scored tokens: the NLL change of a 256-token window is noisy at ±0.3%
-        contexts, score_len, stem = [2048, 4096], 1024, "quality"
+        contexts, score_len, stem = [2048, 4096], 512, "quality"
         names = list(registry)
     contexts = args.contexts or contexts
     names = args.methods or names
