@@ -104,12 +104,13 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     :func:`rowwise_supported` layouts), ``"tile"`` (codes expanded to a unit-key tile, tensor-core
     logits; every layout) or ``"auto"`` (row-wise where supported).
 
-    Launch and variant options (tuning; defaults are the measured best): ``block_n`` tokens per tile,
-    ``num_warps``, ``num_stages``, ``maxnreg`` (register cap, GPU); row-wise only: ``tab16`` (float16
+    Launch and variant options (tuning; defaults are the best measured on an H100, NOTES.md): ``block_n``
+    tokens per tile (default ``min(P, 64)``), ``num_warps`` (row-wise default ``block_n // 64``: two tokens
+    per thread), ``num_stages``, ``maxnreg`` (register cap, GPU); row-wise only: ``tab16`` (float16
     level-1 table), ``lut16`` (float16 cos/sin of levels >= 2) — both default to on where the dots are
-    float16 (GPU) and off under the interpreter (float32 throughout, for exact comparisons), ``prefetch`` (code words one tile ahead), ``asm_values`` (value integers to float16
-    by inline PTX on GPU; off: portable Triton); tile only: ``byte_lut`` (level-1 (cos, sin) gathered per
-    code byte). ``profile`` (timing diagnostics only, the output is then wrong): 1 leaves the key decode
+    float16 (GPU) and off under the interpreter (float32 throughout, for exact comparisons) —,
+    ``prefetch`` (code words one tile ahead), ``asm_values`` (value integers to float16 by inline PTX on
+    GPU; off: portable Triton); tile only: ``byte_lut`` (level-1 (cos, sin) gathered per code byte). ``profile`` (timing diagnostics only, the output is then wrong): 1 leaves the key decode
     out, 2 the value unpacking, 3 both; row-wise also 4 (no level-1 table gathers) and 5 (no cos/sin
     gathers of levels >= 2).
 

@@ -26,7 +26,7 @@ def main() -> None:
     q = torch.randn(8, HQ, D, dtype=torch.bfloat16, device="cuda")
     qrot = (q.float() @ lay.on("cuda")["key_rotation_t"]).contiguous()
     args = (qrot, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, pl["part_o"], pl["part_lse"])
-    opts = dict(layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5, kernel="rowwise", block_n=64, num_warps=2)
+    opts = dict(layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5, kernel="rowwise")     # launcher defaults
     for _ in range(3):
         coded_decode_partial(*args, **opts)
     torch.cuda.synchronize()
