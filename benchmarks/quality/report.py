@@ -90,10 +90,13 @@ def target_check(rows: list[dict], group: str = ADA_GROUP) -> str:
         for r in sorted(rs, key=lambda r: r["bits_per_element"]):
             if r.get("group") not in BASELINE_GROUPS or not 2.0 <= r["bits_per_element"] <= 5.0:
                 continue
-            a = _interp(pts, r["bits_per_element"])
-            verdict = ("no ADA point at these bits" if a is None
+            a, how = _interp(pts, r["bits_per_element"]), "interpolated"
+            if a is None:                           # outside the curve: the best ADA row with fewer bits
+                fewer = [p for p in pts if p[0] <= r["bits_per_element"]]
+                a, how = (min(fewer, key=lambda p: p[1])[1], "at fewer bits") if fewer else (None, "none")
+            verdict = ("no ADA point at or below these bits" if a is None
                        else "ADA lower" if a < r["nll_delta_pct"] else "ADA NOT lower")
             a_txt = "–" if a is None else f"{a:+.2f}%"
             out.append(f"- {ctx}, matched {r['bits_per_element']:.3f} b/elem: {r['method']} {r['nll_delta_pct']:+.2f}% "
-                       f"vs ADA (interpolated) {a_txt}: {verdict}\n")
+                       f"vs ADA ({how}) {a_txt}: {verdict}\n")
     return "".join(out)
