@@ -15,8 +15,13 @@ from sphkv_hf.prepare_model import MARKER, default_model_dir, is_complete
 
 
 def test_essays_load():
+    from sphkv_hf.data import essays_dir
+
+    files = sorted(essays_dir().glob("*.txt"))
     text = load_essays()
-    assert len(text) > 600_000 and "Paul Graham" not in text[:0]
+    assert len(files) == 49 and len(text) > 600_000
+    assert text.startswith(files[0].read_text(encoding="utf-8").strip()[:200])     # sorted file order
+    assert text.endswith(files[-1].read_text(encoding="utf-8").strip()[-200:])
     assert load_essays() is text                                    # cached, same text every call
 
 
