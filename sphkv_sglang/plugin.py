@@ -77,9 +77,26 @@ def register_server() -> None:
         (f"{_KVC}._build_mha_kv_pool", _around_build_pool, HookType.AROUND),
         (f"{_KVC}._build_token_to_kv_pool_allocator", _around_build_allocator, HookType.AROUND),
         (f"{_STATE}._add_memory_usage", _after_memory_usage, HookType.AFTER),
+        ("sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info", _after_worker_info, HookType.AFTER),
     ]
     for target, fn, kind in hooks:
         HookRegistry.register(target, fn, kind)
+
+
+def _after_worker_info(result, worker, *args, **kwargs):
+    """Make SGLang's ``max_req_input_len`` page-aware (it is computed in tokens).
+
+    A prompt that passes SGLang's token check but, rounded up to whole pages plus the allocator's
+    one-page reserve, never fits the pool would wait at the head of the queue forever and block
+    every request behind it. Two pages of headroom make every admitted prompt fit an empty pool.
+    """
+    runner = getattr(worker, "model_runner", None)
+    page = int(getattr(runner, "page_size", None) or getattr(worker, "page_size", None) or 1)
+    if page <= 1 or not isinstance(result, tuple) or len(result) < 6:
+        return result
+    out = list(result)
+    out[5] = max(1, int(out[5]) - 2 * page)
+    return tuple(out)
 
 
 def _register_backend() -> None:

@@ -65,6 +65,20 @@ def test_request_longer_than_pool_is_rejected_and_others_served(server):
     assert r_ok.status_code == 200 and "Paris" in r_ok.json()["text"]
 
 
+def test_longest_admitted_prompt_is_served_not_stalled(server):
+    """The longest prompt SGLang admits (``len < max_req_input_len``) fits the pool in whole pages
+    (the plugin makes the limit page-aware), so it is
+    answered and the server keeps serving others (before the fix it waited at the head of the queue)."""
+    limit = requests.get(server.url + "/get_server_info", timeout=60).json()["max_req_input_len"]
+    _flushed(server.url)
+    r = _gen(server.url, {"input_ids": [100 + i % 1000 for i in range(limit - 1)],
+                          "sampling_params": {"max_new_tokens": 2, "temperature": 0}}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["meta_info"]["prompt_tokens"] == limit - 1
+    r2 = _gen(server.url, {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    assert r2.status_code == 200
+
+
 def _flushed(url):
     for _ in range(30):
         if requests.post(url + "/flush_cache", timeout=60).status_code == 200:
