@@ -31,14 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
-    path = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
-    if not (path / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "sphkv_hf.prepare_model"], check=True, cwd=ROOT)
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("sphkv-reliability") / "server.log"
     with ServerProcess(model_path, args=server_args(SHORT), log_path=log, env={"SPHKV_DEBUG_POISON": "1"}) as srv:

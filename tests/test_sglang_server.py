@@ -28,14 +28,6 @@ SYSTEM = ("You are a concise assistant for a travel agency. " +
 
 
 @pytest.fixture(scope="module")
-def model_path() -> Path:
-    path = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
-    if not (path / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "sphkv_hf.prepare_model"], check=True, cwd=ROOT)
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("sphkv-server") / "server.log"
     args = ["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB", "--enable-cache-report"]
