@@ -35,16 +35,24 @@ def rate_distortion_plot(rows: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     contexts = sorted({r["context"] for r in rows})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(6.5 * len(contexts), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(7.5 * len(contexts), 6), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, ctx in zip(axes[0], contexts):
         curves = defaultdict(list)
         for r in rows:
             if r["context"] == ctx and r["method"] != "full":
-                curves[r.get("group", r["method"])].append((r["bits_per_element"], r["nll_delta_pct"]))
-        for name, pts in sorted(curves.items()):
+                curves[r.get("group", r["method"])].append((r["bits_per_element"], r["nll_delta_pct"], r["method"]))
+        for i, (name, pts) in enumerate(sorted(curves.items())):
             pts.sort()
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            c = colors[i % len(colors)]
+            if "variants" in name:                  # not a curve: one point per variant, labelled
+                ax.scatter(xs, ys, marker="x", color=c, label=name, zorder=3)
+                for x, y, m in pts:
+                    ax.annotate(m, (x, y), fontsize=6, color=c, xytext=(3, 3), textcoords="offset points")
+                continue
             style = "-o" if name.startswith("sphkv") else "--s"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=4)
+            ax.plot(xs, ys, style, color=c, label=name, ms=4, lw=2.5 if name == ADA_GROUP else 1.2)
         ax.axhline(1.0, color="grey", lw=0.6, ls=":")
         ax.axhline(3.0, color="grey", lw=0.6, ls=":")
         ax.set_yscale("symlog", linthresh=0.5)
