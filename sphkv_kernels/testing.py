@@ -19,7 +19,7 @@ import torch
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier
 
-__all__ = ["RandomCache", "random_paged_cache", "dense_oracle", "use_interpreter_if_no_cuda", "poison"]
+__all__ = ["RandomCache", "random_paged_cache", "dense_oracle", "use_interpreter_if_no_cuda", "poison", "fill_random"]
 
 _KERNEL_MODULES = ("sphkv_kernels._decode_kernels", "sphkv_kernels._coded_rowwise_kernels",
                    "sphkv_kernels._encode_kernels")
@@ -44,6 +44,19 @@ def use_interpreter_if_no_cuda():
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+def fill_random(pool: TierPool) -> None:
+    """Fill every tensor of ``pool`` with random, never-zero content (benchmarks: realistic radii and scales)."""
+    for name, t in pool.tensors().items():
+        if t.dtype == torch.uint8:
+            t.random_()
+        elif name == "k_radius":
+            t.uniform_(5, 15)
+        elif name == "v_scale":
+            t.uniform_(0.01, 0.1)
+        else:
+            t.normal_()
 
 
 def poison(*tensors: torch.Tensor) -> None:

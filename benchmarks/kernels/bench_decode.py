@@ -37,7 +37,7 @@ from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, SphKVPageEnc
 from sphkv import SphKVConfig  # noqa: E402
 from sphkv.pool import TierPool  # noqa: E402
 from sphkv.tiers import Tier  # noqa: E402
-from sphkv_kernels.testing import random_paged_cache  # noqa: E402
+from sphkv_kernels.testing import fill_random, random_paged_cache  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 
@@ -95,15 +95,7 @@ def ada_case(batch: int, ctx: int, tier: Tier, page_size: int, *, kernel_options
     rows = batch * HKV
     ppr = ctx // page_size
     pool = TierPool(tier, rows * ppr + 1, head_dim=D, page_size=page_size, device="cuda")
-    for name, t in pool.tensors().items():                       # random content, never zeros
-        if t.dtype == torch.uint8:
-            t.random_()
-        elif name == "k_radius":
-            t.uniform_(5, 15)
-        elif name == "v_scale":
-            t.uniform_(0.01, 0.1)
-        else:
-            t.normal_()
+    fill_random(pool)                                            # random content, never zeros
     indptr = torch.arange(rows + 1, dtype=torch.int32) * ppr
     indices = torch.arange(1, rows * ppr + 1, dtype=torch.int32)
     w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),

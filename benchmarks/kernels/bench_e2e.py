@@ -32,6 +32,7 @@ from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper  # noqa: E402
 from sphkv import SphKVConfig  # noqa: E402
 from sphkv.pool import TierPool  # noqa: E402
 from sphkv.tiers import Tier  # noqa: E402
+from sphkv_kernels.testing import fill_random  # noqa: E402
 
 H, HQ, HKV, D, FFN, VOCAB, LAYERS, P = 4096, 32, 8, 128, 14336, 128256, 32, 64
 
@@ -122,15 +123,7 @@ def sphkv_attention(batch: int, ctx: int, preset: str, kernel_options=None):
         dense.k.normal_()
         dense.v.normal_()
         cp = TierPool(coded, rows * (ppr - 1) + 1, head_dim=D, page_size=P, device="cuda")
-        for name, t in cp.tensors().items():
-            if t.dtype == torch.uint8:
-                t.random_()
-            elif name == "k_radius":
-                t.uniform_(5, 15)
-            elif name == "v_scale":
-                t.uniform_(0.01, 0.1)
-            else:
-                t.normal_()
+        fill_random(cp)
         pools.append([dense, cp])
     # row r: coded pages r*(ppr-1)+1 .. , then dense page r+1 (recent window, full after the append)
     counts = torch.full((rows,), ppr, dtype=torch.int64)
