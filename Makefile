@@ -7,6 +7,10 @@ STAMP := $(VENV)/.sphkv-ready
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# This clone's own code comes first: the shared environment never holds the project itself, so two
+# clones side by side each import their own tree (scripts/dist_info.py writes the entry-point metadata).
+SITE := $(CURDIR)/.cache/site
+export PYTHONPATH := $(CURDIR):$(SITE)
 
 .PHONY: env stub test serve model quality-quick quality serving-quick load-quick develop
 
@@ -19,7 +23,10 @@ $(STAMP):  # keyed by the hash in its path: a fresh clone reuses it
 	touch $(STAMP)
 
 env: $(STAMP)
-	@$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@rm -f $(VENV)/lib/python*/site-packages/__editable__*spherical_kv* \
+	  $(VENV)/lib/python*/site-packages/__editable__*spherical-kv*
+	@rm -rf $(VENV)/lib/python*/site-packages/spherical_kv-*.dist-info
+	@$(PY) scripts/dist_info.py $(SITE)
 
 test: env
 	$(PY) -m pytest -q tests
