@@ -15,7 +15,7 @@ from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import DecodeSchedule, entry_page_lens, schedule_decode
 
 from . import ops
-from .ops import NAMESPACE, config_key
+from .ops import NAMESPACE, absent, config_key
 
 __all__ = ["BatchDecodeWithSphKVPagedKVCacheWrapper", "resolve_backend"]
 
@@ -215,7 +215,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             kopts=tuple(int((kernel_options or {}).get(k, 0)) for k in ("block_n", "num_warps", "num_stages")),
             variant=json.dumps({k: v for k, v in (kernel_options or {}).items() if k in _VARIANT_KEYS}, sort_keys=True)
             if any(k in _VARIANT_KEYS for k in (kernel_options or {})) else "",
-            scratch=scratch,
+            scratch=scratch if scratch is not None else absent(device), none=absent(device),
             mass_lse=torch.empty(batch, num_qo_heads, dtype=torch.float32, device=device) if key_mass else None)
 
     # ---------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         ns = getattr(torch.ops, NAMESPACE)
         for t in pl["present"]:
             tw = sched.tiers[t]
-            lg = pl["logits"].get(t) if key_mass_out is not None else None
+            lg = pl["logits"].get(t, pl["none"]) if key_mass_out is not None else pl["none"]
             if self._tiers[t].dense:
                 c = _tier_tensors(kv_cache[t], True)
                 ns.dense_decode_partial(q, c["k"], c["v"], tw.work, tw.page_ids, tw.page_lens, po, plse, lg,
@@ -281,7 +281,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                                         tw.work, tw.page_ids, tw.page_lens, po, plse, lg, self._config_keys[t],
                                         pl["num_kv_heads"], scale, pl["tier_backend"][t], *pl["kopts"],
                                         pl["scratch"], pl["variant"])
-        ns.merge_partials(po, plse, sched.slot_ptr, pl["rotations"], out, lse, pl["num_kv_heads"],
+        ns.merge_partials(po, plse, sched.slot_ptr, pl["rotations"], out, lse if lse is not None else pl["none"],
+                          pl["num_kv_heads"],
                           pl["rotate_mask"], pl["merge_backend"])
         if key_mass_out is not None:
             self._key_mass(lse, key_mass_out)

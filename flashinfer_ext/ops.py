@@ -4,7 +4,9 @@
 Registering them touches nothing outside our own namespace; it happens once, when this module is
 first imported (``flashinfer_ext`` imports it). Each op mutates its output arguments and returns
 nothing, so ``torch.compile`` and CUDA-graph capture see an opaque, side-effecting call whose fake
-implementation does nothing. ``backend`` is ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)
+implementation does nothing. A mutated argument is never optional: torch 2.11's in-place/view
+bookkeeping (``custom_ops.adinplaceorview_impl``) fails with ``IndexError`` on a mutated ``Tensor?``
+passed as ``None``, so "absent" travels as an empty tensor (:func:`absent`, ``numel() == 0``). ``backend`` is ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)
 or ``"reference"`` (pure PyTorch, any device). A coded tier's codec travels as ``config``: the JSON
 of its :class:`sphkv.SphKVConfig` (see :func:`config_key`).
 """
@@ -13,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Optional
-
 import torch
 
 from sphkv.config import SphKVConfig
@@ -22,7 +22,7 @@ from sphkv_kernels import decode as _dec
 from sphkv_kernels import encode as _enc
 from sphkv_kernels.layout import CodedLayout
 
-__all__ = ["config_key", "layout_of", "NAMESPACE"]
+__all__ = ["config_key", "layout_of", "NAMESPACE", "absent"]
 
 NAMESPACE = "sphkv_kernels"
 
@@ -40,6 +40,15 @@ def layout_of(key: str) -> CodedLayout:
     return CodedLayout.from_config(SphKVConfig(**spec))
 
 
+def absent(device) -> torch.Tensor:
+    """The empty float32 tensor that stands for "no tensor" in a mutated argument of these ops."""
+    return torch.empty(0, dtype=torch.float32, device=device)
+
+
+def _opt(t: torch.Tensor):
+    return t if t.numel() else None
+
+
 def _pick(backend: str, triton_fn, reference_fn):
     if backend == "triton":
         return triton_fn
@@ -53,36 +62,36 @@ def _pick(backend: str, triton_fn, reference_fn):
 def coded_decode_partial(q_rot: torch.Tensor, k_codes: torch.Tensor, k_radius: torch.Tensor, k_mean: torch.Tensor,
                          v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, work: torch.Tensor,
                          page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,
-                         part_lse: torch.Tensor, logits: Optional[torch.Tensor], config: str, num_kv_heads: int,
-                         sm_scale: float, backend: str, block_n: int = 0, num_warps: int = 0,
-                         num_stages: int = 0, scratch: Optional[torch.Tensor] = None, variant: str = "") -> None:
+                         part_lse: torch.Tensor, logits: torch.Tensor, config: str, num_kv_heads: int,
+                         sm_scale: float, backend: str, block_n: int, num_warps: int,
+                         num_stages: int, scratch: torch.Tensor, variant: str = "") -> None:
     """``variant``: JSON object of further launcher options (``kernel``, ``maxnreg``, ``tab16``, ``lut16``,
-    ``asm_values``, ``prefetch``; see :func:`sphkv_kernels.decode.coded_decode_partial`), empty for the defaults."""
+    ``asm_values``, ``prefetch``; see :func:`sphkv_kernels.decode.coded_decode_partial`), empty for the defaults.
+    ``logits`` and ``scratch``: empty tensors (:func:`absent`) when not used."""
     kw = {}
     if backend == "triton":
         kw = dict(block_n=block_n or None, num_warps=num_warps or None, num_stages=num_stages or None,
-                  scratch=scratch, **(json.loads(variant) if variant else {}))
+                  scratch=_opt(scratch), **(json.loads(variant) if variant else {}))
     fn = _pick(backend, _dec.coded_decode_partial, _dec.coded_decode_partial_reference)
     fn(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
-       layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=logits, **kw)
+       layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=_opt(logits), **kw)
 
 
 @coded_decode_partial.register_fake
 def _(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
-      logits, config, num_kv_heads, sm_scale, backend, block_n=0, num_warps=0, num_stages=0, scratch=None,
-      variant=""):
+      logits, config, num_kv_heads, sm_scale, backend, block_n, num_warps, num_stages, scratch, variant=""):
     return None
 
 
 @torch.library.custom_op(f"{NAMESPACE}::dense_decode_partial", mutates_args=("part_o", "part_lse", "logits"))
 def dense_decode_partial(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, work: torch.Tensor,
                          page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,
-                         part_lse: torch.Tensor, logits: Optional[torch.Tensor], num_kv_heads: int,
+                         part_lse: torch.Tensor, logits: torch.Tensor, num_kv_heads: int,
                          sm_scale: float, backend: str, block_n: int = 0, num_warps: int = 0,
                          num_stages: int = 0) -> None:
     fn = _pick(backend, _dec.dense_decode_partial, _dec.dense_decode_partial_reference)
     fn(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, num_kv_heads=num_kv_heads,
-       sm_scale=sm_scale, logits=logits, block_n=block_n or None, num_warps=num_warps or None,
+       sm_scale=sm_scale, logits=_opt(logits), block_n=block_n or None, num_warps=num_warps or None,
        num_stages=num_stages or None)
 
 
@@ -94,10 +103,10 @@ def _(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, logits, 
 
 @torch.library.custom_op(f"{NAMESPACE}::merge_partials", mutates_args=("out", "lse"))
 def merge_partials(part_o: torch.Tensor, part_lse: torch.Tensor, slot_ptr: torch.Tensor, rotations: torch.Tensor,
-                   out: torch.Tensor, lse: Optional[torch.Tensor], num_kv_heads: int, rotate_mask: int,
+                   out: torch.Tensor, lse: torch.Tensor, num_kv_heads: int, rotate_mask: int,
                    backend: str) -> None:
     fn = _pick(backend, _dec.merge_partials, _dec.merge_partials_reference)
-    fn(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads=num_kv_heads, rotate_mask=rotate_mask)
+    fn(part_o, part_lse, slot_ptr, rotations, out, _opt(lse), num_kv_heads=num_kv_heads, rotate_mask=rotate_mask)
 
 
 @merge_partials.register_fake

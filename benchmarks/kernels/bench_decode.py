@@ -86,58 +86,73 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 # -------------------------------------------------------------------------------------------------
 # methods
 # -------------------------------------------------------------------------------------------------
-def coded_tier(preset: str, page_size: int) -> Tier:
-    return Tier(preset, SphKVConfig.from_name(preset, head_dim=D, page_size=page_size))
+def coded_tier(preset: str, page_size: int, head_dim: int = D) -> Tier:
+    return Tier(preset, SphKVConfig.from_name(preset, head_dim=head_dim, page_size=page_size))
 
 
-def ada_case(batch: int, ctx: int, tier: Tier, page_size: int, *, kernel_options=None, pages_per_split=None):
-    """A coded pool of ``batch`` requests × 8 kv heads × ``ctx`` tokens (random valid codes) and a planned wrapper."""
-    rows = batch * HKV
+def ada_case(batch: int, ctx: int, tier: Tier, page_size: int, *, kernel_options=None, pages_per_split=None,
+             hq: int = HQ, hkv: int = HKV, d: int = D):
+    """A coded pool of ``batch`` requests × ``hkv`` kv heads × ``ctx`` tokens (random valid codes) and a planned wrapper."""
+    rows = batch * hkv
     ppr = ctx // page_size
-    pool = TierPool(tier, rows * ppr + 1, head_dim=D, page_size=page_size, device="cuda")
+    pool = TierPool(tier, rows * ppr + 1, head_dim=d, page_size=page_size, device="cuda")
     fill_random(pool)                                            # random content, never zeros
     indptr = torch.arange(rows + 1, dtype=torch.int32) * ppr
     indices = torch.arange(1, rows * ppr + 1, dtype=torch.int32)
     w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                 tiers=[tier])
     w.plan(indptr.cuda(), indices.cuda(), torch.zeros(rows * ppr, dtype=torch.int32, device="cuda"),
-           torch.full((rows,), page_size, dtype=torch.int32, device="cuda"), HQ, HKV, D, page_size,
+           torch.full((rows,), page_size, dtype=torch.int32, device="cuda"), hq, hkv, d, page_size,
            kernel_options=kernel_options, pages_per_split=pages_per_split)
     per_token = pool.kcodec.code_bytes + 2 + pool.vquant.code_bytes + 4 * pool.v_scale.shape[-1]
-    kv_bytes = rows * ctx * per_token + rows * ppr * 2 * D          # codes, radii, values, scales/zeros, page means
+    kv_bytes = rows * ctx * per_token + rows * ppr * 2 * d          # codes, radii, values, scales/zeros, page means
     return w, pool, kv_bytes
 
 
-def dense_case(batch: int, ctx: int, page_size: int):
+def dense_case(batch: int, ctx: int, page_size: int, hq: int = HQ, hkv: int = HKV, d: int = D):
     """bf16 pages laid out [B, Hkv, ctx/P, P, d]: one buffer that is both our dense tier and SDPA's [B, Hkv, T, d]."""
-    rows = batch * HKV
+    rows = batch * hkv
     ppr = ctx // page_size
-    k = torch.empty(rows * ppr, page_size, D, dtype=torch.bfloat16, device="cuda").normal_()
+    k = torch.empty(rows * ppr, page_size, d, dtype=torch.bfloat16, device="cuda").normal_()
     v = torch.empty_like(k).normal_()
     w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"),
                                                 tiers=[Tier("dense")])
     indptr = torch.arange(rows + 1, dtype=torch.int32) * ppr
     w.plan(indptr.cuda(), torch.arange(rows * ppr, dtype=torch.int32, device="cuda"),
            torch.zeros(rows * ppr, dtype=torch.int32, device="cuda"),
-           torch.full((rows,), page_size, dtype=torch.int32, device="cuda"), HQ, HKV, D, page_size)
+           torch.full((rows,), page_size, dtype=torch.int32, device="cuda"), hq, hkv, d, page_size)
     return w, {"k": k, "v": v}
 
 
-def flashinfer_case(batch: int, ctx: int, page_size: int):
+# FlashInfer configurations: (row key, kv dtype, use_tensor_cores). ``use_tensor_cores=True`` is what SGLang's
+# FlashInfer backend runs for GQA >= 4; fp8_e4m3 KV is what ``--kv-cache-dtype fp8_e4m3`` gives.
+FI_KINDS = (("fi_bf16_us", "bf16", False), ("fi_bf16_tc_us", "bf16", True), ("fi_fp8_tc_us", "fp8_e4m3", True))
+
+
+def flashinfer_time(batch: int, ctx: int, page_size: int, kv: str, tc: bool, q, *, hq=HQ, hkv=HKV, d=D):
+    """Median µs of FlashInfer's paged decode, or ``(None, note)`` when import, JIT, plan or run fails."""
     try:
         import flashinfer
     except Exception as exc:  # noqa: BLE001
-        return None, f"flashinfer not importable: {type(exc).__name__}: {str(exc)[:100]}"
+        return None, f"flashinfer not importable: {type(exc).__name__}: {str(exc)[:160]}"
     pages = batch * (ctx // page_size)
-    kc = torch.empty(pages, page_size, HKV, D, dtype=torch.bfloat16, device="cuda").normal_()
-    vc = torch.empty_like(kc).normal_()
-    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-    w.plan(torch.arange(batch + 1, dtype=torch.int32, device="cuda") * (ctx // page_size),
-           torch.arange(pages, dtype=torch.int32, device="cuda"),
-           torch.full((batch,), page_size, dtype=torch.int32, device="cuda"), HQ, HKV, D, page_size,
-           q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-    return (w, (kc, vc)), None
+    kv_dtype = torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn
+    try:
+        kc = torch.empty(pages, page_size, hkv, d, dtype=torch.bfloat16, device="cuda").normal_().to(kv_dtype)
+        vc = torch.empty_like(kc, dtype=torch.bfloat16).normal_().to(kv_dtype)
+        ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+        w.plan(torch.arange(batch + 1, dtype=torch.int32, device="cuda") * (ctx // page_size),
+               torch.arange(pages, dtype=torch.int32, device="cuda"),
+               torch.full((batch,), page_size, dtype=torch.int32, device="cuda"), hq, hkv, d, page_size,
+               q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
+        out = torch.empty_like(q)
+        us, _ = _time_us(lambda: w.run(q, (kc, vc), out=out))
+        return round(us, 2), None
+    except Exception as exc:  # noqa: BLE001 - a JIT/plan/run failure is written into the row
+        return None, f"{kv}{' tc' if tc else ''}: {type(exc).__name__}: {str(exc)[:200]}"
+    finally:
+        torch.cuda.empty_cache()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -228,6 +243,68 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int, variants=None, profil
     return {"best": best_opts, "shape": dict(batch=batch, context=ctx), "results": results, "split": split}
 
 
+def shapes(args) -> list[tuple[int, int, int, int, int]]:
+    """(batch, context, num_qo_heads, num_kv_heads, head_dim): the Llama-3.1-8B grid, then GQA 8 and head_dim 64/256."""
+    out = [(b, c, HQ, HKV, D) for b in args.batches for c in args.contexts]
+    if args.extra_shapes:
+        out += [(8, 32768, 64, 8, 128), (8, 32768, 32, 8, 64), (8, 32768, 32, 8, 256)]
+    return out
+
+
+def measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy) -> dict:
+    tier = coded_tier(args.preset, args.page_size, d)
+    bpe = tier.bytes_per_token(d, args.page_size) * 8 / (2 * d)
+    row = dict(device=dev, batch=batch, context=ctx, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d,
+               preset=args.preset, page_size=args.page_size, bits_per_element=round(bpe, 4))
+    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+    qo_bytes = 2 * q.numel() * 2
+    dense_bytes = batch * ctx * hkv * d * 2 * 2
+    # ADA
+    try:
+        w, pool, kv_bytes = ada_case(batch, ctx, tier, args.page_size, kernel_options=opts, hq=hq, hkv=hkv, d=d)
+        out_a = torch.empty_like(q)
+        us, row["ada_mode"] = _time_us(lambda: w.run(q, [pool], out=out_a))
+        row["ada_us"] = round(us, 2)
+        row["ada_kernel"] = w.kernel_names() if hasattr(w, "kernel_names") else None
+        row["ada_bytes"] = kv_bytes + qo_bytes
+        del w, pool
+    except Exception as exc:  # noqa: BLE001
+        row["ada_us"], row["ada_note"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    torch.cuda.empty_cache()
+    # dense bf16: our Triton kernel and SDPA on the same buffer
+    w, cache = dense_case(batch, ctx, args.page_size, hq, hkv, d)
+    out_d = torch.empty_like(q)
+    row["triton_bf16_us"] = round(_time_us(lambda: w.run(q, [cache], out=out_d))[0], 2)
+    kt = cache["k"].view(batch, hkv, ctx, d)
+    vt = cache["v"].view(batch, hkv, ctx, d)
+    qg = q.view(batch, hkv, hq // hkv, d)
+    row["sdpa_us"] = round(_time_us(lambda: torch.nn.functional.scaled_dot_product_attention(qg, kt, vt))[0], 2)
+    row["bf16_bytes"] = dense_bytes + qo_bytes
+    del w, cache, kt, vt
+    torch.cuda.empty_cache()
+    notes = []
+    for key, kv, tc in FI_KINDS:
+        if args.no_flashinfer:
+            row[key], why = None, "disabled"
+        else:
+            row[key], why = flashinfer_time(batch, ctx, args.page_size, kv, tc, q, hq=hq, hkv=hkv, d=d)
+        if why:
+            notes.append(why)
+    if notes:
+        row["flashinfer_note"] = "; ".join(sorted(set(notes)))
+    ada = row.get("ada_us")
+    for key, base in (("speedup_vs_bf16", "fi_bf16_us"), ("speedup_vs_bf16_tc", "fi_bf16_tc_us"),
+                      ("speedup_vs_fp8_tc", "fi_fp8_tc_us"), ("speedup_vs_triton_bf16", "triton_bf16_us"),
+                      ("speedup_vs_sdpa", "sdpa_us")):
+        row[key] = round(row[base] / ada, 3) if ada and row.get(base) else None
+    row["gb_s"] = round(row["ada_bytes"] / (ada * 1e-6) / 1e9, 1) if ada else None
+    row["copy_gb_s"] = round(copy, 1)
+    row["copy_fraction"] = round(row["gb_s"] / copy, 3) if ada else None
+    if row.get("fi_bf16_tc_us"):
+        row["fi_bf16_tc_gb_s"] = round(row["bf16_bytes"] / (row["fi_bf16_tc_us"] * 1e-6) / 1e9, 1)
+    return row
+
+
 def sweep(args) -> dict:
     dev = torch.cuda.get_device_name()
     props = torch.cuda.get_device_properties(0)
@@ -236,7 +313,6 @@ def sweep(args) -> dict:
     copy = copy_bandwidth_gbs()
     print(f"device-to-device copy: {copy:.0f} GB/s (read + write)")
     tier = coded_tier(args.preset, args.page_size)
-    bpe = tier.bytes_per_token(D, args.page_size) * 8 / (2 * D)
     variants = json.loads(args.variants) if args.variants else None
     profiles = [int(x) for x in args.profiles.split(",") if x] if args.profiles is not None else None
     tuned = tune(tier, args.page_size, 8, 32768, variants=variants, profiles=profiles,
@@ -246,62 +322,17 @@ def sweep(args) -> dict:
     opts = tuned["best"]
     print(f"ADA launch options: {opts or 'defaults'}")
     rows = []
-    for batch in args.batches:
-        for ctx in args.contexts:
-            free = torch.cuda.mem_get_info()[0]
-            dense_bytes = batch * ctx * HKV * D * 2 * 2
-            if dense_bytes * 1.15 > free:
-                print(f"skip batch={batch} ctx={ctx}: {dense_bytes / 1e9:.1f} GB of bf16 KV does not fit")
-                continue
-            row = dict(device=dev, batch=batch, context=ctx, preset=args.preset, page_size=args.page_size,
-                       bits_per_element=round(bpe, 4), num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
-            q = torch.randn(batch, HQ, D, dtype=torch.bfloat16, device="cuda")
-            qo_bytes = 2 * q.numel() * 2
-            # ADA
-            w, pool, kv_bytes = ada_case(batch, ctx, tier, args.page_size, kernel_options=opts)
-            out_a = torch.empty_like(q)
-            row["ada_us"], row["ada_mode"] = _time_us(lambda: w.run(q, [pool], out=out_a))
-            row["ada_bytes"] = kv_bytes + qo_bytes
-            del w, pool
-            torch.cuda.empty_cache()
-            # dense bf16: our Triton kernel and SDPA on the same buffer
-            w, cache = dense_case(batch, ctx, args.page_size)
-            out_d = torch.empty_like(q)
-            row["triton_bf16_us"], _ = _time_us(lambda: w.run(q, [cache], out=out_d))
-            kt = cache["k"].view(batch, HKV, ctx, D)
-            vt = cache["v"].view(batch, HKV, ctx, D)
-            qg = q.view(batch, HKV, HQ // HKV, D)
-            row["sdpa_us"], _ = _time_us(lambda: torch.nn.functional.scaled_dot_product_attention(qg, kt, vt))
-            row["bf16_bytes"] = dense_bytes + qo_bytes
-            del w, cache, kt, vt
-            torch.cuda.empty_cache()
-            # FlashInfer bf16
-            fi, why = (None, "disabled") if args.no_flashinfer else flashinfer_case(batch, ctx, args.page_size)
-            if fi is not None:
-                fw, kv = fi
-                out_f = torch.empty_like(q)
-                try:
-                    row["flashinfer_us"], row["flashinfer_mode"] = _time_us(lambda: fw.run(q, kv, out=out_f))
-                except Exception as exc:  # noqa: BLE001
-                    row["flashinfer_us"], row["flashinfer_note"] = None, f"{type(exc).__name__}: {str(exc)[:100]}"
-                del fw, kv
-            else:
-                row["flashinfer_us"], row["flashinfer_note"] = None, why
-            torch.cuda.empty_cache()
-            base = row["flashinfer_us"] or row["triton_bf16_us"]
-            row["speedup"] = round(row["flashinfer_us"] / row["ada_us"], 3) if row["flashinfer_us"] else None
-            row["speedup_vs_triton_bf16"] = round(row["triton_bf16_us"] / row["ada_us"], 3)
-            row["speedup_vs_sdpa"] = round(row["sdpa_us"] / row["ada_us"], 3)
-            row["gb_s"] = round(row["ada_bytes"] / (row["ada_us"] * 1e-6) / 1e9, 1)
-            row["copy_gb_s"] = round(copy, 1)
-            row["copy_fraction"] = round(row["gb_s"] / copy, 3)
-            row["bf16_gb_s_best"] = round(row["bf16_bytes"] / (min(x for x in (base, row["sdpa_us"]) if x) * 1e-6) / 1e9, 1)
-            for k in ("ada_us", "triton_bf16_us", "sdpa_us", "flashinfer_us"):
-                if row.get(k) is not None:
-                    row[k] = round(row[k], 2)
-            rows.append(row)
-            print(_fmt_row(row), flush=True)
-    enc = encode_costs(tier, args.page_size, args.batches, rows)
+    print(_HEADER)
+    for batch, ctx, hq, hkv, d in shapes(args):
+        free = torch.cuda.mem_get_info()[0]
+        dense_bytes = batch * ctx * hkv * d * 2 * 2
+        if dense_bytes * 1.15 > free:
+            print(f"skip batch={batch} ctx={ctx}: {dense_bytes / 1e9:.1f} GB of bf16 KV does not fit")
+            continue
+        row = measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy)
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+    enc = encode_costs(tier, args.page_size, args.batches, rows) if args.encode else []
     return dict(device=dev, copy_gb_s=copy, tuned=tuned, rows=rows, encode=enc,
                 torch=torch.__version__, triton=triton.__version__)
 
@@ -327,31 +358,42 @@ def encode_costs(tier, page_size, batches, rows) -> list[dict]:
     return out
 
 
+_HEADER = (f"{'shape':>22} | {'ADA us':>8} {'%copy':>6} | {'FI bf16':>8} {'FI tc':>8} {'FI fp8tc':>8} | "
+           f"{'x bf16tc':>8} {'x fp8tc':>8} | {'tri bf16':>8} {'sdpa':>8}")
+
+
+def _f(x, fmt="{:8.1f}"):
+    return fmt.format(x) if isinstance(x, (int, float)) else f"{'n/a':>8}"
+
+
 def _fmt_row(r: dict) -> str:
-    fi = f"{r['flashinfer_us']:9.1f}" if r.get("flashinfer_us") else "      n/a"
-    sp = f"{r['speedup']:5.2f}x" if r.get("speedup") else "   n/a"
-    return (f"b={r['batch']:3d} ctx={r['context']:6d} | ada {r['ada_us']:9.1f} us {r['ada_bytes'] / 1e6:9.1f} MB "
-            f"{r['gb_s']:7.0f} GB/s ({100 * r['copy_fraction']:4.1f}% copy) | flashinfer {fi} | triton-bf16 "
-            f"{r['triton_bf16_us']:9.1f} | sdpa {r['sdpa_us']:9.1f} | speedup {sp} "
-            f"(vs triton-bf16 {r['speedup_vs_triton_bf16']:.2f}x, vs sdpa {r['speedup_vs_sdpa']:.2f}x)")
+    shape = f"{r['batch']}x{r['context'] // 1024}K {r['num_qo_heads']}/{r['num_kv_heads']}/{r['head_dim']}"
+    cf = f"{100 * r['copy_fraction']:5.1f}%" if r.get("copy_fraction") else "   n/a"
+    return (f"{shape:>22} | {_f(r.get('ada_us'))} {cf} | {_f(r.get('fi_bf16_us'))} {_f(r.get('fi_bf16_tc_us'))} "
+            f"{_f(r.get('fi_fp8_tc_us'))} | {_f(r.get('speedup_vs_bf16_tc'), '{:7.2f}x')} "
+            f"{_f(r.get('speedup_vs_fp8_tc'), '{:7.2f}x')} | {_f(r.get('triton_bf16_us'))} {_f(r.get('sdpa_us'))}")
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    lines = [f"# Decode attention: ADA vs bf16 ({res['device']})", "",
-             f"torch {res['torch']}, triton {res['triton']}; device-to-device copy {res['copy_gb_s']:.0f} GB/s; "
-             f"Llama-3.1-8B attention shapes (32 q heads, 8 kv heads, head_dim 128); median device time "
-             f"(CUDA events, L2 flushed, CUDA graph when it captures).", "",
+    def f(x, fmt="{:.1f}"):
+        return fmt.format(x) if isinstance(x, (int, float)) else "n/a"
+
+    lines = [f"# Decode attention: ADA vs FlashInfer ({res['device']})", "",
+             f"torch {res['torch']}, triton {res['triton']}; device-to-device copy {res['copy_gb_s']:.0f} GB/s "
+             f"(read + write); median device time (CUDA events, L2 flushed, CUDA graph when it captures). "
+             f"FI = FlashInfer paged decode (bf16 CUDA cores, bf16 tensor cores, fp8_e4m3 KV with tensor cores).", "",
              f"ADA launch options: `{res['tuned'].get('best')}`", "",
-             "| batch | context | bits/elem | ADA µs | ADA MB read | ADA GB/s | % of copy | FlashInfer bf16 µs | "
-             "speedup | Triton bf16 µs | SDPA µs | vs Triton bf16 | vs SDPA |",
+             "| batch × context | heads q/kv/d | bits/elem | ADA µs | FI bf16 µs | FI bf16-tc µs | FI fp8-tc µs | "
+             "vs bf16-tc | vs fp8-tc | ADA GB/s | % of copy | Triton bf16 µs | SDPA µs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        fi = f"{r['flashinfer_us']:.1f}" if r.get("flashinfer_us") else "n/a"
-        sp = f"{r['speedup']:.2f}×" if r.get("speedup") else "n/a"
-        lines.append(f"| {r['batch']} | {r['context']} | {r['bits_per_element']:.2f} | {r['ada_us']:.1f} | "
-                     f"{r['ada_bytes'] / 1e6:.1f} | {r['gb_s']:.0f} | {100 * r['copy_fraction']:.1f}% | {fi} | {sp} | "
-                     f"{r['triton_bf16_us']:.1f} | {r['sdpa_us']:.1f} | {r['speedup_vs_triton_bf16']:.2f}× | "
-                     f"{r['speedup_vs_sdpa']:.2f}× |")
+        lines.append(
+            f"| {r['batch']} × {r['context'] // 1024}K | {r['num_qo_heads']}/{r['num_kv_heads']}/{r['head_dim']} | "
+            f"{r['bits_per_element']:.2f} | {f(r.get('ada_us'))} | {f(r.get('fi_bf16_us'))} | "
+            f"{f(r.get('fi_bf16_tc_us'))} | {f(r.get('fi_fp8_tc_us'))} | {f(r.get('speedup_vs_bf16_tc'), '{:.2f}×')} | "
+            f"{f(r.get('speedup_vs_fp8_tc'), '{:.2f}×')} | {f(r.get('gb_s'), '{:.0f}')} | "
+            f"{f(100 * r['copy_fraction'] if r.get('copy_fraction') else None)}% | {f(r.get('triton_bf16_us'))} | "
+            f"{f(r.get('sdpa_us'))} |")
     if res.get("encode"):
         lines += ["", "Encode (one full page per request × kv head, i.e. every page_size steps):", "",
                   "| batch | pages | encode µs | amortized µs/step | fraction of the ADA step at 32K |", "|---|---|---|---|---|"]
@@ -359,8 +401,9 @@ def write_markdown(res: dict, path: Path) -> None:
             lines.append(f"| {e['batch']} | {e['pages']} | {e['encode_us']:.1f} | {e['amortized_us_per_step']:.2f} | "
                          f"{e.get('amortized_fraction_of_ada_step_32k', 'n/a')} |")
     notes = {r.get("flashinfer_note") for r in res["rows"] if r.get("flashinfer_note")}
+    notes |= {r.get("ada_note") for r in res["rows"] if r.get("ada_note")}
     if notes:
-        lines += ["", "FlashInfer: " + "; ".join(sorted(notes))]
+        lines += ["", "Notes: " + "; ".join(sorted(notes))]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -399,12 +442,15 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--preset", default="sphkv-4")
     ap.add_argument("--page-size", type=int, default=64)
-    ap.add_argument("--no-tune", dest="tune", action="store_false")
+    ap.add_argument("--tune", dest="tune", action="store_true", help="time launch variants at 8 x 32K first")
     ap.add_argument("--variants", default=None, help="JSON list of launch variants for the tune step")
     ap.add_argument("--options", default=None, help="JSON launch options for the sweep (overrides the tuned ones)")
     ap.add_argument("--profiles", default=None, help="comma-separated diagnostic profiles for the tune step ('' none)")
     ap.add_argument("--splits", type=int, nargs="*", default=None, help="programs per SM tried by the tune step")
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--no-extra-shapes", dest="extra_shapes", action="store_false",
+                    help="only the 32/8/128 grid (default adds 64/8/128 and head_dim 64/256 at 8 x 32K)")
+    ap.add_argument("--no-encode", dest="encode", action="store_false")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.smoke:

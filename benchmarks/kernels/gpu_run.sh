@@ -3,20 +3,27 @@
 # One device call: software check, kernel tests on CUDA, the decode sweep, the end-to-end step.
 # Usage on the device machine (repo root): bash benchmarks/kernels/gpu_run.sh [stages...]
 #   stages: check tests kt (kernel tests only) decode ncu e2e (default: check tests decode e2e);
-#   BENCH_ARGS passes extra arguments to bench_decode.py. FlashInfer, if carried, is on PYTHONPATH=.fi/site.
+#   BENCH_ARGS passes extra arguments to bench_decode.py. FlashInfer, if carried, is .fi/site.tgz (a trimmed
+#   flashinfer-python 0.7.2.post1 + apache-tvm-ffi tree, JIT-built on the device) or .fi/site; a JIT cache
+#   from an earlier call travels as .fi/jit.tgz and stage `jitsave` writes the current one to $OUT/fi_jit.tgz.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.fi/site:${PYTHONPATH:-}"
+FISITE="$PWD/.fi/site"
+if [ -f .fi/site.tgz ]; then mkdir -p /tmp/fi && tar xzf .fi/site.tgz -C /tmp/fi && FISITE=/tmp/fi/site; fi
+export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=16
+mkdir -p /tmp/fiws; [ -f .fi/jit.tgz ] && tar xzf .fi/jit.tgz -C /tmp/fiws
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$FISITE:${PYTHONPATH:-}"
 stages=${*:-check tests decode e2e}
 for s in $stages; do
   case $s in
     check) python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee "$OUT/check.log"
            python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>&1 | tail -1 | tee -a "$OUT/check.log" ;;
-    tests) timeout 300 python3 -m pytest -q -rf tests/test_kernels_decode.py tests/test_kernels_encode.py \
-             tests/test_wrappers_decode.py -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rfs --durations=8 tests/test_kernels_*.py tests/test_wrappers_*.py \
+             -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    jitsave) (cd /tmp/fiws && find . -name '*.so' | tar czf "$OUT/fi_jit.tgz" -T -) && ls -la "$OUT/fi_jit.tgz" ;;
     kt) timeout 240 python3 -m pytest -q -rf tests/test_kernels_decode.py -p no:cacheprovider 2>&1 \
              | tee "$OUT/tests.log" | tail -15 ;;
-    decode) timeout 420 python3 benchmarks/kernels/bench_decode.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
+    decode) timeout ${DECODE_TIMEOUT:-420} python3 benchmarks/kernels/bench_decode.py --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/decode.log" | tail -60 ;;
     ncu) NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
          timeout 240 "$NCU" --clock-control none -k "regex:decode_(rowwise_)?kernel" --launch-skip 3 --launch-count 4 \
