@@ -10,7 +10,7 @@ import torch
 
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier, TierSet
-from sphkv_kernels.decode import LOG2E, interpreting, rowwise_scratch_elems, rowwise_supported
+from sphkv_kernels.decode import LOG2E, _warn_once, interpreting, rowwise_scratch_elems, rowwise_supported
 from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import DecodeSchedule, entry_page_lens, schedule_decode
 
@@ -178,6 +178,12 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                         (lay is not None and (lay.kernel_compiles if interp else lay.kernel_supported))
                         else "reference" for lay in self._layouts]
         merge_backend = backend if kernel_ok else "reference"
+        if backend == "triton" and not interp:
+            for t, tb in enumerate(tier_backend):
+                if tb == "reference" and t in present:
+                    _warn_once(("ref", t, head_dim, page_size),
+                               f"sphkv decode: tier {self._tiers[t].name!r} (head_dim={head_dim}, page_size={page_size}) "
+                               f"has no CUDA kernel; running the pure-PyTorch reference (slow)")
         # one rotated-query buffer per distinct key rotation among the coded tiers present
         qrot_of, rot_keys, qrot_bufs, rts = {}, [], [], []
         for t in present:

@@ -19,6 +19,7 @@ Shapes (``B`` requests, ``Hq``/``Hkv`` query/kv heads, ``G = Hq / Hkv``, ``d`` h
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -78,6 +79,27 @@ def rowwise_supported(layout: CodedLayout, group: int) -> bool:
     return (layout.key_code_bytes % 4 == 0 and layout.level_bits[0] <= 5 and layout.value_bits in (2, 4, 8)
             and layout.value_group * layout.value_bits // 8 >= 16 and group <= 16 and layout.page_size >= 16
             and layout.head_dim >= 32)
+
+
+def tc_supported(layout: CodedLayout, group: int) -> bool:
+    """Whether the tensor-core kernel (:mod:`sphkv_kernels._coded_tc_kernels`) handles this tier: 32-bit aligned
+    key codes, a power-of-two ``head_dim >= 32``, byte-aligned value fields (2, 4 or 8 bits) with at least 16
+    bytes per value group, ``group <= 16`` and ``page_size >= 16``."""
+    d = layout.head_dim
+    return (layout.key_code_bytes % 4 == 0 and d >= 32 and d & (d - 1) == 0 and layout.value_bits in (2, 4, 8)
+            and layout.value_group * layout.value_bits // 8 >= 16 and group <= 16 and layout.page_size >= 16)
+
+
+# which coded kernel ``kernel="auto"`` runs where it is supported: "tc" (tensor-core, this file's default after
+# the H200 measurement in NOTES.md) or "rowwise"
+DEFAULT_CODED_KERNEL = os.environ.get("SPHKV_CODED_KERNEL", "tc")
+_WARNED: set = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logging.getLogger("sphkv_kernels").warning(msg)
 
 
 def rowwise_scratch_elems(layout: CodedLayout, group: int, num_items: int) -> int:
@@ -164,8 +186,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     if layout.value_bits != 16:
         for t in (v_scale, v_zero):
             assert t.dtype == torch.float16 and t.is_contiguous() and t.shape == (num_pages, p, nvg)
-    if kernel not in ("auto", "rowwise", "tile"):
-        raise ValueError(f"kernel={kernel!r}; allowed: 'auto', 'rowwise', 'tile'")
+    if kernel not in ("auto", "tc", "rowwise", "tile"):
+        raise ValueError(f"kernel={kernel!r}; allowed: 'auto', 'tc', 'rowwise', 'tile'")
     w = work.shape[0]
     if w == 0:
         return None
@@ -176,6 +198,30 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     f16_dot = (not interpreting()) or os.environ.get("SPHKV_FORCE_F16") == "1"
     extra = {} if interpreting() or not maxnreg else {"maxnreg": int(maxnreg)}
     rowwise = rowwise_supported(layout, g) and k_codes.data_ptr() % 4 == 0
+    tc = tc_supported(layout, g) and k_codes.data_ptr() % 4 == 0
+    if kernel == "tc" and not tc:
+        raise ValueError("the tensor-core kernel does not support this layout (see tc_supported)")
+    if kernel == "auto" and DEFAULT_CODED_KERNEL == "tc" and not tc:
+        _warn_once(("tc", layout.level_bits, layout.head_dim, g),
+                   f"sphkv decode: layout head_dim={layout.head_dim} level_bits={layout.level_bits} "
+                   f"value_bits={layout.value_bits} group={g} is not covered by the tensor-core kernel; "
+                   f"using the {'row-wise' if rowwise else 'tile'} kernel (slower)")
+    if (kernel == "tc" or (kernel == "auto" and DEFAULT_CODED_KERNEL == "tc")) and tc:
+        from ._coded_tc_kernels import chunk_of, get_kernel
+
+        block_n = block_n or min(p, 64)
+        assert p % block_n == 0 and block_n >= 16, f"block_n={block_n} must divide page_size={p} and be >= 16"
+        return get_kernel(layout)[(w,)](
+            q_rot, q_rot.stride(0), q_rot.stride(1),
+            k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, consts["lut16" if f16_dot else "lut"],
+            work, page_ids, page_lens, part_o, part_lse, logits if logits is not None else part_lse,
+            num_kv_heads, float(sm_scale) * LOG2E,
+            HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), PAGE_SIZE=p, BLOCK_N=block_n, CH=chunk_of(d),
+            KW=kb // 4, VBITS=vbits, VE=ve, VGROUP=layout.value_group, VB=vb, NVG=max(nvg, 1),
+            HAS_MEAN=layout.has_mean, F16_DOT=f16_dot, STORE_LOGITS=logits is not None,
+            ASM_VALUES=bool(asm_values) and f16_dot and not interpreting(),
+            PAIRED_WORDS=kb % 8 == 0 and k_codes.data_ptr() % 8 == 0,
+            PROFILE=int(profile), num_warps=num_warps or max(1, block_n // 32), num_stages=num_stages or 1, **extra)
     if kernel == "rowwise" and not rowwise:
         raise ValueError("the row-wise kernel does not support this layout (see rowwise_supported)")
     if kernel != "tile" and rowwise:
