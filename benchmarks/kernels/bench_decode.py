@@ -244,9 +244,11 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int, variants=None, profil
 
 def shapes(args) -> list[tuple[int, int, int, int, int]]:
     """(batch, context, num_qo_heads, num_kv_heads, head_dim): the Llama-3.1-8B grid, then GQA 8 and head_dim 64/256."""
-    out = [(b, c, HQ, HKV, D) for b in args.batches for c in args.contexts]
+    grid = [(b, c, HQ, HKV, D) for b in args.batches for c in args.contexts]
+    first = [x for x in ((8, 32768, HQ, HKV, D), (32, 32768, HQ, HKV, D), (1, 32768, HQ, HKV, D)) if x in grid]
+    out = first + [x for x in grid if x not in first]          # the target shapes first (a timeout cuts the rest)
     if args.extra_shapes:
-        out += [(8, 32768, 64, 8, 128), (8, 32768, 32, 8, 64), (8, 32768, 32, 8, 256)]
+        out[len(first):len(first)] = [(8, 32768, 64, 8, 128), (8, 32768, 32, 8, 64), (8, 32768, 32, 8, 256)]
     return out
 
 
