@@ -90,11 +90,13 @@ def test_coded_tier_matches_reference(device, seq_len, page_size, group, preset,
 
 @pytest.mark.parametrize("kernel,opts", [
     ("rowwise", {}), ("tile", {}), ("rowwise", {"tab16": True, "lut16": True}), ("rowwise", {"block_n": 32}),
-    ("rowwise", {"asm_values": False}), ("rowwise", {"prefetch": True}),
+    ("rowwise", {"asm_values": False}), ("rowwise", {"prefetch": True}), ("tc", {}), ("tc", {"num_warps": 1}),
 ])
 @pytest.mark.parametrize("preset,head_dim,group", [("sphkv-4", 128, 4), ("sphkv-2", 128, 3)])
 def test_coded_kernels_and_variants(device, kernel, opts, preset, head_dim, group):
-    """Both coded kernels (row-wise, tile) and the row-wise variants agree with the reference."""
+    """The coded kernels (row-wise, tile, tensor-core) and the row-wise variants agree with the reference."""
+    if device == "cuda" and preset != "sphkv-4" and (opts or kernel == "tile"):
+        pytest.skip("launch variants are checked on sphkv-4 only on CUDA (compile time of the one-call test set)")
     from sphkv_kernels import coded_decode_partial as kern
 
     tier = _coded(preset, head_dim, 64)

@@ -191,9 +191,10 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int, variants=None, profil
     qrot = (q.float() @ lay.on("cuda")["key_rotation_t"]).contiguous()
     scratch = torch.empty(rowwise_scratch_elems(lay, HQ // HKV, tw.num_items), dtype=torch.float32, device="cuda")
     args = (qrot, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, pl["part_o"], pl["part_lse"])
-    # reference output for a sanity check of every full variant: the tile kernel (validated in earlier runs)
+    # reference output for a sanity check of every full variant: the row-wise kernel at its defaults (validated
+    # against the tile kernel and the reference in earlier runs; compiled once, reused by the first variant)
     slots = tw.work[:, 3].long()
-    coded_decode_partial(*args, layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5, kernel="tile")
+    coded_decode_partial(*args, layout=lay, num_kv_heads=HKV, sm_scale=D ** -0.5, kernel="rowwise", scratch=scratch)
     ref_o, ref_l = pl["part_o"][slots].clone(), pl["part_lse"][slots].clone()
     best, results = None, []
     for opts in list(variants) + list(profiles):
@@ -217,10 +218,10 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int, variants=None, profil
                       float((pl["part_lse"][slots] - ref_l).abs().max()))
         info = dict(us=round(us, 1), gb_s=round(kv_bytes / (us * 1e-6) / 1e9), n_regs=getattr(kern, "n_regs", None),
                     n_spills=getattr(kern, "n_spills", None), shared=getattr(getattr(kern, "metadata", None), "shared", None),
-                    programs=tw.num_items, max_abs_diff_vs_tile=err, **opts)
+                    programs=tw.num_items, max_abs_diff_vs_rowwise=err, **opts)
         results.append(info)
         print(f"  kernel {opts}: {us:9.1f} us  {info['gb_s']} GB/s  regs={info['n_regs']} spills={info['n_spills']} "
-              f"smem={info['shared']}  diff vs tile {err}  ({time.time() - t0:.1f} s incl. compile)", flush=True)
+              f"smem={info['shared']}  diff vs rowwise {err}  ({time.time() - t0:.1f} s incl. compile)", flush=True)
         if "profile" not in opts and err is not None and err < 5e-2 and (best is None or us < best[0]):
             best = (us, {k: v for k, v in opts.items() if k in _LAUNCH_KEYS})
     del w, pool
@@ -244,6 +245,8 @@ def tune(tier: Tier, page_size: int, batch: int, ctx: int, variants=None, profil
 
 def shapes(args) -> list[tuple[int, int, int, int, int]]:
     """(batch, context, num_qo_heads, num_kv_heads, head_dim): the Llama-3.1-8B grid, then GQA 8 and head_dim 64/256."""
+    if args.shapes:                           # explicit list "batch:context:hq:hkv:d,..."
+        return [tuple(int(x) for x in item.split(":")) for item in args.shapes.split(",") if item]
     grid = [(b, c, HQ, HKV, D) for b in args.batches for c in args.contexts]
     first = [x for x in ((8, 32768, HQ, HKV, D), (32, 32768, HQ, HKV, D), (1, 32768, HQ, HKV, D)) if x in grid]
     out = first + [x for x in grid if x not in first]          # the target shapes first (a timeout cuts the rest)
@@ -268,6 +271,7 @@ def measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy) -> dict:
         row["ada_us"] = round(us, 2)
         from sphkv_kernels.decode import DEFAULT_CODED_KERNEL
         row["ada_kernel"] = (opts or {}).get("kernel", DEFAULT_CODED_KERNEL)
+        row["ada_options"] = dict(opts or {})
         row["ada_bytes"] = kv_bytes + qo_bytes
         del w, pool
     except Exception as exc:  # noqa: BLE001
@@ -455,6 +459,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-extra-shapes", dest="extra_shapes", action="store_false",
                     help="only the 32/8/128 grid (default adds 64/8/128 and head_dim 64/256 at 8 x 32K)")
     ap.add_argument("--no-encode", dest="encode", action="store_false")
+    ap.add_argument("--shapes", default=None, help="explicit shapes 'batch:context:hq:hkv:d,...' (overrides the grid)")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.smoke:

@@ -18,8 +18,10 @@ for s in $stages; do
   case $s in
     check) python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' 2>&1 | tee "$OUT/check.log"
            python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>&1 | tail -1 | tee -a "$OUT/check.log" ;;
-    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rfs --durations=8 ${PYTEST_ARGS:-} tests/test_kernels_*.py tests/test_wrappers_*.py \
-             -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    tests) # SIGINT at the limit: pytest still prints its summary of failures
+           timeout -k 20 -s INT ${TEST_TIMEOUT:-300} python3 -m pytest -v -rfEs --tb=short --durations=8 ${PYTEST_ARGS:-} \
+             tests/test_kernels_*.py tests/test_wrappers_*.py -p no:cacheprovider 2>&1 | grep -v -i "benchmark" \
+             | tee "$OUT/tests.log" | grep -E "FAILED|ERROR|passed|failed|Error" | tail -40 ;;
     jitsave) (cd /tmp/fiws && find . -name '*.so' | tar czf "$OUT/fi_jit.tgz" -T -) && ls -la "$OUT/fi_jit.tgz" ;;
     kt) timeout 240 python3 -m pytest -q -rf tests/test_kernels_decode.py -p no:cacheprovider 2>&1 \
              | tee "$OUT/tests.log" | tail -15 ;;
