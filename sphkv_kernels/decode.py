@@ -447,9 +447,8 @@ def merge_partials(part_o, part_lse, slot_ptr, rotations, out, lse=None, *, num_
     _merge_kernel[(rows,)](
         part_o, part_lse, slot_ptr, rotations, out, out.stride(0), out.stride(1),
         lse if lse is not None else part_lse, num_kv_heads,
-        HEAD_DIM=d, GROUP=g, GP=_pow2(g), G_PAD=_g_pad(g), NUM_TIERS=nt, ROT_MASK=int(rotate_mask),
-        WRITE_LSE=lse is not None, DOT_PREC="ieee" if interpreting() else "tf32x3",
-        SB=max(1, min(16, 4096 // (_pow2(g) * d))), num_warps=4)
+        HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), NUM_TIERS=nt, ROT_MASK=int(rotate_mask),
+        WRITE_LSE=lse is not None, DOT_PREC="ieee" if interpreting() else "tf32x3", num_warps=4)
 
 
 def merge_partials_reference(part_o, part_lse, slot_ptr, rotations, out, lse=None, *, num_kv_heads: int,
