@@ -1,19 +1,25 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Decode attention speed: ADA (Spherical KV) vs FlashInfer bf16 vs a Triton bf16 paged kernel vs SDPA.
+"""Decode attention speed: ADA (Spherical KV) vs what SGLang users run (FlashInfer) vs a Triton bf16 paged kernel vs SDPA.
 
-Llama-3.1-8B attention shapes (32 query heads, 8 kv heads, head_dim 128), batch {1, 8, 32, 64} ×
-context {8K, 32K, 128K} where memory allows. Every method is timed on the device as the median of
-many runs with CUDA events (``triton.testing.do_bench``, which flushes the L2 between runs), on a
-CUDA graph of the call when it captures (launch overhead out), else eagerly. The same run measures
-the device-to-device copy bandwidth, so GB/s reads as a fraction of it. Writes
-``<out-dir>/decode.json`` (one row per shape) and ``<out-dir>/decode.md``.
+Baselines in the same run: FlashInfer's paged decode with bf16 KV on CUDA cores (``fi_bf16_us``) and on tensor cores
+(``fi_bf16_tc_us``, ``use_tensor_cores=True``: what SGLang's FlashInfer backend runs for GQA >= 4), fp8_e4m3 KV on
+tensor cores (``fi_fp8_tc_us``: ``--kv-cache-dtype fp8_e4m3``), our Triton bf16 kernel, SDPA and the device-to-device
+copy bandwidth. A FlashInfer import/JIT/plan/run failure is written into the row (``flashinfer_note``), never a crash.
+Shapes: Llama-3.1-8B attention (32 query heads, 8 kv heads, head_dim 128) at batch {1, 8, 32, 64} × context
+{8K, 32K, 128K} where memory allows, plus 64/8/128 (GQA 8) and head_dim 64 and 256 at 8 × 32K (``--shapes`` picks
+explicit ones). Every method is timed as the median of many runs with CUDA events (``triton.testing.do_bench``, L2
+flushed), on a CUDA graph of the call when it captures. Writes ``<out-dir>/decode.json`` (key ``rows``: device,
+batch, context, num_qo_heads, num_kv_heads, head_dim, preset, bits_per_element, ada_us, fi_bf16_us, fi_bf16_tc_us,
+fi_fp8_tc_us, speedup_vs_bf16_tc, speedup_vs_fp8_tc, gb_s, copy_gb_s, ...), ``decode.md`` and, after every row,
+``decode.partial.json``; prints a table. ``--tune`` first times coded-kernel launch variants at 8 × 32K.
 
 ``--smoke`` runs a tiny shape on the CPU under Triton's interpreter (for CI): it checks that every
 path runs and agrees, and writes ``decode_smoke.json`` to ``--out-dir`` (default: a temp dir).
 
 Usage::
 
-    python benchmarks/kernels/bench_decode.py                     # CUDA sweep (< 8 min on an H100)
+    bash benchmarks/kernels/gpu_run.sh check decode               # on the GPU machine, FlashInfer in .fi/
+    python benchmarks/kernels/bench_decode.py --tune --shapes 8:32768:32:8:128
     TRITON_INTERPRET=1 python benchmarks/kernels/bench_decode.py --smoke
 """
 from __future__ import annotations
