@@ -229,3 +229,25 @@ def test_empty_rows_and_items(device):
     merge_partials(po, pl, sched.slot_ptr, torch.eye(64, device=device)[None].contiguous(), out, lse,
                    num_kv_heads=1, rotate_mask=0)
     assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_uncovered_layout_is_logged_not_silent(device, monkeypatch, caplog):
+    """kernel="auto" with the tensor-core kernel as default: a layout it does not cover (3-bit values) runs another
+    kernel and says so once (logging.warning), with the same result as the reference."""
+    import logging
+
+    from sphkv_kernels import decode as dec
+
+    monkeypatch.setattr(dec, "DEFAULT_CODED_KERNEL", "tc")
+    monkeypatch.setattr(dec, "_WARNED", set())
+    tiers = [_coded("sphkv-4", 64, 16, value_bits=3, value_group=32)]
+    lay = CodedLayout.from_config(tiers[0].config)
+    assert not dec.tc_supported(lay, 3)
+    cache = random_paged_cache(tiers, seq_lens=[20], num_kv_heads=1, head_dim=64, page_size=16, device=device, seed=5)
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=1,
+                            pages_per_split=8, device=device)
+    q = torch.randn(1, 3, 64, device=device)
+    with caplog.at_level(logging.WARNING, logger="sphkv_kernels"):
+        (ko, kl, _), (ro, rl, _) = _partials(cache, 0, sched, q, 3, device, 0.125, False)[0]
+    assert sum("not covered by the tensor-core kernel" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(ko, ro, **_tol(device))
