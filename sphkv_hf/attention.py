@@ -100,6 +100,9 @@ def segment_attention(q: torch.Tensor, segments: list[Segment], tail_k: torch.Te
     ``[B, Hq, M, d]`` float32 (and the key masses when asked).
     """
     b, hq, m, d = q.shape
+    if hq % tail_k.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({tail_k.shape[1]}); "
+                         "allowed: any group size Hq / Hkv >= 1 (MHA, GQA, MQA)")
     scale = scale if scale is not None else d ** -0.5
     if visibility is not None and visibility.is_causal_only and causal:
         visibility = None                  # every stored key precedes the queries: the positional rule is causal
