@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Fidelity: with a lossless sphkv cache the ``"sphkv"`` attention reproduces the model's own (eager) attention.
 
-Tiny random-weight models of five families (float32): Llama, Qwen2 (qkv bias), Mistral (sliding window on
+Tiny random-weight models of six families (float32): Llama, Qwen2 (qkv bias), Mistral (sliding window on
 every layer), Gemma-2 (logit soft-capping, alternating sliding/global), Gemma-3 (5 sliding : 1 global pattern
-cut to 3 layers, head_dim 256, one KV head). Sequences run past the window; the lossless cache
+cut to 3 layers, head_dim 256, one KV head), Llama-4 text (chunked attention, MoE). Sequences run past the window; the lossless cache
 (``SphKVCache(None, policy=CachePolicy(page_size=P))``: full pages move to dense segments with their
 positions, sliding layers drop the pages that left their window) is checked at several page sizes, in
 prefill, chunked prefill + token-by-token decode, batched left-padded prompts, and ``generate``.
@@ -62,8 +62,21 @@ def _gemma3():
                                               max_position_embeddings=256))
 
 
-MODELS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma2": _gemma2, "gemma3": _gemma3}
-SLIDING = {"llama": (), "qwen2": (), "mistral": (0, 1), "gemma2": (0, 2), "gemma3": (0, 1)}
+def _llama4():
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    return Llama4ForCausalLM(Llama4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                              intermediate_size_mlp=96, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                                              num_experts_per_tok=1, attention_chunk_size=WINDOW,
+                                              max_position_embeddings=256))
+
+
+MODELS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma2": _gemma2, "gemma3": _gemma3,
+          "llama4": _llama4}
+SLIDING = {"llama": (), "qwen2": (), "mistral": (0, 1), "gemma2": (0, 2), "gemma3": (0, 1), "llama4": ()}
+# the config field that limits what a query sees (widened, the model must change): sliding window or chunk
+LOCAL = {"mistral": "sliding_window", "gemma2": "sliding_window", "gemma3": "sliding_window",
+         "llama4": "attention_chunk_size"}
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -92,13 +105,13 @@ def _logits(model, impl: str, ids, **kw) -> torch.Tensor:
 
 
 def test_the_window_matters(arch):
-    """Guard on the test itself: past the window, a wider window changes a sliding model's logits."""
+    """Guard on the test itself: past the window (or chunk), a wider one changes the model's logits."""
     name, model = arch
-    if not SLIDING[name]:
-        pytest.skip("no sliding layers")
+    if name not in LOCAL:
+        pytest.skip("no sliding or chunked layers")
     ids = _ids(SEQ, 1)
     want = _logits(model, "eager", ids)
-    wide = type(model)(model.config.__class__(**{**model.config.to_dict(), "sliding_window": 4 * SEQ})).eval()
+    wide = type(model)(model.config.__class__(**{**model.config.to_dict(), LOCAL[name]: 4 * SEQ})).eval()
     wide.load_state_dict(model.state_dict())
     assert _rel(_logits(wide, "eager", ids), want) > 100 * TOL
 
