@@ -27,17 +27,25 @@ def _all_dense(segments: list[Segment]) -> bool:
     return all(isinstance(s, DenseSegment) and s.lengths is None for s in segments)
 
 
-def _positions(segments: list[Segment], tail_len: int, tail_start: int | None, device) -> list[torch.Tensor]:
-    """Cache positions of every part's slots: one ``[B|1, Hkv|1, N_i]`` int64 per segment, then the tail's."""
-    out = []
-    for i, seg in enumerate(segments):
-        if seg.positions is None:
-            raise ValueError(f"segment {i} ({type(seg).__name__}) carries no positions: a mask (sliding window, "
-                             "padding, chunks) cannot be applied to it; build segments with positions=")
-        out.append(seg.positions.to(device))
+def _allowed(visibility: Visibility, segments: list[Segment], tail_len: int, tail_start: int | None,
+             m: int, device) -> list[torch.Tensor]:
+    """Per part (each segment, then the tail) ``[B|1, Hkv|1, M, N_i]`` bool: which slots each query may see.
+
+    A segment without ``positions`` (a prefix built by hand) is accepted only where every query sees every
+    position before the tail (plain causal); otherwise there is no way to mask it and it raises.
+    """
     if tail_start is None:
         raise ValueError("tail_start is needed to apply a mask to the dense tail")
-    out.append(torch.arange(tail_start, tail_start + tail_len, device=device)[None, None])
+    out = []
+    for i, seg in enumerate(segments):
+        if seg.positions is not None:
+            out.append(visibility.allowed(seg.positions.to(device)))
+        elif visibility.sees_all_before(tail_start):
+            out.append(torch.ones(1, 1, m, seg.num_tokens, dtype=torch.bool, device=device))
+        else:
+            raise ValueError(f"segment {i} ({type(seg).__name__}) carries no positions: a mask (sliding window, "
+                             "padding, chunks) cannot be applied to it; build segments with positions=")
+    out.append(visibility.allowed(torch.arange(tail_start, tail_start + tail_len, device=device)[None, None]))
     return out
 
 
@@ -108,8 +116,7 @@ def segment_attention(q: torch.Tensor, segments: list[Segment], tail_k: torch.Te
         visibility = None                  # every stored key precedes the queries: the positional rule is causal
     allowed = None
     if visibility is not None:
-        pos = _positions(segments, tail_k.shape[-2], tail_start, q.device)
-        allowed = [visibility.allowed(p) for p in pos]              # [B|1, Hkv|1, M, N_i]
+        allowed = _allowed(visibility, segments, tail_k.shape[-2], tail_start, m, q.device)   # [B|1, Hkv|1, M, N_i]
     if not return_key_mass and softcap is None and _all_dense(segments):
         return _sdpa(q, segments, tail_k, tail_v, scale, causal,
                      None if allowed is None else _broadcast_cat(allowed))
@@ -159,13 +166,13 @@ def _refuse(module: torch.nn.Module, feature: str) -> NotImplementedError:
 # Attention-function kwargs that change the result and that the sphkv attention does not implement:
 # passing one (not None) raises at the first forward, naming the layer and the feature.
 REFUSED_KWARGS: dict[str, str] = {
-    "s_aux": "attention sinks (learned per-head sink logits, `s_aux`)",
-    "sinks": "attention sinks (learned per-head sink logits, `sinks`)",
-    "cu_seq_lens_q": "packed variable-length sequences (`cu_seq_lens_q`)",
-    "cu_seq_lens_k": "packed variable-length sequences (`cu_seq_lens_k`)",
-    "head_mask": "a head mask (`head_mask`)",
-    "attention_bias": "an additive attention bias (`attention_bias`)",
-    "alibi": "ALiBi position biases (`alibi`)",
+    "s_aux": "attention sinks (learned per-head sink logits, s_aux)",
+    "sinks": "attention sinks (learned per-head sink logits, sinks)",
+    "cu_seq_lens_q": "packed variable-length sequences (cu_seq_lens_q)",
+    "cu_seq_lens_k": "packed variable-length sequences (cu_seq_lens_k)",
+    "head_mask": "a head mask (head_mask)",
+    "attention_bias": "an additive attention bias (attention_bias)",
+    "alibi": "ALiBi position biases (alibi)",
 }
 
 
@@ -175,7 +182,7 @@ def _check_features(module: torch.nn.Module, dropout: float, kwargs: dict) -> No
             raise _refuse(module, feature)
     if getattr(module, "is_causal", True) is False:
         raise _refuse(module, "non-causal attention (encoder, bidirectional or cross-attention, "
-                              "`module.is_causal=False`)")
+                              "module.is_causal=False)")
     if dropout and module.training:
         raise _refuse(module, f"attention dropout in training (dropout={dropout})")
 

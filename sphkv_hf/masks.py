@@ -77,6 +77,17 @@ class Visibility:
         """True when nothing but causality applies (every stored key before the queries is visible)."""
         return self.mask is None and self.window is None
 
+    def sees_all_before(self, end: int) -> bool:
+        """True when every query may see every cache position ``< end`` (then slots of unknown position there
+        need no mask: a prefix built without ``positions`` on a plain causal model)."""
+        if end <= 0:
+            return True
+        if self.mask is None:
+            return self.window is None or int(self.q_pos.max()) - self.window < 0
+        if self.kv_offset > 0 or self.mask.shape[-1] < end:
+            return False
+        return bool(self.mask[..., :end].all())
+
     def allowed(self, key_pos: torch.Tensor) -> torch.Tensor:
         """``key_pos`` ``[B|1, H|1, N]`` int64 (``-1`` = padding slot) → ``[B|1, H|1, M, N]`` bool."""
         kp = key_pos[..., None, :]                                    # [B', H', 1, N]

@@ -183,3 +183,19 @@ def test_a_model_with_attention_sinks_is_refused_at_the_first_forward():
     model.set_attn_implementation(sphkv_hf.install())
     with pytest.raises(NotImplementedError, match=r"layer 0 \(GptOssAttention\): attention sinks"):
         model(torch.zeros(1, 5, dtype=torch.long), past_key_values=SphKVCache(None))
+
+
+def test_segments_without_positions_need_a_prefix_every_query_sees():
+    d = 16
+    k, v, q = _rand(1, 2, 10, d, seed=9), _rand(1, 2, 10, d, seed=10), _rand(1, 4, 2, d, seed=11)
+    seg = DenseSegment.build(k[..., :8, :], v[..., :8, :])                     # built by hand: no positions
+    qp, kp = torch.arange(8, 10), torch.arange(10)
+    causal = (kp[None, :] <= qp[:, None])[None, None]
+    got = segment_attention(q, [seg], k[..., 8:, :], v[..., 8:, :], tail_start=8,
+                            visibility=Visibility.for_queries(10, 2, mask=causal))
+    torch.testing.assert_close(got, segment_attention(q, [seg], k[..., 8:, :], v[..., 8:, :]), rtol=1e-6, atol=1e-6)
+    assert Visibility.for_queries(10, 2, window=10).sees_all_before(8)
+    assert not Visibility.for_queries(10, 2, window=9).sees_all_before(8)  # query 9 no longer sees position 0
+    with pytest.raises(ValueError, match="segment 0 .*carries no positions"):
+        segment_attention(q, [seg], k[..., 8:, :], v[..., 8:, :], tail_start=8,
+                          visibility=Visibility.for_queries(10, 2, window=4))
