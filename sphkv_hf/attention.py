@@ -157,10 +157,11 @@ def _broadcast_cat(allowed: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([a.expand(b, h, *a.shape[2:]) for a in allowed], -1)
 
 
-def _refuse(module: torch.nn.Module, feature: str) -> NotImplementedError:
+def _refuse(module: torch.nn.Module, feature: str, *, said: bool = False) -> NotImplementedError:
+    """``NotImplementedError`` naming the layer (``module.layer_idx``) and the feature (``said``: already a sentence)."""
     layer = getattr(module, "layer_idx", None)
-    where = f"layer {layer}" if layer is not None else type(module).__name__
-    return NotImplementedError(f"sphkv attention, {where} ({type(module).__name__}): {feature} is not supported")
+    where = f"layer {layer} ({type(module).__name__})" if layer is not None else type(module).__name__
+    return NotImplementedError(f"sphkv attention, {where}: {feature}" + ("" if said else " is not supported"))
 
 
 # Attention-function kwargs that change the result and that the sphkv attention does not implement:
@@ -220,7 +221,7 @@ def sphkv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         else:
             out = layer.attend(query, scaling, mask=attention_mask, sliding_window=sliding_window, softcap=softcap)
     except NotImplementedError as e:
-        raise _refuse(module, str(e)) from e
+        raise _refuse(module, str(e), said=True) from e
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
 
 
