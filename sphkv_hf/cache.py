@@ -96,6 +96,11 @@ class SphKVLayer(CacheLayerMixin):
 
     # -- transformers layer API --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self.codecs is not None and key_states.shape[-1] != self.codecs[0].config.head_dim:
+            d = self.codecs[0].config.head_dim
+            raise ValueError(f"the model's head_dim={key_states.shape[-1]} differs from the cache config's "
+                             f"head_dim={d}: build it with SphKVConfig.from_name(preset, "
+                             f"head_dim={key_states.shape[-1]})")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.tail_k = key_states[..., :0, :]
         self.tail_v = value_states[..., :0, :]

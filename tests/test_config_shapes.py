@@ -112,3 +112,11 @@ def test_from_name_rejects_unknown_preset_and_head_dim():
 
 def re_tuple(t) -> str:
     return str(t).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_cache_refuses_a_config_for_another_head_dim():
+    from sphkv_hf import SphKVCache
+
+    cache = SphKVCache(SphKVConfig.from_name("sphkv-4", head_dim=64))
+    with pytest.raises(ValueError, match=r"head_dim=256 differs .*head_dim=64.*from_name\(preset, head_dim=256\)"):
+        cache.update(torch.zeros(1, 1, 3, 256), torch.zeros(1, 1, 3, 256), 0)
