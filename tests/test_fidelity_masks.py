@@ -14,7 +14,7 @@ from sphkv import AngleKeyCodec, GroupValueQuantizer, SphKVConfig
 from sphkv_hf import CachePolicy, CodedSegment, DenseSegment, SphKVCache, segment_attention
 from sphkv_hf.attention import sphkv_attention_forward
 from sphkv_hf.masks import Visibility
-from sphkv_hf.retention import compress_cache
+from sphkv_hf.retention import ReplanConfig, Replanner, compress_cache
 
 VOCAB, WINDOW = 96, 12
 
@@ -150,8 +150,15 @@ def test_rdr_plans_only_global_layers_of_a_sliding_model():
     assert cache.retention_layers == (2,) and res.store.num_layers == 1
     assert cache.stored_bytes() == res.stored_bytes + window_bytes <= budget
     assert all(l.tail_k.shape[-2] == WINDOW - 1 for l in cache.layers[:2])   # windows untouched
-    out = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(64, 70)]   # decode runs
-    assert all(bool(torch.isfinite(o).all()) for o in out) and cache.get_seq_length() == 70
+    rp = Replanner(cache, ReplanConfig(budget_bytes=budget, every=2, sinks=4))
+    out = []
+    for t in range(64, 70):                                                 # decode with re-planning
+        out.append(model(ids[:, t:t + 1], past_key_values=cache).logits)
+        rp.step()
+    rp.close()
+    assert len(rp.reports) == 3 and all(bool(torch.isfinite(o).all()) for o in out)
+    assert cache.get_seq_length() == 70 and cache.stored_bytes() <= budget
+    assert cache.layers[0].key_mass_hook is None and all(l.tail_k.shape[-2] == WINDOW - 1 for l in cache.layers[:2])
     with pytest.raises(ValueError, match="windows alone take"):
         c2 = SphKVCache(None, policy=CachePolicy(mode="dense", observe_window=8))
         model(ids[:, :64], past_key_values=c2)
