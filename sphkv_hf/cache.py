@@ -6,6 +6,13 @@ enter the tail; the forward's attention (:func:`sphkv_hf.attention.sphkv_attenti
 over segments + tail, and afterwards, in ``mode="paged"``, every full page of the tail is coded and
 appended to the prefix (the partial last page stays dense: the recent window).
 :meth:`SphKVCache.compress` codes the whole tail, partial page included (compress-after-prefill).
+Without a codec (``config=None``) the cache is lossless; with ``CachePolicy(page_size=P)`` its full pages
+still move into (dense) segments, so the lossless cache runs the same page and window code.
+
+Every stored slot knows its cache position, so transformers' masks (causal, sliding window, chunked,
+padding) apply slot by slot (:mod:`sphkv_hf.masks`). A layer whose attention passes a ``sliding_window``
+becomes a sliding layer: after each forward it drops the pages (and tail tokens) no later query can see,
+so it holds about its window and its bytes count only that.
 
 The stored prefix of a layer can be swapped for any set of segments (:meth:`SphKVLayer.replace_prefix`,
 :meth:`SphKVCache.from_prefix`) — pages of several tiers, tokens dropped per kv head — without
