@@ -28,14 +28,18 @@ def _rel(got, want) -> float:
 
 
 def test_importing_registers_nothing_install_registers_attention_and_mask():
-    code = ("import sphkv_hf\n"
-            "from transformers import AttentionInterface\n"
+    code = ("import sys, sphkv_hf\n"
             "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as M\n"
-            "assert 'sphkv' not in AttentionInterface._global_mapping and 'sphkv' not in M._global_mapping\n"
-            "sphkv_hf.install()\n"
-            "assert AttentionInterface._global_mapping['sphkv'] is sphkv_hf.sphkv_attention_forward\n"
-            "assert M._global_mapping['sphkv'] is M._global_mapping['sdpa']\n")
+            "assert 'sphkv' not in M._global_mapping\n"
+            "mu = sys.modules.get('transformers.modeling_utils')   # where the attention registry lives\n"
+            "assert mu is None or 'sphkv' not in mu.AttentionInterface._global_mapping\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as M
+
+    assert sphkv_hf.install() == "sphkv"
+    assert AttentionInterface._global_mapping["sphkv"] is sphkv_hf.sphkv_attention_forward
+    assert M._global_mapping["sphkv"] is M._global_mapping["sdpa"]
 
 
 def _window_reference(q, k, v, q_pos, window, scale, softcap=None):
