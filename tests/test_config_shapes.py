@@ -120,3 +120,11 @@ def test_cache_refuses_a_config_for_another_head_dim():
     cache = SphKVCache(SphKVConfig.from_name("sphkv-4", head_dim=64))
     with pytest.raises(ValueError, match=r"head_dim=256 differs .*head_dim=64.*from_name\(preset, head_dim=256\)"):
         cache.update(torch.zeros(1, 1, 3, 256), torch.zeros(1, 1, 3, 256), 0)
+
+
+@pytest.mark.parametrize("page_size", [0, 3, 48, 2.0])
+def test_cache_policy_page_size_must_be_a_power_of_two(page_size):
+    from sphkv_hf import CachePolicy
+
+    with pytest.raises(ValueError, match=rf"page_size={page_size!r} must be a power of two >= 1 \(or None\)"):
+        CachePolicy(page_size=page_size)
