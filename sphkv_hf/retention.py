@@ -37,7 +37,8 @@ import torch
 
 from sphkv.pages import PagedStore
 from sphkv.pages.arenas import kind_of, tier_kind
-from sphkv.retention import AttentionMassTracker, RetentionConfig, RetentionResult, compress_variant
+from sphkv.retention import AttentionMassTracker, RetentionConfig, RetentionResult, VARIANTS, compress_prefill
+from sphkv.retention import compress_variant
 from sphkv.retention import protected_mask, shrink_store
 from sphkv.keys import KeyCode
 from sphkv.values import ValueCode
@@ -139,37 +140,68 @@ def compress_cache(cache: SphKVCache, budget_fraction: float | None = None, *, b
     The :class:`sphkv.retention.RetentionResult` (also kept as ``cache.retention``). Afterwards every
     layer's prefix is :func:`store_segments` of its store and its tail is empty, so
     ``cache.stored_bytes() == result.stored_bytes <= budget``; ``get_seq_length()`` is unchanged.
+
+    Sliding layers (a model with sliding-window layers) already hold only their window, all of it visible to
+    the next query: RDR leaves them as they are and plans only the global layers (``cache.retention_layers``,
+    store layer ``j`` = cache layer ``retention_layers[j]``). The budget covers both: a fraction applies to the
+    bf16 bytes of every token held (global layers' positions + the windows), the windows' bytes come off it,
+    and ``cache.stored_bytes() == result.stored_bytes + window bytes <= budget``.
     """
     if not cache.layers:
         raise ValueError("the cache is empty: prefill before compress_cache")
+    planned = [i for i, layer in enumerate(cache.layers) if layer.sliding_window is None]
+    if not planned:
+        raise ValueError("every layer is a sliding layer: its window is all it keeps, nothing is left for RDR to plan")
     keys, values, queries = [], [], []
-    for i, layer in enumerate(cache.layers):
+    for i in planned:
+        layer = cache.layers[i]
         if layer.observed_queries is None:
             raise ValueError(f"layer {i} observed no queries: prefill with CachePolicy(observe_window=W), W >= 1")
         k, v = layer.dense_kv()
         if k.shape[0] != 1:
             raise ValueError(f"compress_cache needs batch 1, got batch {k.shape[0]}")
+        if k.shape[-2] != layer.seen:
+            raise ValueError(f"layer {i} holds {k.shape[-2]} of {layer.seen} positions: compress_cache plans a "
+                             "freshly prefilled cache (every position kept)")
         keys.append(k.to(torch.float32))
         values.append(v.to(torch.float32))
         queries.append(layer.observed_queries)
-    if budget_bytes is not None:
-        from sphkv.retention import compress_prefill, VARIANTS
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r} is not registered; allowed: {sorted(VARIANTS)}")
-        res = compress_prefill(keys, values, queries, VARIANTS[variant](keys[0].shape[-1], page_size),
-                               budget_bytes=budget_bytes, config=config, sm_scale=sm_scale)
-    else:
-        if budget_fraction is None:
-            raise ValueError("give budget_fraction or budget_bytes")
-        if not 0.0 < budget_fraction <= 1.0:
-            raise ValueError(f"budget_fraction={budget_fraction!r} must be in (0, 1]")
+    if budget_bytes is None and budget_fraction is None:
+        raise ValueError("give budget_fraction or budget_bytes")
+    if budget_bytes is None and not 0.0 < budget_fraction <= 1.0:
+        raise ValueError(f"budget_fraction={budget_fraction!r} must be in (0, 1]")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not registered; allowed: {sorted(VARIANTS)}")
+    windows = [i for i in range(len(cache.layers)) if i not in planned]
+    if not windows and budget_bytes is None:
         res = compress_variant(variant, keys, values, queries, budget_fraction, config=config,
                                page_size=page_size, sm_scale=sm_scale)
-    for l, layer in enumerate(cache.layers):
-        layer.replace_prefix(store_segments(res.store, l))
+    else:
+        # Sliding layers keep exactly their window (every token of it stays visible to the next query; nothing
+        # outside it is kept), untouched by RDR; their bytes come off the budget, RDR plans the global layers.
+        window_bytes = sum(cache.layers[i].stored_bytes() for i in windows)
+        if budget_bytes is None:
+            held = sum(cache.layers[i].rows_and_dim()[0] * cache.layers[i].rows_and_dim()[1] *
+                       (cache.layers[i].seen if i in planned else _held_tokens(cache.layers[i]))
+                       for i in range(len(cache.layers)))
+            budget_bytes = int(budget_fraction * held * 2 * 2)
+        rdr_budget = budget_bytes - window_bytes
+        if rdr_budget <= 0:
+            raise ValueError(f"the sliding layers' windows alone take {window_bytes} bytes, budget_bytes="
+                             f"{budget_bytes}: nothing is left for the global layers")
+        res = compress_prefill(keys, values, queries, VARIANTS[variant](keys[0].shape[-1], page_size),
+                               budget_bytes=rdr_budget, config=config, sm_scale=sm_scale)
+    for j, i in enumerate(planned):
+        layer = cache.layers[i]
+        layer.replace_prefix(store_segments(res.store, j))
         layer.tail_k, layer.tail_v = layer.tail_k[..., :0, :], layer.tail_v[..., :0, :]
     cache.retention = res
+    cache.retention_layers = tuple(planned)
     return res
+
+
+def _held_tokens(layer) -> int:
+    return sum(s.num_tokens for s in layer.segments) + (0 if layer.tail_k is None else layer.tail_k.shape[-2])
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,10 +241,11 @@ class Replanner:
         if res is None:
             raise ValueError("the cache was not compressed with compress_cache")
         self.cache, self.config, self.store = cache, config, res.store
+        self.layers = getattr(cache, "retention_layers", tuple(range(len(cache.layers))))   # store layer → cache layer
         self.tracker = AttentionMassTracker(res.utility.to(torch.float32), decay=config.decay)
         self.steps, self.reports = 0, []
-        for l, layer in enumerate(cache.layers):
-            layer.key_mass_hook = self._hook(l)
+        for l, i in enumerate(self.layers):
+            cache.layers[i].key_mass_hook = self._hook(l)
 
     def _hook(self, l: int):
         def hook(layer, masses):
@@ -234,7 +267,10 @@ class Replanner:
         return hook
 
     def tail_bytes(self) -> int:
-        return sum(layer.stored_bytes() - sum(s.nbytes for s in layer.segments) for layer in self.cache.layers)
+        """Bytes outside the store: the planned layers' dense tails and the sliding layers' windows."""
+        planned = set(self.layers)
+        return sum(layer.stored_bytes() - (sum(s.nbytes for s in layer.segments) if i in planned else 0)
+                   for i, layer in enumerate(self.cache.layers))
 
     def step(self) -> bool:
         """Count one decode step; re-plan when due. Returns True when it re-planned."""
@@ -253,8 +289,8 @@ class Replanner:
         u = self.tracker.utility()
         rep = shrink_store(self.store, u, target, protected=protected_mask(u.shape[-1], sinks=self.config.sinks,
                                                                             recent=0))
-        for l, layer in enumerate(self.cache.layers):
-            layer.replace_prefix(store_segments(self.store, l))
+        for l, i in enumerate(self.layers):
+            self.cache.layers[i].replace_prefix(store_segments(self.store, l))
         self.reports.append(rep)
         return rep
 

@@ -82,6 +82,33 @@ class Segment:
         m = self.valid_mask()
         return s if m is None else s.masked_fill(~m[:, :, None, :], float("-inf"))
 
+    def _invisible_prefix(self, cutoff: int) -> int | None:
+        """Leading slots whose positions (in every row) are ``< cutoff``; None when every valid slot is."""
+        pos = self.positions
+        valid = self.valid_mask()
+        below = pos < cutoff if valid is None else (pos < cutoff) | ~valid
+        if bool(below.all()):
+            return None
+        row = below.reshape(-1, below.shape[-1]).all(0)               # [N]: slot below cutoff in every row
+        return int(row.to(torch.int64).cumprod(0).sum())
+
+    def drop_before(self, cutoff: int) -> "Segment | None":
+        """This segment without the slots at positions ``< cutoff`` that can be cut off (a sliding window moved
+        past them): None when no slot is left, else the segment minus whole leading slots (whole pages for a
+        coded segment). Padded per-head segments and segments without positions are kept whole or dropped whole."""
+        if self.positions is None:
+            return self
+        n = self._invisible_prefix(cutoff)
+        if n is None:
+            return None
+        if n == 0 or self.lengths is not None:
+            return self
+        return self._slice_from(n)
+
+    def _slice_from(self, n: int) -> "Segment":
+        """The slots ``n:`` (unpadded segments); a subclass may round ``n`` down to its storage unit."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class DenseSegment(Segment):
@@ -101,6 +128,7 @@ class DenseSegment(Segment):
 
     k: torch.Tensor = None
     v: torch.Tensor = None
+    page_size: int | None = None            # set by build(page_size=): whole pages, metadata counted
 
     @classmethod
     def build(cls, k: torch.Tensor, v: torch.Tensor, *, lengths: torch.Tensor | None = None,
@@ -109,7 +137,7 @@ class DenseSegment(Segment):
         b, h, n, d = k.shape
         if nbytes is None:
             nbytes = dense_bytes(_row_counts(lengths, b, h, n), d, page_size=page_size)
-        return cls(nbytes, k=k, v=v, lengths=lengths, positions=positions)
+        return cls(nbytes, k=k, v=v, lengths=lengths, positions=positions, page_size=page_size)
 
     @property
     def num_tokens(self) -> int:
@@ -120,6 +148,16 @@ class DenseSegment(Segment):
 
     def mix(self, p: torch.Tensor) -> torch.Tensor:
         return p @ self.v.to(torch.float32)
+
+    def _slice_from(self, n: int) -> "DenseSegment":
+        if self.page_size is not None:
+            n = (n // self.page_size) * self.page_size       # a paged segment frees whole pages
+            if n == 0:
+                return self
+        k, v = self.k[..., n:, :], self.v[..., n:, :]
+        b, h, m, d = k.shape
+        nbytes = dense_bytes([m] * (b * h), d, page_size=self.page_size)
+        return DenseSegment(nbytes, k=k, v=v, positions=self.positions[..., n:], page_size=self.page_size)
 
 
 @dataclass(frozen=True)
@@ -204,6 +242,18 @@ class CodedSegment(Segment):
         return CodedSegment(coded_bytes([n] * (b * h), self.kcodec, self.vquant), kcode=kcode, vcode=vcode,
                             kcodec=self.kcodec, vquant=self.vquant,
                             positions=None if self.positions is None else self.positions[..., :n])
+
+    def _slice_from(self, n: int) -> "CodedSegment":
+        p = self.kcodec.config.page_size
+        n = (n // p) * p                                     # whole pages only (page means, page metadata)
+        if n == 0:
+            return self
+        kc, vc = self.kcode, self.vcode
+        kcode = KeyCode(kc.codes[..., n:, :], kc.radius[..., n:], None if kc.mean is None else kc.mean[..., n // p:, :])
+        vcode = ValueCode(vc.codes[..., n:, :], vc.scale[..., n:, :], vc.zero[..., n:, :])
+        b, h = kc.codes.shape[:2]
+        return CodedSegment(coded_bytes([self.num_tokens - n] * (b * h), self.kcodec, self.vquant), kcode=kcode,
+                            vcode=vcode, kcodec=self.kcodec, vquant=self.vquant, positions=self.positions[..., n:])
 
     def append(self, other: "CodedSegment") -> "CodedSegment":
         """This segment followed by ``other`` (same codecs, no padding, this one whole pages)."""
