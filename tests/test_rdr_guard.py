@@ -129,3 +129,25 @@ def test_per_layer_distortion_moves_bytes_to_the_sensitive_layer():
         allocate(u, costs, 10 ** 6, layer_distortion=dist[:, :2])
     with pytest.raises(ValueError, match="nondecreasing"):
         allocate(u, costs, 10 ** 6, layer_distortion=dist.flip(1))
+
+
+def test_pooled_utility_is_the_max_attention_over_strided_queries():
+    """By hand: a key only an early query attends to keeps its utility although the last window ignores it."""
+    from sphkv.retention import RetentionInputs, make_policy, max_attention
+
+    d, n = 4, 6
+    k = torch.zeros(1, n, d)
+    k[0, 1, 0] = 8.0                                  # key 1 matches query A
+    k[0, 5, 1] = 8.0                                  # key 5 matches query B
+    qa = torch.tensor([1.0, 0, 0, 0]) * 2
+    qb = torch.tensor([0, 1.0, 0, 0]) * 2
+    q = torch.stack([qa, qb])[None]                   # [Hq=1, M=2, d]
+    pos = torch.tensor([2, 5])                        # A at position 2 (sees keys 0..2), B at 5
+    m = max_attention(k, q, pos)
+    pa = torch.softmax(torch.tensor([0.0, 16.0, 0.0]) / 2, -1)    # A over keys 0..2, scale 1/sqrt(4)
+    pb = torch.softmax(torch.tensor([0.0, 0, 0, 0, 0, 16.0]) / 2, -1)
+    want = torch.maximum(torch.cat([pa, torch.zeros(3)]), pb)
+    assert torch.allclose(m[0], want, atol=1e-6)
+    u = make_policy("pooled", kernel=1).score(RetentionInputs(k=k, q=q, q_positions=pos))
+    snap = make_policy("snapkv", kernel=1).score(RetentionInputs(k=k, q=q[:, 1:]))    # the last query only
+    assert float(u[0, 1]) > 0.9 and float(snap[0, 1]) < 1e-3
