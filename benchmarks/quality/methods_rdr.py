@@ -4,8 +4,10 @@
 * ``ada+rdr@f`` — query-agnostic RDR: tiers dense / sphkv-8 / sphkv-5b / sphkv-4b / sphkv-3b / sphkv-2b /
   drop (:func:`sphkv.retention.ada_b_tierset`, the tuned presets), utility = the largest attention each
   token receives from queries strided over the whole context (every 32nd position) plus the last 32
-  (``policy="pooled"``), tier distortion calibrated on every layer, the floor (nothing dropped while
-  every token fits at sphkv-2b) and the allocator's uniform guard. The ADA tiers are attended through
+  (``policy="pooled"``) plus the (layer, kv head)'s mean utility (``prior=1``: no token is worth less
+  than an average one — the next question may ask for any of them), tier distortion calibrated on
+  every layer (last 384 tokens), the floor (nothing dropped while every token fits at sphkv-2b) and the
+  allocator's uniform guard. The ADA tiers are attended through
   :class:`sphkv_hf.segments.CodedSegment` built from the store's own codes (logits from codes).
 * ``ada+rdr-v0@f`` — the previous RDR for comparison: tiers dense / sphkv-8 / sphkv-4 / sphkv-3 / drop,
   SnapKV-style utility of the last 32 queries only, one distortion per tier, no floor.
@@ -37,7 +39,8 @@ __all__ = ["RDR", "FRACTIONS"]
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PAGE = 64
 QUICK = {"ada+rdr@0.10", "ada+rdr@0.25"}
-ROBUST = RetentionConfig(policy="pooled", floor=True, per_layer=True)
+ROBUST = RetentionConfig(policy="pooled", floor=True, per_layer=True, prior=1.0, calib_tokens=384)
+_CALIB: dict = {}          # (tier set, id(context)) -> (context, calibration): shared by every budget
 TIERSETS = {"ada+rdr": "ada-b+rdr", "ada+rdr-v0": "ada+rdr", "rdkv": "rdkv", "dense+rdr": "dense+rdr"}
 
 
@@ -50,7 +53,6 @@ class RDR:
     name: str = "rdr"
     config: RetentionConfig | None = None              # default: ROBUST for "ada+rdr", else RetentionConfig()
     summaries: list = field(default_factory=list)      # one per build(); the first is the continuation context
-    _calib: dict = field(default_factory=dict, repr=False)   # id(base context) -> (context, calibration)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -65,7 +67,8 @@ class RDR:
         cfg = self.config or (ROBUST if robust else RetentionConfig())
         pooled = robust and ctx.pooled_queries is not None
         root = ctx.base or ctx
-        hit = self._calib.get(id(root))
+        key = (TIERSETS[self.variant], cfg.per_layer, cfg.calib_tokens, id(root))
+        hit = _CALIB.get(key)
         calib = hit[1] if hit is not None and hit[0] is root else None
         res = compress_variant(TIERSETS[self.variant], [k.to(torch.float32) for k in ctx.keys],
                                [v.to(torch.float32) for v in ctx.values],
@@ -73,7 +76,8 @@ class RDR:
                                page_size=PAGE, q_positions=ctx.pooled_positions if pooled else None,
                                calibration=calib)
         if calib is None:
-            self._calib[id(root)] = (root, res.calibration)
+            _CALIB.clear()                                       # one context length at a time
+            _CALIB[key] = (root, res.calibration)
         prefix = CompressedPrefix.of(store_prefix(res.store), ctx)
         if prefix.nbytes != res.stored_bytes:
             raise AssertionError(f"segments hold {prefix.nbytes} bytes, the store {res.stored_bytes}")

@@ -122,6 +122,19 @@ def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path
     return rows
 
 
+def write_reports(rows: list[dict], out_json: Path, stem: str, corpora: list[str], *, plots: bool) -> None:
+    """``<out>.md`` (table, RDR checks, preset targets) and ``<stem>-rd-<corpus>.png`` per corpus."""
+    from .report import markdown_table, rate_distortion_plot, rdr_check, target_check
+
+    text = markdown_table(rows) + "\n" + rdr_check(rows) + "\n" + target_check(rows)
+    out_json.with_suffix(".md").write_text(text)
+    if plots:
+        for corpus in corpora:
+            rate_distortion_plot([r for r in rows if r["corpus"] == corpus],
+                                 out_json.parent / f"{stem}-rd-{corpus}.png")
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     from .corpora import CORPORA
     from .models import MODELS, available_models
@@ -141,7 +154,16 @@ def main(argv: list[str] | None = None) -> None:
                          "when other processes compete for the two cores)")
     ap.add_argument("--out", type=Path, default=None, help="output JSON path")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="no run: combine these row files (e.g. one per corpus, run side by side) into --out "
+                         "(+ .md and one rate-distortion plot per corpus)")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [r for p in args.merge for r in json.loads(p.read_text())]
+        out = args.out or RESULTS / "quality-quick.json"
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        write_reports(rows, out, out.stem, sorted({r["corpus"] for r in rows}), plots=True)
+        return
 
     import torch
 
@@ -166,15 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     corpora = args.corpora or (["essays"] if args.smoke else sorted(CORPORA))
     rows = run(contexts, names, score_len=score_len, out_json=out_json, models=models, corpora=corpora,
                progress=not args.no_progress)
-    from .report import markdown_table, rate_distortion_plot, rdr_check, target_check
-
-    text = markdown_table(rows) + "\n" + rdr_check(rows) + "\n" + target_check(rows)
-    out_json.with_suffix(".md").write_text(text)
-    if not args.smoke:
-        for corpus in corpora:
-            rate_distortion_plot([r for r in rows if r["corpus"] == corpus],
-                                 out_json.parent / f"{stem}-rd-{corpus}.png")
-    print(text)
+    write_reports(rows, out_json, out_json.stem, corpora, plots=not args.smoke)
     print(f"[quality] {len(rows)} rows in {time.time() - t0:.0f}s → {out_json}")
 
 

@@ -282,16 +282,18 @@ def ada_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
 
 
 def ada_b_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
-    """``dense`` > ``sphkv-8`` > ``sphkv-5b`` > ``sphkv-4b`` > ``sphkv-3b`` > ``sphkv-2b`` (uncalibrated).
+    """``sphkv-8`` > ``sphkv-5b`` > ``sphkv-4b`` > ``sphkv-3b`` > ``sphkv-2b`` (uncalibrated).
 
-    The tuned presets (bits moved from values to keys) at one page size: the uniform ``sphkv-4b``
-    point of the harness is a feasible plan of this set, and ``sphkv-2b`` (~2.5 bits) is the floor.
+    The tuned presets (bits moved from values to keys) at one page size; ``sphkv-2b`` (~2.5 bits) is
+    the floor. No dense tier: protected tokens (sinks, recent window) sit in ``sphkv-8`` pages (8 bits,
+    near lossless), so protecting 36 tokens costs half a dense page per (layer, kv head) — at a 25%
+    budget of a 2K context a dense page alone is 12.5% of it.
     """
     def mk(name: str) -> Tier:
         return Tier(name, SphKVConfig.from_name(name, head_dim=head_dim, page_size=page_size,
                                                 value_group=min(64, head_dim)))
 
-    return TierSet((Tier("dense"),) + tuple(mk(n) for n in ("sphkv-8", "sphkv-5b", "sphkv-4b", "sphkv-3b", "sphkv-2b")),
+    return TierSet(tuple(mk(n) for n in ("sphkv-8", "sphkv-5b", "sphkv-4b", "sphkv-3b", "sphkv-2b")),
                    head_dim=head_dim, page_size=page_size)
 
 
