@@ -154,3 +154,25 @@ def rdr_check(rows: list[dict]) -> str:
                        f"{full['retrieval_rate']:.3f} (>= half: {'yes' if ok_ret else 'no'}; "
                        f"equal: {'yes' if r10['retrieval_rate'] >= full['retrieval_rate'] else 'no'})\n")
     return "".join(out)
+
+
+SUMMARY_METHODS = ("full", "sphkv-4b+sink", "ada+rdr@0.25", "ada+rdr@0.10", "h2o@0.10", "snapkv@0.10",
+                   "streamingllm@0.10", "pyramidkv@0.10")
+
+
+def summary_table(rows: list[dict]) -> str:
+    """README table: per method, NLL change and retrieval (hits of 24) for every (model, corpus, context)."""
+    cols = sorted({(r.get("model", ""), r.get("corpus", ""), r["context"]) for r in rows})
+    by = {(r.get("model", ""), r.get("corpus", ""), r["context"], r["method"]): r for r in rows}
+    head = "| method | bits/elem | " + " | ".join(f"{c} {n // 1024}K" for _, c, n in cols) + " |\n"
+    head += "|---|---|" + "---|" * len(cols) + "\n"
+    body = ""
+    for m in SUMMARY_METHODS:
+        rs = [by.get((*c, m)) for c in cols]
+        if not any(rs):
+            continue
+        bits = sorted({f"{r['bits_per_element']:.2f}" for r in rs if r})
+        cells = ["–" if r is None else f"{r['nll_delta_pct']:+.2f}%, {round(r['retrieval_rate'] * r['retrieval_cases'])}/"
+                 f"{r['retrieval_cases']}" for r in rs]
+        body += f"| {m} | {' / '.join(bits)} | " + " | ".join(cells) + " |\n"
+    return head + body
