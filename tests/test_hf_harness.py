@@ -130,3 +130,18 @@ def test_ada_reuses_shared_pages_bit_identically(ctx):
         assert torch.equal(ca.kcode.codes, cb.kcode.codes) and torch.equal(ca.kcode.radius, cb.kcode.radius)
         assert torch.equal(ca.kcode.mean, cb.kcode.mean) and torch.equal(ca.vcode.codes, cb.vcode.codes)
         assert torch.equal(ca.vcode.scale, cb.vcode.scale)
+
+
+def test_fast_logits_equal_the_adc_gemm():
+    from benchmarks.quality.tasks import fast_logits_from_codes
+    from sphkv import AngleKeyCodec, SphKVConfig
+    from sphkv.logits import logits_adc
+
+    g = torch.Generator().manual_seed(0)
+    for preset in ("sphkv-4b", "sphkv-2b", "sphkv-8"):
+        codec = AngleKeyCodec(SphKVConfig.from_name(preset))
+        code = codec.encode(torch.randn(1, 3, 192, 64, generator=g) * 4)
+        q = torch.randn(1, 3, 40, 64, generator=g)
+        ref = logits_adc(q, code, codec)
+        got = fast_logits_from_codes(q, code, codec)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

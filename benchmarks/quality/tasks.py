@@ -17,6 +17,12 @@ math for every method, the full bf16 cache included, so differences come from th
 * Fidelity: over the ``S`` scored positions, mean relative L2 error of the logits and mean
   KL(full ‖ method) of the next-token distributions, plus per layer the relative error of the
   attention block's output (errors accumulate through the layers, as in real use).
+* Speed: coded segments' logits for many queries (a 256-token continuation, a question) are computed
+  as ``q_rot · k̂_rot`` with ``k̂_rot`` built from the same codes (level-1 angle centres × pair radii
+  of the higher levels, plus the page mean) — the same sum as :func:`sphkv.logits.logits_adc`'s
+  one-hot GEMM, in a 64-wide instead of a (d/2 · n1)-wide product (16x fewer FLOPs on CPU); decode-
+  sized calls keep the LUT recurrence (:func:`fast_logits_from_codes`, checked against ``logits_adc``
+  in the tests).
 * Queries for query-agnostic utilities: each prefill keeps the post-RoPE queries at every
   ``pool_stride``-th position and of the last ``window`` tokens (``PrefillContext.pooled_queries``).
 """
@@ -30,10 +36,27 @@ import torch.nn.functional as F
 from sphkv_hf import CachePolicy, SphKVCache
 from sphkv_hf.segments import DenseSegment
 
+import sphkv_hf.segments as _segments
+from sphkv.logits import logits_from_codes, mean_logits, pair_radii
+
 from .methods import CompressedPrefix, Method, PrefillContext
 from .retrieval import TASKS, build_suite
 
-__all__ = ["ContextTask", "TaskResult"]
+__all__ = ["ContextTask", "TaskResult", "fast_logits_from_codes"]
+
+
+def fast_logits_from_codes(q, code, codec, *, rotated: bool = False):
+    """:func:`sphkv.logits.logits_from_codes` for many queries as ``q_rot · k̂_rot`` from the codes (same sum)."""
+    if q.shape[-2] * codec.centers[0].numel() <= 64:
+        return logits_from_codes(q, code, codec, rotated=rotated)
+    q_rot = q.to(torch.float32) if rotated else codec.rotate(q)
+    c1, rho = pair_radii(code, codec)                                        # [..., N, d/2] each
+    ang = codec.centers[0].to(q_rot.device)[c1]
+    k_rot = torch.stack([rho * torch.cos(ang), rho * torch.sin(ang)], -1).flatten(-2)   # [..., N, d]
+    return q_rot @ k_rot.transpose(-1, -2) + mean_logits(q_rot, code, codec)
+
+
+_segments.logits_from_codes = fast_logits_from_codes      # CodedSegment.logits in the harness's forwards
 
 
 @dataclass
