@@ -47,8 +47,15 @@ stub: $(STUB)
 serve: env
 	VENV=$(VENV) STUB_DIR=$(STUB_DIR) bash scripts/serve.sh
 
+# Every (model, corpus) pair at 2K and 4K; one process per corpus side by side (two cores), then merged.
+QQ := $(CURDIR)/.cache/quality-quick
 quality-quick: env
-	$(PY) -m benchmarks.quality.run --quick
+	@mkdir -p $(QQ)
+	$(PY) -m benchmarks.quality.run --quick --corpora essays --out $(QQ)/essays.json --no-progress & e=$$!; \
+	$(PY) -m benchmarks.quality.run --quick --corpora pydocs --out $(QQ)/pydocs.json --no-progress & p=$$!; \
+	wait $$e && wait $$p
+	$(PY) -m benchmarks.quality.run --merge $(QQ)/essays.json $(QQ)/pydocs.json \
+	  --out benchmarks/results/quality-quick.json
 
 quality: env
 	$(PY) -m benchmarks.quality.run

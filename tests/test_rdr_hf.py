@@ -175,15 +175,15 @@ def test_registered_rdr_methods_produce_rows():
     model = _tiny(vocab=len(tok), head_dim=64, kv=1)
     reg = load_methods()
     for f in ("0.05", "0.10", "0.25", "0.50"):
-        assert {f"ada+rdr@{f}", f"rdkv@{f}", f"dense+rdr@{f}"} <= set(reg)
-    assert all(reg[n].quick for n in ("ada+rdr@0.10", "ada+rdr@0.25", "rdkv@0.10"))
+        assert {f"ada+rdr@{f}", f"ada+rdr-v0@{f}", f"rdkv@{f}", f"dense+rdr@{f}"} <= set(reg)
+    assert all(reg[n].quick for n in ("ada+rdr@0.10", "ada+rdr@0.25"))
     task = ContextTask(model, tok, essay_ids(tok, 1024 + 33), 1024, score_len=32)
     ref = task.run(reg["full"].factory())
-    keys = {"method", "bits_per_element", "context", "nll", "nll_delta_pct", "needle_hit_rate", "answer_nll",
-            "logit_rel_err", "budget_fraction", "metadata_overhead_pct"}
-    for name in ("ada+rdr@0.10", "rdkv@0.25", "dense+rdr@0.10"):
+    keys = {"model", "corpus", "method", "bits_per_element", "context", "nll", "nll_delta_pct", "needle_hit_rate",
+            "retrieval_rate", "answer_nll", "logit_rel_err", "budget_fraction", "metadata_overhead_pct", "plan_source"}
+    for name in ("ada+rdr@0.10", "ada+rdr@0.25", "rdkv@0.25", "dense+rdr@0.10"):
         m = reg[name].factory()
-        row = _row(name, reg[name], m, 1024, task.run(m), ref, 0.0)
-        assert keys <= set(row)
+        row = _row(name, reg[name], m, 1024, task.run(m), ref, 0.0, "tiny", "essays")
+        assert keys <= set(row) and row["retrieval_cases"] == 24
         assert row["bits_per_element"] <= 16 * float(name.split("@")[1]) + 1e-9
         assert 0 < row["metadata_overhead_pct"] < 5 and row["stored_bytes"] <= row["budget_bytes"]

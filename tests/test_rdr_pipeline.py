@@ -33,7 +33,7 @@ def test_variants_respect_budget_and_report_exact_bytes(name, fraction):
     assert res.plan.budget_bytes == budget
     assert res.stored_bytes == res.plan.stored_bytes <= budget
     assert res.bits_per_element <= 16 * fraction + 1e-9
-    assert res.tierset.distortion and res.tierset.distortion[0] == 0.0
+    assert res.tierset.distortion and (res.tierset.distortion[0] == 0.0) == res.tierset.tiers[0].dense
     summary = res.summary()
     json.dumps(summary)
     assert summary["metadata_overhead"] <= 0.02 and summary["budget_fraction"] == fraction

@@ -112,14 +112,14 @@ def _reg(name: str, quick: bool = False, group: str = "sphkv", **kw) -> None:
 
 SINK = 4
 for _p in ("sphkv-4", "sphkv-3", "sphkv-2"):          # the core presets as they stand, and what moves them
-    _reg(_p, quick=_p == "sphkv-4", preset=_p)
+    _reg(_p, preset=_p)
     _reg(f"{_p}+sink", group="sphkv+sink", preset=_p, sink=SINK)
     _reg(f"{_p}-nocenter", group="sphkv-nocenter", preset=_p, overrides={"center": "none"})
 _reg("sphkv-4-uniform", group="sphkv-4 variants", preset="sphkv-4", overrides={"codebook": "uniform"})
 _reg("sphkv-4-fitted", group="sphkv-4 variants", preset="sphkv-4", fitted=True)
 _reg("sphkv-4-sinkpage", group="sphkv-4 variants", preset="sphkv-4", sink=64)
 for _p in ("sphkv-5b", "sphkv-4b", "sphkv-3b", "sphkv-2b"):   # tuned presets, with the sinks
-    _reg(f"{_p}+sink", quick=_p != "sphkv-5b", group="sphkv-b+sink", preset=_p, sink=SINK)
+    _reg(f"{_p}+sink", quick=_p == "sphkv-4b", group="sphkv-b+sink", preset=_p, sink=SINK)
 _reg("sphkv-2b-lo+sink", group="sphkv-b+sink", preset="sphkv-2b", sink=SINK,   # the low end, ~2.2 bits
      overrides={"level_bits": (2, 1, 1, 1, 1, 2), "page_size": 128})
 _reg("sphkv-4b", group="sphkv-4 variants", preset="sphkv-4b")                 # tuned, without the sinks

@@ -14,6 +14,8 @@ A method turns the dense KV of a prefilled context into a compressed prefix::
   (the observation window), the model config, and ``dense_bytes`` (bytes of the bf16 prefix, the
   reference a budget fraction multiplies). A needle context also names its ``base`` (the plain context)
   and how many leading tokens it ``shared`` with it, so a method may reuse work; ignoring them is fine.
+  ``pooled_queries`` hold the post-RoPE queries at ``pooled_positions`` — strided over the whole context
+  plus the observation window (what a query-agnostic utility pools; still no question involved).
 * :class:`CompressedPrefix` holds per layer a list of :mod:`sphkv_hf.segments` segments (dense or
   ADA-coded, optionally padded per kv head with ``lengths``), which :class:`sphkv_hf.SphKVCache`
   attends over; ``nbytes`` is the exact sum of the segments' stored bytes (codes, radii, means,
@@ -53,6 +55,8 @@ class PrefillContext:
     model_config: object
     base: "PrefillContext | None" = None    # another context whose first ``shared`` tokens have the same K/V
     shared: int = 0                         # (a method may reuse its encoding of ``base`` for those tokens)
+    pooled_queries: list[torch.Tensor] | None = None   # per layer [1, Hq, M, d] float32 at ``pooled_positions``
+    pooled_positions: torch.Tensor | None = None       # [M] int64: strided over the context + the last window
 
     @property
     def num_layers(self) -> int:

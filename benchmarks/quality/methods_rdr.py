@@ -1,9 +1,16 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Rate-Distortion Retention methods: the RDR allocator at a byte budget, three tier sets.
+"""Rate-Distortion Retention methods: the RDR allocator at a byte budget, several tier sets.
 
-* ``ada+rdr@f`` — tiers dense / sphkv-8 / sphkv-4 / sphkv-3 / drop (:func:`sphkv.retention.ada_tierset`);
-  the ADA tiers are attended through :class:`sphkv_hf.segments.CodedSegment` built from the store's own
-  codes (logits from codes).
+* ``ada+rdr@f`` — query-agnostic RDR: tiers dense / sphkv-8 / sphkv-5b / sphkv-4b / sphkv-3b / sphkv-2b /
+  drop (:func:`sphkv.retention.ada_b_tierset`, the tuned presets), utility = the largest attention each
+  token receives from queries strided over the whole context (every 32nd position) plus the last 32
+  (``policy="pooled"``) plus the (layer, kv head)'s mean utility (``prior=1``: no token is worth less
+  than an average one — the next question may ask for any of them), tier distortion calibrated on
+  every layer (last 384 tokens), the floor (nothing dropped while every token fits at sphkv-2b) and the
+  allocator's uniform guard. The ADA tiers are attended through
+  :class:`sphkv_hf.segments.CodedSegment` built from the store's own codes (logits from codes).
+* ``ada+rdr-v0@f`` — the previous RDR for comparison: tiers dense / sphkv-8 / sphkv-4 / sphkv-3 / drop,
+  SnapKV-style utility of the last 32 queries only, one distortion per tier, no floor.
 * ``rdkv@f`` — the same allocator over grid tiers bf16 / int8 / int4 / int2 / drop (RDKV-style; it isolates
   what the angle codes add); grid tiers are fake-quant dense segments with their exact stored bytes.
 * ``dense+rdr@f`` — dense / drop only: RDR as pure eviction (RDR's per-head and per-layer budgets).
@@ -12,8 +19,8 @@ Budget ``f`` is a fraction of the bf16 bytes of the context; ``nbytes`` is the s
 (arena bytes + :data:`sphkv.tiers.PAGE_META_BYTES` per page). Each row also states
 ``metadata_overhead_pct`` (page metadata ÷ stored bytes), ``position_index_pct`` (the host-side position
 index, not stored on the device), the tokens per tier and the planning time (``extra_row``).
-Utility: SnapKV-style observation-window attention of the last 32 context queries, 4 sinks and the
-last 32 tokens protected (:class:`sphkv.retention.RetentionConfig` defaults); 64-token pages.
+``rdkv`` and ``dense+rdr`` use the ``-v0`` utility. All: 4 sinks and the last 32 tokens protected; 64-token
+pages. Calibration is measured once per context length and reused for its retrieval haystacks.
 """
 from __future__ import annotations
 
@@ -31,7 +38,10 @@ __all__ = ["RDR", "FRACTIONS"]
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PAGE = 64
-QUICK = {"ada+rdr@0.10", "ada+rdr@0.25", "rdkv@0.10", "dense+rdr@0.10"}
+QUICK = {"ada+rdr@0.10", "ada+rdr@0.25"}
+ROBUST = RetentionConfig(policy="pooled", floor=True, per_layer=True, prior=1.0, calib_tokens=384)
+_CALIB: dict = {}          # (tier set, id(context)) -> (context, calibration): shared by every budget
+TIERSETS = {"ada+rdr": "ada-b+rdr", "ada+rdr-v0": "ada+rdr", "rdkv": "rdkv", "dense+rdr": "dense+rdr"}
 
 
 @dataclass
@@ -41,7 +51,7 @@ class RDR:
     variant: str
     fraction: float
     name: str = "rdr"
-    config: RetentionConfig = field(default_factory=RetentionConfig)
+    config: RetentionConfig | None = None              # default: ROBUST for "ada+rdr", else RetentionConfig()
     summaries: list = field(default_factory=list)      # one per build(); the first is the continuation context
 
     def __post_init__(self) -> None:
@@ -53,9 +63,21 @@ class RDR:
         return self.fraction
 
     def build(self, ctx: PrefillContext) -> CompressedPrefix:
-        res = compress_variant(self.variant, [k.to(torch.float32) for k in ctx.keys],
-                               [v.to(torch.float32) for v in ctx.values], ctx.queries, self.fraction,
-                               config=self.config, page_size=PAGE)
+        robust = self.variant == "ada+rdr"
+        cfg = self.config or (ROBUST if robust else RetentionConfig())
+        pooled = robust and ctx.pooled_queries is not None
+        root = ctx.base or ctx
+        key = (TIERSETS[self.variant], cfg.per_layer, cfg.calib_tokens, id(root))
+        hit = _CALIB.get(key)
+        calib = hit[1] if hit is not None and hit[0] is root else None
+        res = compress_variant(TIERSETS[self.variant], [k.to(torch.float32) for k in ctx.keys],
+                               [v.to(torch.float32) for v in ctx.values],
+                               ctx.pooled_queries if pooled else ctx.queries, self.fraction, config=cfg,
+                               page_size=PAGE, q_positions=ctx.pooled_positions if pooled else None,
+                               calibration=calib)
+        if calib is None:
+            _CALIB.clear()                                       # one context length at a time
+            _CALIB[key] = (root, res.calibration)
         prefix = CompressedPrefix.of(store_prefix(res.store), ctx)
         if prefix.nbytes != res.stored_bytes:
             raise AssertionError(f"segments hold {prefix.nbytes} bytes, the store {res.stored_bytes}")
@@ -72,11 +94,12 @@ class RDR:
                 "position_index_pct": 100.0 * s["position_index_overhead"],
                 "stored_bytes": s["stored_bytes"], "budget_bytes": s["budget_bytes"],
                 "tiers": s["tiers"], "tier_distortion": s["distortion"],
-                "tokens_per_tier": s.get("tokens_per_tier"),
+                "tokens_per_tier": s.get("tokens_per_tier"), "plan_source": s.get("source"),
+                "floor_held": s.get("floor"), "dropped_tokens": s.get("dropped"),
                 "plan_seconds": round(sum(t.values()), 3)}
 
 
-for _v in ("ada+rdr", "rdkv", "dense+rdr"):
+for _v in ("ada+rdr", "ada+rdr-v0", "rdkv", "dense+rdr"):
     for _f in FRACTIONS:
         _n = f"{_v}@{_f:.2f}"
         register(_n, functools.partial(RDR, _v, _f, name=_n), quick=_n in QUICK, group=_v)

@@ -153,7 +153,7 @@ class PolarWu:
 
 register("full", Full, quick=True, group="full")
 for _b in (4, 3, 2):
-    register(f"kivi-{_b}", functools.partial(Kivi, _b, name=f"kivi-{_b}"), quick=_b != 3, group="kivi")
-    register(f"turbo-{_b}", functools.partial(Turbo, _b, name=f"turbo-{_b}"), quick=_b != 3, group="turbo")
-    register(f"polarquant-{_b}", functools.partial(PolarWu, _b, name=f"polarquant-{_b}"), quick=_b == 4,
+    register(f"kivi-{_b}", functools.partial(Kivi, _b, name=f"kivi-{_b}"), group="kivi")
+    register(f"turbo-{_b}", functools.partial(Turbo, _b, name=f"turbo-{_b}"), group="turbo")
+    register(f"polarquant-{_b}", functools.partial(PolarWu, _b, name=f"polarquant-{_b}"),
              group="polarquant")

@@ -1,18 +1,23 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Quality harness: SmolLM2-135M-Instruct (bf16 weights, float32 attention) on the Paul Graham essays.
+"""Quality harness: real models (float32 weights, bf16 prefilled cache, float32 attention) on two real corpora.
 
-``python -m benchmarks.quality.run [--quick | --smoke] [--contexts 2048 4096] [--methods ...]``
+``python -m benchmarks.quality.run [--quick | --smoke] [--models ...] [--corpora ...] [--contexts 2048 4096]
+[--methods ...]``
 
-* ``--quick`` (``make quality-quick``): contexts 2K and 4K, the methods registered ``quick=True``;
-  writes ``benchmarks/results/quality-quick.json`` (+ ``.md``).
+* ``--quick`` (``make quality-quick``): every (model, corpus) pair at contexts 2K and 4K, the methods
+  registered ``quick=True``; writes ``benchmarks/results/quality-quick.json`` (+ ``.md`` and one
+  rate-distortion plot per corpus, ``quality-quick-rd-<corpus>.png``).
 * default (``make quality``): every registered method, contexts 2K and 4K (add 8192 with
   ``--contexts``), 512 scored tokens (``--score-len``); writes ``quality.json``, ``quality.md`` and
   ``rate_distortion.png``.
-* ``--smoke``: a 256-token context, 32 scored tokens, four methods (for the tests).
+* ``--smoke``: SmolLM2 on the essays, a 1024-token context, 32 scored tokens, four methods (for the tests).
 
-Rows: one per (method, context) with ``method``, ``group``, ``bits_per_element``, ``context``,
-``nll``, ``nll_delta_pct``, ``needle_hit_rate``, ``needle_hits``, ``answer_nll`` (mean over depths of
-the summed answer NLL, nats), ``answer_nll_per_depth``, ``logit_rel_err``, ``kl``,
+Models (:mod:`benchmarks.quality.models`) and corpora (:mod:`benchmarks.quality.corpora`: ``essays``,
+the tuning corpus, and ``pydocs``, never tuned on). Rows: one per (model, corpus, method, context) with
+``model``, ``corpus``, ``method``, ``group``, ``bits_per_element``, ``context``,
+``nll``, ``nll_delta_pct``, ``retrieval_rate`` (24 RULER-style cases, :mod:`benchmarks.quality.retrieval`),
+``retrieval_by_task``, ``needle_hit_rate`` and ``needle_hits`` (the 8 single-needle cases by depth),
+``answer_nll`` (their mean summed answer NLL, nats), ``answer_nll_per_depth``, ``logit_rel_err``, ``kl``,
 ``layer_attn_rel_err``, ``budget_fraction`` and ``seconds``, plus whatever a method's optional
 ``extra_row()`` returns (e.g. RDR's ``metadata_overhead_pct``). See :mod:`benchmarks.quality.tasks`.
 Methods are registered in :mod:`benchmarks.quality.methods` (interface documented there).
@@ -43,93 +48,129 @@ def load_methods() -> dict:
     return REGISTRY
 
 
-def load_model():
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import sphkv_hf
-
-    path = sphkv_hf.ensure_model()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    model.set_attn_implementation(sphkv_hf.install())
-    return model, tok
-
-
-def essay_ids(tok, num_tokens: int):
+def corpus_ids(tok, corpus: str, num_tokens: int):
     import torch
 
-    from sphkv_hf import load_essays
+    from .corpora import load_corpus
 
-    text = load_essays()
-    ids = tok(text[: num_tokens * 6], add_special_tokens=False).input_ids
+    text = load_corpus(corpus)
+    ids = tok(text[: num_tokens * 8], add_special_tokens=False).input_ids
+    if len(ids) < num_tokens:
+        raise ValueError(f"corpus {corpus!r} has {len(ids)} tokens, need {num_tokens}")
     return torch.tensor(ids[:num_tokens])
 
 
-def _row(name, entry, method, ctx_len, res, ref, secs) -> dict:
+def essay_ids(tok, num_tokens: int):
+    """The first ``num_tokens`` tokens of the essays (the tuning corpus)."""
+    return corpus_ids(tok, "essays", num_tokens)
+
+
+def _row(name, entry, method, ctx_len, res, ref, secs, model_name, corpus) -> dict:
     from .tasks import fidelity
 
-    return {"method": name, "group": entry.group, "bits_per_element": res.bits_per_element, "context": ctx_len,
+    every = [h for hs in res.hits.values() for h in hs]
+    return {"model": model_name, "corpus": corpus,
+            "method": name, "group": entry.group, "bits_per_element": res.bits_per_element, "context": ctx_len,
             "score_len": res.logits.shape[0], "nll": res.nll,
             "nll_delta_pct": 100.0 * (res.nll - ref.nll) / ref.nll,
+            "retrieval_rate": sum(every) / len(every), "retrieval_cases": len(every),
+            "retrieval_by_task": {t: sum(h) / len(h) for t, h in res.hits.items() if h},
             "needle_hit_rate": sum(res.needle_hits) / len(res.needle_hits), "needle_hits": res.needle_hits,
             "answer_nll": sum(res.answer_nll) / len(res.answer_nll), "answer_nll_per_depth": res.answer_nll,
             **fidelity(ref, res), "budget_fraction": method.budget_fraction, "seconds": round(secs, 1),
             **(method.extra_row() if hasattr(method, "extra_row") else {})}
 
 
-def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path, progress: bool = True) -> list[dict]:
+def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path, models: list[str],
+        corpora: list[str], progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
+    from .models import load_model
     from .tasks import ContextTask
 
     registry = load_methods()
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; registered: {sorted(registry)}")
-    model, tok = load_model()
-    ids = essay_ids(tok, max(contexts) + score_len + 1)
     rows: list[dict] = []
-    bar = tqdm(total=len(contexts) * len(names), desc="quality", unit="run", disable=not progress)
-    for ctx_len in contexts:
-        t0 = time.time()
-        bar.set_postfix_str(f"prefill {ctx_len}")
-        task = ContextTask(model, tok, ids, ctx_len, score_len=score_len)
-        ref = task.run(registry["full"].factory())
-        bar.write(f"[quality] context {ctx_len}: prefills + full cache {time.time() - t0:.0f}s, nll {ref.nll:.4f}")
-        for name in names:
-            bar.set_postfix_str(f"{name} @ {ctx_len}")
-            t1 = time.time()
-            method = registry[name].factory()
-            res = ref if name == "full" else task.run(method)
-            rows.append(_row(name, registry[name], method, ctx_len, res, ref, time.time() - t1))
-            out_json.write_text(json.dumps(rows, indent=1) + "\n")
-            bar.update()
+    bar = tqdm(total=len(models) * len(corpora) * len(contexts) * len(names), desc="quality", unit="run",
+               disable=not progress)
+    for model_name in models:
+        model, tok = load_model(model_name)
+        for corpus in corpora:
+            ids = corpus_ids(tok, corpus, max(contexts) + score_len + 1)
+            for ctx_len in contexts:
+                t0 = time.time()
+                bar.set_postfix_str(f"prefill {model_name}/{corpus}/{ctx_len}")
+                task = ContextTask(model, tok, ids, ctx_len, score_len=score_len)
+                ref = task.run(registry["full"].factory())
+                bar.write(f"[quality] {model_name} / {corpus} / {ctx_len}: prefills + full cache "
+                          f"{time.time() - t0:.0f}s, nll {ref.nll:.4f}, retrieval "
+                          f"{sum(sum(h) for h in ref.hits.values())}/{sum(len(h) for h in ref.hits.values())}")
+                for name in names:
+                    bar.set_postfix_str(f"{name} @ {model_name}/{corpus}/{ctx_len}")
+                    t1 = time.time()
+                    method = registry[name].factory()
+                    res = ref if name == "full" else task.run(method)
+                    rows.append(_row(name, registry[name], method, ctx_len, res, ref, time.time() - t1,
+                                     model_name, corpus))
+                    out_json.write_text(json.dumps(rows, indent=1) + "\n")
+                    bar.update()
+                del task
+        del model
     bar.close()
     return rows
 
 
+def write_reports(rows: list[dict], out_json: Path, stem: str, corpora: list[str], *, plots: bool) -> None:
+    """``<out>.md`` (table, RDR checks, preset targets) and ``<stem>-rd-<corpus>.png`` per corpus."""
+    from .report import markdown_table, rate_distortion_plot, rdr_check, target_check
+
+    text = markdown_table(rows) + "\n" + rdr_check(rows) + "\n" + target_check(rows)
+    out_json.with_suffix(".md").write_text(text)
+    if plots:
+        for corpus in corpora:
+            rate_distortion_plot([r for r in rows if r["corpus"] == corpus],
+                                 out_json.parent / f"{stem}-rd-{corpus}.png")
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="KV-compression quality on SmolLM2 + essays")
+    from .corpora import CORPORA
+    from .models import MODELS, available_models
+
+    ap = argparse.ArgumentParser(description="KV-compression quality on real models and corpora")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="2K+4K, quick methods (< 10 min)")
     mode.add_argument("--smoke", action="store_true", help="tiny context, four methods (tests)")
     ap.add_argument("--contexts", type=int, nargs="+", default=None)
     ap.add_argument("--methods", nargs="+", default=None, help="method names (default: by mode)")
     ap.add_argument("--score-len", type=int, default=None)
+    ap.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
+                    help="default: every model whose weights are installed")
+    ap.add_argument("--corpora", nargs="+", default=None, choices=sorted(CORPORA), help="default: all")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("SPHKV_THREADS", "0")),
                     help="torch threads; 0 (default): 2 on an idle machine, else 1 (2 threads collapse "
                          "when other processes compete for the two cores)")
     ap.add_argument("--out", type=Path, default=None, help="output JSON path")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="no run: combine these row files (e.g. one per corpus, run side by side) into --out "
+                         "(+ .md and one rate-distortion plot per corpus)")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = [r for p in args.merge for r in json.loads(p.read_text())]
+        out = args.out or RESULTS / "quality-quick.json"
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        write_reports(rows, out, out.stem, sorted({r["corpus"] for r in rows}), plots=True)
+        return
 
     import torch
 
     torch.set_num_threads(args.threads or (2 if os.getloadavg()[0] < 1.0 else 1))
     registry = load_methods()
     if args.smoke:
-        contexts, names, score_len, stem = [256], SMOKE_METHODS, 32, "quality-smoke"
+        contexts, names, score_len, stem = [1024], SMOKE_METHODS, 32, "quality-smoke"
     elif args.quick:
         contexts, score_len, stem = [2048, 4096], 256, "quality-quick"
         names = [n for n, e in registry.items() if e.quick]
@@ -143,13 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     out_json = args.out or RESULTS / f"{stem}.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    rows = run(contexts, names, score_len=score_len, out_json=out_json, progress=not args.no_progress)
-    from .report import markdown_table, rate_distortion_plot, target_check
-
-    out_json.with_suffix(".md").write_text(markdown_table(rows) + "\n" + target_check(rows))
-    if not (args.quick or args.smoke):
-        rate_distortion_plot(rows, out_json.parent / "rate_distortion.png")
-    print(markdown_table(rows) + "\n" + target_check(rows))
+    models = args.models or (["smollm2"] if args.smoke else available_models())
+    corpora = args.corpora or (["essays"] if args.smoke else sorted(CORPORA))
+    rows = run(contexts, names, score_len=score_len, out_json=out_json, models=models, corpora=corpora,
+               progress=not args.no_progress)
+    write_reports(rows, out_json, out_json.stem, corpora, plots=not args.smoke)
     print(f"[quality] {len(rows)} rows in {time.time() - t0:.0f}s → {out_json}")
 
 

@@ -1,21 +1,30 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The three measurements on one context length: continuation NLL, needle, logit fidelity.
+"""The measurements on one context length: continuation NLL, retrieval, logit fidelity.
 
 Everything runs through :class:`sphkv_hf.SphKVCache` with attention ``"sphkv"`` (float32 attention
 math for every method, the full bf16 cache included, so differences come from the cache only).
 
-* Continuation: the first ``N`` essay tokens are prefilled once (dense); each method compresses that
+* Continuation: the first ``N`` corpus tokens are prefilled once (dense); each method compresses that
   prefix; tokens ``N .. N+S-1`` are fed in one forward at positions ``N ..`` over the compressed
   prefix and score targets ``N+1 .. N+S`` (``S = score_len``).
-* Needle: ``"The secret passcode is 7-4-1-9-2."`` inserted at a sentence end near depth 10/50/90% of
-  the same ``N``-token context (the tokens before it are shared with the continuation prefill, so
-  only the rest is prefilled again); the method compresses the context; then the question
-  ``"... The secret passcode is"`` and the answer run in one teacher-forced forward. ``answer_nll`` is
-  the summed NLL of the answer tokens; a hit means every answer token is the argmax given the
-  previous ones — exactly the condition for greedy decoding to emit the answer.
+* Retrieval (:mod:`benchmarks.quality.retrieval`): 24 cases in one haystack built from the same
+  ``N`` tokens (needles inserted at sentence ends; the tokens before the first needle are shared with
+  the continuation prefill, so only the rest is prefilled again); the method compresses each haystack
+  once, then every question and its answer run in one teacher-forced forward over it (the question
+  is unknown at compression time). A case is a hit when every token of its value is the argmax.
+  ``retrieval_rate`` is over all 24 cases; ``needle_hit_rate`` over the 8 single-needle cases
+  (depths 1/16 … 15/16); ``answer_nll`` the mean summed answer NLL of the single cases.
 * Fidelity: over the ``S`` scored positions, mean relative L2 error of the logits and mean
   KL(full ‖ method) of the next-token distributions, plus per layer the relative error of the
   attention block's output (errors accumulate through the layers, as in real use).
+* Speed: coded segments' logits for many queries (a 256-token continuation, a question) are computed
+  as ``q_rot · k̂_rot`` with ``k̂_rot`` built from the same codes (level-1 angle centres × pair radii
+  of the higher levels, plus the page mean) — the same sum as :func:`sphkv.logits.logits_adc`'s
+  one-hot GEMM, in a 64-wide instead of a (d/2 · n1)-wide product (16x fewer FLOPs on CPU); decode-
+  sized calls keep the LUT recurrence (:func:`fast_logits_from_codes`, checked against ``logits_adc``
+  in the tests).
+* Queries for query-agnostic utilities: each prefill keeps the post-RoPE queries at every
+  ``pool_stride``-th position and of the last ``window`` tokens (``PrefillContext.pooled_queries``).
 """
 from __future__ import annotations
 
@@ -27,13 +36,27 @@ import torch.nn.functional as F
 from sphkv_hf import CachePolicy, SphKVCache
 from sphkv_hf.segments import DenseSegment
 
+import sphkv_hf.segments as _segments
+from sphkv.logits import logits_from_codes, mean_logits, pair_radii
+
 from .methods import CompressedPrefix, Method, PrefillContext
+from .retrieval import TASKS, build_suite
 
-__all__ = ["NEEDLE", "QUESTION", "ANSWER", "ContextTask", "TaskResult"]
+__all__ = ["ContextTask", "TaskResult", "fast_logits_from_codes"]
 
-NEEDLE = " The secret passcode is 7-4-1-9-2."
-QUESTION = "\n\nWhat is the secret passcode mentioned in the text above? The secret passcode is"
-ANSWER = " 7-4-1-9-2"
+
+def fast_logits_from_codes(q, code, codec, *, rotated: bool = False):
+    """:func:`sphkv.logits.logits_from_codes` for many queries as ``q_rot · k̂_rot`` from the codes (same sum)."""
+    if q.shape[-2] * codec.centers[0].numel() <= 64:
+        return logits_from_codes(q, code, codec, rotated=rotated)
+    q_rot = q.to(torch.float32) if rotated else codec.rotate(q)
+    c1, rho = pair_radii(code, codec)                                        # [..., N, d/2] each
+    ang = codec.centers[0].to(q_rot.device)[c1]
+    k_rot = torch.stack([rho * torch.cos(ang), rho * torch.sin(ang)], -1).flatten(-2)   # [..., N, d]
+    return q_rot @ k_rot.transpose(-1, -2) + mean_logits(q_rot, code, codec)
+
+
+_segments.logits_from_codes = fast_logits_from_codes      # CodedSegment.logits in the harness's forwards
 
 
 @dataclass
@@ -41,9 +64,10 @@ class TaskResult:
     nll: float
     logits: torch.Tensor            # [S, V] float32 of the continuation forward
     layer_out: list[torch.Tensor]   # per layer [S, hidden] attention output
-    needle_hits: list[bool]
-    answer_nll: list[float]
+    needle_hits: list[bool]                 # the single-needle cases, in depth order
+    answer_nll: list[float]                 # their summed answer NLL
     bits_per_element: float
+    hits: dict = None                       # task -> list[bool]
 
 
 class _AttnRecorder:
@@ -66,21 +90,26 @@ class ContextTask:
     """Dense prefills of one context length and the scoring of any :class:`Method` against them."""
 
     def __init__(self, model, tokenizer, ids: torch.Tensor, ctx_len: int, *, score_len: int = 256,
-                 window: int = 32, depths: tuple[float, ...] = (0.1, 0.5, 0.9)):
+                 window: int = 32, pool_stride: int = 32, seed: int = 0):
         if ids.numel() < ctx_len + score_len + 1:
             raise ValueError(f"need {ctx_len + score_len + 1} tokens of text, have {ids.numel()}")
         self.model, self.tok, self.n, self.s, self.w = model, tokenizer, ctx_len, score_len, window
+        self.stride = pool_stride
         self.ids = ids[: ctx_len + score_len + 1]
-        enc = lambda t: torch.tensor(tokenizer(t, add_special_tokens=False).input_ids)  # noqa: E731
-        self.needle, self.question, self.answer = enc(NEEDLE), enc(QUESTION), enc(ANSWER)
         self.ctx = self._prefill(self.ids[:ctx_len][None], None, 0)
-        self.needles = [self._needle_context(d) for d in depths]
+        self.haystacks = [(h, self._prefill(h.ids[h.first:][None], self.ctx, h.first))
+                          for h in build_suite(tokenizer, self.ids[:ctx_len], seed=seed)]
 
     # -- prefills ----------------------------------------------------------------------------------
+    def _pool_positions(self) -> torch.Tensor:
+        n = self.n
+        pos = set(range(self.stride - 1, n, self.stride)) | set(range(max(0, n - self.w), n))
+        return torch.tensor(sorted(pos), dtype=torch.int64)
+
     @torch.no_grad()
     def _prefill(self, ids: torch.Tensor, prefix: PrefillContext | None, start: int) -> PrefillContext:
         """Dense prefill of ``ids`` ``[1, T]`` at positions ``start..``, after ``prefix``'s first ``start`` tokens."""
-        policy = CachePolicy(mode="dense", observe_window=self.w)
+        policy = CachePolicy(mode="dense", observe_window=ids.shape[-1])
         if prefix is None:
             cache = SphKVCache(None, policy=policy)
         else:
@@ -88,20 +117,21 @@ class ContextTask:
                     for k, v in zip(prefix.keys, prefix.values)]
             cache = SphKVCache.from_prefix(segs, start, policy=policy)
         pos = torch.arange(start, start + ids.shape[-1])[None]
-        self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
-        kv = [layer.dense_kv() for layer in cache.layers]
-        return PrefillContext([k for k, _ in kv], [v for _, v in kv],
-                              [layer.observed_queries for layer in cache.layers], self.model.config,
-                              base=prefix, shared=start)
-
-    def _needle_context(self, depth: float) -> tuple[PrefillContext, int]:
-        base = self.ids[: self.n]
-        target = int(depth * (self.n - self.needle.numel()))
-        ends = [i for i in range(max(1, target - 200), target + 1)
-                if self.tok.decode(base[i - 1:i]).rstrip().endswith((".", "?", "!"))]
-        pos = ends[-1] if ends else target
-        ids = torch.cat([base[:pos], self.needle, base[pos: self.n - self.needle.numel()]])
-        return self._prefill(ids[pos:][None], self.ctx, pos), pos
+        self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = [tuple(x.to(torch.bfloat16) for x in layer.dense_kv()) for layer in cache.layers]   # the bf16 cache
+        pp = self._pool_positions()
+        own = pp[pp >= start]
+        pooled = []
+        for i, layer in enumerate(cache.layers):
+            q = layer.observed_queries[..., own - start, :]                 # [1, Hq, M_own, d]
+            if prefix is not None and start > 0:
+                q = torch.cat([prefix.pooled_queries[i][..., :int((pp < start).sum()), :], q], -2)
+            pooled.append(q)
+        window = [q[..., -self.w:, :] for q in pooled]                       # the last W positions are in pp
+        for layer in cache.layers:
+            layer.observed_queries = None
+        return PrefillContext([k for k, _ in kv], [v for _, v in kv], window, self.model.config,
+                              base=prefix, shared=start, pooled_queries=pooled, pooled_positions=pp)
 
     # -- scoring -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -120,14 +150,23 @@ class ContextTask:
         cont = self.ids[self.n:]
         logits, layer_out = self._forward(prefix, cont[:-1], record=True)
         nll = float(F.cross_entropy(logits, cont[1:]))
-        hits, answer_nll = [], []
-        qa = torch.cat([self.question, self.answer])
-        for ctx, _ in self.needles:
-            lg, _ = self._forward(method.build(ctx), qa)
-            pred = lg[self.question.numel() - 1: -1]                        # predicts the answer tokens
-            answer_nll.append(float(F.cross_entropy(pred, self.answer, reduction="sum")))
-            hits.append(bool((pred.argmax(-1) == self.answer).all()))
-        return TaskResult(nll, logits, layer_out, hits, answer_nll, prefix.bits_per_element)
+        hits = {t: [] for t in TASKS}
+        single = []                                     # (depth, hit, answer nll)
+        for hay, ctx in self.haystacks:
+            compressed = method.build(ctx)
+            for q in hay.questions:
+                qa = torch.cat([q.question, q.answer])
+                lg, _ = self._forward(compressed, qa)
+                pred = lg[q.question.numel() - 1: -1]                      # predicts the answer tokens
+                ok = pred.argmax(-1) == q.answer
+                for (a, b), depth in zip(q.spans, q.depths):
+                    hit = bool(ok[a:b].all())
+                    hits[q.task].append(hit)
+                    if q.task == "single":
+                        single.append((depth, hit, float(F.cross_entropy(pred[a:b], q.answer[a:b], reduction="sum"))))
+        single.sort()
+        return TaskResult(nll, logits, layer_out, [h for _, h, _ in single], [x for _, _, x in single],
+                          prefix.bits_per_element, hits)
 
 
 def fidelity(ref: TaskResult, res: TaskResult) -> dict:

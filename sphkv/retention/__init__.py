@@ -19,22 +19,25 @@ True
 >>> out.shape
 torch.Size([1, 9, 1, 64])
 """
-from .allocation import Plan as Plan, TierCosts as TierCosts, allocate as allocate
+from .allocation import Plan as Plan, TierCosts as TierCosts, allocate as allocate, uniform_plans as uniform_plans
 from .allocation import bf16_bytes as bf16_bytes, budget_from_fraction as budget_from_fraction
 from .calibration import TierStats as TierStats, calibrate as calibrate, measure_tiers as measure_tiers
 from .pipeline import VARIANTS as VARIANTS, RetentionConfig as RetentionConfig, RetentionResult as RetentionResult
 from .pipeline import Segment as Segment, ada_tierset as ada_tierset, compress_prefill as compress_prefill
 from .pipeline import compress_variant as compress_variant, eviction_tierset as eviction_tierset
-from .pipeline import rdkv_tierset as rdkv_tierset
+from .pipeline import rdkv_tierset as rdkv_tierset, ada_b_tierset as ada_b_tierset
+from .nodes import NodePlan as NodePlan, plan_nodes as plan_nodes
 from .replan import ShrinkReport as ShrinkReport, shrink_store as shrink_store
 from .utility import POLICIES as POLICIES, AttentionMassTracker as AttentionMassTracker
 from .utility import RetentionInputs as RetentionInputs, RetentionPolicy as RetentionPolicy
 from .utility import layer_utility as layer_utility, make_policy as make_policy
 from .utility import protected_mask as protected_mask, window_attention as window_attention
+from .utility import max_attention as max_attention
 
 __all__ = ["Plan", "TierCosts", "allocate", "bf16_bytes", "budget_from_fraction", "TierStats", "calibrate",
            "measure_tiers", "VARIANTS", "RetentionConfig", "RetentionResult", "Segment", "ada_tierset",
-           "compress_prefill", "compress_variant", "eviction_tierset", "rdkv_tierset", "ShrinkReport", "shrink_store",
+           "compress_prefill", "compress_variant", "eviction_tierset", "rdkv_tierset", "ada_b_tierset", "uniform_plans",
+           "max_attention", "NodePlan", "plan_nodes", "ShrinkReport", "shrink_store",
            "POLICIES",
            "AttentionMassTracker", "RetentionInputs", "RetentionPolicy", "layer_utility", "make_policy",
            "protected_mask", "window_attention"]

@@ -22,6 +22,18 @@ tokens sorted by utility. The solver:
    page-sized move left that fits and helps.
 
 Per-layer and per-head budgets fall out of the single global ``λ`` (no per-layer setting).
+
+Two safeguards (what makes the plan robust when the utility is only an estimate):
+
+* **Per-layer distortion** (``layer_distortion`` ``[L, T]``): each layer's tiers carry their own
+  calibrated distortion; the Lagrangian thresholds and the fix-up use the layer's row.
+* **Floor** (``floor=True``): when the budget holds every token at the least precise tier (protected
+  tokens at tier 0), nothing is dropped — the Lagrangian has no drop option, the last tier rounds up
+  to whole pages and the fix-up makes no drop move; tokens are dropped only when the floor does not fit.
+* **Uniform guard** (always): the plan is compared, on the allocator's own objective, with every
+  *uniform* plan that fits (protected tokens at tier 0, all others at one tier ``t``), each improved
+  by the same greedy fix-up; the best of them is returned. So the answer is never worse on the
+  objective than the best uniform tier that fits the budget (``Plan.source`` says which won).
 """
 from __future__ import annotations
 
@@ -34,7 +46,7 @@ import torch
 from ..tiers import TierSet
 from .fixup import fixup
 
-__all__ = ["TierCosts", "Plan", "allocate", "bf16_bytes", "budget_from_fraction"]
+__all__ = ["TierCosts", "Plan", "allocate", "bf16_bytes", "budget_from_fraction", "uniform_plans"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,8 @@ class Plan:
     lam: float
     expected_distortion: float
     costs: TierCosts = field(repr=False)
+    source: str = "rdr"                 # "rdr", or "uniform:<tier>" when a uniform plan (+ fix-up) won
+    floor: bool = False                 # True when the floor held (no drop was allowed)
 
     @property
     def drop(self) -> int:
@@ -134,20 +148,21 @@ class Plan:
         c = self.counts.sum((0, 1))
         n = self.tiers.numel()
         return dict(stored_bytes=self.stored_bytes, budget_bytes=self.budget_bytes, min_bytes=self.min_bytes,
-                    lam=self.lam, expected_distortion=self.expected_distortion,
+                    lam=self.lam, expected_distortion=self.expected_distortion, source=self.source,
+                    floor=self.floor,
                     tokens_per_tier={name: int(x) for name, x in zip(self.costs.names, c)},
                     dropped=int(n - c.sum()), pages_per_tier=[int(x) for x in self.pages.sum((0, 1))])
 
 
 # -- Lagrangian ----------------------------------------------------------------------------------------
-def _hull(costs: TierCosts) -> list[tuple[int, float]]:
+def _hull(d: list[float], token_bytes: tuple[float, ...]) -> list[tuple[int, float]]:
     """Lower envelope (at ``λ = 1``) of ``u ↦ D_o·u + bytes_o`` over tiers + drop.
 
-    Returns ``[(option, lower_threshold)]`` from the most precise option down to drop: option
-    ``o`` wins for ``u ≥ λ·lower_threshold`` (and below the previous one's threshold).
+    ``d``: distortion of each tier then of drop. Returns ``[(option, lower_threshold)]`` from the most
+    precise option down to drop: option ``o`` wins for ``u ≥ λ·lower_threshold`` (and below the
+    previous one's threshold).
     """
-    d = list(costs.distortion) + [costs.drop_distortion]
-    b = list(costs.token_bytes) + [0.0]
+    b = list(token_bytes) + [0.0]
     cur = max(i for i in range(len(d)) if d[i] == d[0])
     hull = []
     while cur != len(d) - 1:
@@ -176,17 +191,17 @@ def _lagrangian_bounds(keys_asc: torch.Tensor, hull, lam: float, t: int, n_prot:
 
 # -- exact costs of boundaries --------------------------------------------------------------------------
 def _cost(a: torch.Tensor, s: torch.Tensor, pb: torch.Tensor, dist: torch.Tensor, page: int):
-    """Exact ``(bytes, distortion)`` of boundaries ``a`` ``[G, ..., T+1]``.
+    """Exact ``(bytes, distortion)`` of boundaries ``a`` ``[G, T+1]``; ``dist`` ``[G, T+1]`` (drop last).
 
     ``s`` ``[G, N+1]`` float64 holds suffix sums of the utilities sorted descending
     (``s[r] = Σ_{j ≥ r} u_j``, summed from the small end so that tails of tiny utilities keep
     their precision).
     """
-    c = a[..., 1:] - a[..., :-1]                                              # [G, ..., T]
+    c = a[:, 1:] - a[:, :-1]                                                  # [G, T]
     nbytes = ((c + page - 1) // page * pb).sum(-1)
-    sa = torch.gather(s, 1, a.reshape(a.shape[0], -1)).reshape(a.shape)       # [G, ..., T+1]
-    seg = sa[..., :-1] - sa[..., 1:]
-    return nbytes, (seg * dist[:-1]).sum(-1) + dist[-1] * sa[..., -1]
+    sa = torch.gather(s, 1, a)                                                # [G, T+1]
+    seg = sa[:, :-1] - sa[:, 1:]
+    return nbytes, (seg * dist[:, :-1]).sum(-1) + dist[:, -1] * sa[:, -1]
 
 
 # -- entry point ----------------------------------------------------------------------------------------
@@ -197,13 +212,44 @@ def _validate(utility: torch.Tensor, protected: torch.Tensor) -> None:
                          f"({int(bad.sum())} non-finite, {int(((utility < 0) & ~protected).sum())} negative)")
 
 
+def _layer_dist(costs: TierCosts, layer_distortion, l: int) -> torch.Tensor:
+    """``[L, T]`` float64 tier distortions per layer (validated), or the tier set's row repeated."""
+    if layer_distortion is None:
+        return torch.tensor(costs.distortion, dtype=torch.float64).expand(l, -1).clone()
+    d = torch.as_tensor(layer_distortion, dtype=torch.float64).cpu()
+    if d.shape != (l, costs.num_tiers):
+        raise ValueError(f"layer_distortion must be [L={l}, T={costs.num_tiers}], got {tuple(d.shape)}")
+    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()) or bool((d[:, 1:] < d[:, :-1]).any()):
+        raise ValueError("layer_distortion must be finite, >= 0 and nondecreasing along tiers in every layer")
+    return d
+
+
+def uniform_plans(n_prot: torch.Tensor, n: int, num_tiers: int) -> list[torch.Tensor]:
+    """Boundaries ``[G, T+1]`` of the uniform plans: protected tokens at tier 0, every other token at tier ``t``."""
+    out = []
+    for t in range(num_tiers):
+        a = torch.empty(n_prot.shape[0], num_tiers + 1, dtype=torch.int64)
+        a[:, 0] = 0
+        a[:, 1:t + 1] = n_prot[:, None]
+        a[:, t + 1:] = n
+        if t == 0:
+            a[:, 1:] = n
+        out.append(a)
+    return out
+
+
 def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
-             protected: torch.Tensor | None = None) -> Plan:
+             protected: torch.Tensor | None = None, layer_distortion=None, floor: bool = False) -> Plan:
     """Plan tiers for ``utility`` ``[L, Hkv, N]`` (float, ≥ 0) under ``budget_bytes`` (exact packed bytes).
 
     Parameters
     ----------
     protected : ``[N]`` or ``[L, Hkv, N]`` bool — tokens forced to tier 0 (sinks, recent window).
+    layer_distortion : ``[L, T]`` — per-layer tier distortions (default: ``costs.distortion`` everywhere).
+    floor : drop nothing while the budget holds every token at the least precise tier.
+
+    The returned plan is never worse on the objective ``Σ u·D`` than the best uniform plan that fits
+    (see the module docstring).
 
     Raises
     ------
@@ -227,6 +273,7 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
     prot = prot.expand(l, h, n).reshape(l * h, n)
     u = utility.detach().to(torch.float64).cpu().reshape(l * h, n)
     _validate(u, prot)
+    ldist = _layer_dist(costs, layer_distortion, l)                                 # [L, T]
     n_prot = prot.sum(1)
     pb = torch.tensor(costs.page_bytes, dtype=torch.int64)
     min_bytes = int(((n_prot + page - 1) // page).sum()) * costs.page_bytes[0]
@@ -242,12 +289,20 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
     keys_asc = keys_sorted.flip(1).contiguous()
     finite_asc = torch.where(torch.isinf(keys_asc), 0.0, keys_asc)
     s = torch.cat([finite_asc.cumsum(1).flip(1), torch.zeros(l * h, 1, dtype=torch.float64)], 1)
-    dist = torch.tensor(list(costs.distortion) + [costs.drop_distortion], dtype=torch.float64)
+    uniform = uniform_plans(n_prot, n, t)
+    floor_bytes = int(((uniform[-1][:, 1:] - uniform[-1][:, :-1] + page - 1) // page * pb).sum())
+    use_floor = bool(floor) and floor_bytes <= budget
+    true_dist = torch.cat([ldist, torch.full((l, 1), costs.drop_distortion, dtype=torch.float64)], 1)  # [L, T+1]
+    gdist = true_dist.repeat_interleave(h, 0)                                       # [G, T+1]
     tb = torch.tensor(costs.token_bytes, dtype=torch.float64)
-    hull = _hull(costs)
+    hull_dist = true_dist.clone()
+    if use_floor:
+        hull_dist[:, -1] = math.inf                                                 # no drop option
+    hulls = [_hull(hull_dist[i].tolist(), costs.token_bytes) for i in range(l)]
 
     def amortized(lam):
-        a = _lagrangian_bounds(keys_asc, hull, lam, t, n_prot)
+        a = torch.cat([_lagrangian_bounds(keys_asc[i * h:(i + 1) * h], hulls[i], lam, t, n_prot[i * h:(i + 1) * h])
+                       for i in range(l)])
         return a, float(((a[:, 1:] - a[:, :-1]).to(torch.float64) * tb).sum())
 
     lam, (a, used) = 0.0, amortized(0.0)
@@ -266,11 +321,25 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
         floor_end = a[:, i] + c // page * page
         a[:, i + 1] = torch.maximum(floor_end, n_prot) if i == 0 else floor_end
     a = torch.cummax(a, 1).values
-    a = fixup(a, s, n_prot, list(costs.page_bytes), dist.tolist(), page, budget)
-    return _finish(a, order, l, h, n, t, page, pb, dist, s, budget, min_bytes, lam, costs)
+    if use_floor:
+        a[:, -1] = n                                                                # the floor: keep every token
+    drop_ok = not use_floor
+    a = fixup(a, s, n_prot, list(costs.page_bytes), gdist.tolist(), page, budget, allow_drop=drop_ok)
+    best, source = a, "rdr"
+    best_d = float(_cost(a, s, pb, gdist, page)[1].sum())
+    # uniform guard: every uniform plan that fits, improved by the same fix-up, competes on the objective
+    for i, ua in enumerate(uniform):
+        if int(_cost(ua, s, pb, gdist, page)[0].sum()) > budget:
+            continue
+        ua = fixup(ua.clone(), s, n_prot, list(costs.page_bytes), gdist.tolist(), page, budget, allow_drop=drop_ok)
+        d_u = float(_cost(ua, s, pb, gdist, page)[1].sum())
+        if d_u < best_d - 1e-12 * max(abs(best_d), 1.0):
+            best, best_d, source = ua, d_u, f"uniform:{costs.names[i]}"
+    return _finish(best, order, l, h, n, t, page, pb, true_dist.repeat_interleave(h, 0), s, budget, min_bytes,
+                   lam, costs, source, use_floor)
 
 
-def _finish(a, order, l, h, n, t, page, pb, dist, s, budget, min_bytes, lam, costs) -> Plan:
+def _finish(a, order, l, h, n, t, page, pb, dist, s, budget, min_bytes, lam, costs, source, use_floor) -> Plan:
     rank = torch.arange(n)[None, :]
     tier_sorted = (rank[:, :, None] >= a[:, None, 1:]).sum(-1)                 # [G, N]: first boundary above rank
     tiers = torch.empty_like(tier_sorted).scatter_(1, order, tier_sorted).to(torch.int8)
@@ -280,4 +349,4 @@ def _finish(a, order, l, h, n, t, page, pb, dist, s, budget, min_bytes, lam, cos
     stored = int(nbytes.sum())
     assert stored <= budget, (stored, budget)
     return Plan(tiers.reshape(l, h, n), counts.reshape(l, h, t), pages.reshape(l, h, t), stored, budget,
-                min_bytes, lam, float(dcur.sum()), costs)
+                min_bytes, lam, float(dcur.sum()), costs, source, use_floor)

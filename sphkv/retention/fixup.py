@@ -23,7 +23,7 @@ import torch
 __all__ = ["fixup"]
 
 
-def _row_moves(a: list[int], n: int, n_prot: int, page: int) -> list[list[int]]:
+def _row_moves(a: list[int], n: int, n_prot: int, page: int, allow_drop: bool = True) -> list[list[int]]:
     t = len(a) - 1
     c = [a[i + 1] - a[i] for i in range(t)]
     out = []
@@ -40,7 +40,10 @@ def _row_moves(a: list[int], n: int, n_prot: int, page: int) -> list[list[int]]:
         lower = max(a[i], n_prot) if i == 0 else a[i]
         b = a[:]
         b[i + 1] = max(a[i + 1] - (rem if rem else page), lower)
-        out.append(b)
+        out.append(b if allow_drop or i < t - 1 else a[:])   # out of the last tier is a drop
+    if not allow_drop:
+        out.append(a[:])                                      # no-op in place of the drop move
+        return out
     last = max((i for i in range(t) if c[i] > 0), default=0)  # drop from the least precise kept tier
     rem = c[last] % page
     end = max(a[t] - (rem if rem else page), n_prot)
@@ -56,22 +59,24 @@ class _Costs:
         idx = sorted({x for b in cands for x in b})
         sv = dict(zip(idx, self.s[g, torch.tensor(idx)].tolist()))
         t, p = len(self.pb), self.page
+        dg = self.dist[g] if isinstance(self.dist[0], (list, tuple)) else self.dist
         nbytes, dist = [], []
         for b in cands:
             nbytes.append(sum(-(-(b[i + 1] - b[i]) // p) * self.pb[i] for i in range(t)))
-            dist.append(sum(self.dist[i] * (sv[b[i]] - sv[b[i + 1]]) for i in range(t)) + self.dist[t] * sv[b[t]])
+            dist.append(sum(dg[i] * (sv[b[i]] - sv[b[i + 1]]) for i in range(t)) + dg[t] * sv[b[t]])
         return nbytes, dist
 
 
 def fixup(a: torch.Tensor, s: torch.Tensor, n_prot: torch.Tensor, page_bytes: list[int], dist: list[float],
-          page: int, budget: int) -> torch.Tensor:
+          page: int, budget: int, allow_drop: bool = True) -> torch.Tensor:
     """Return boundaries ``[G, T+1]`` int64 with exact bytes ``≤ budget`` after the greedy moves.
 
     Parameters
     ----------
     a : ``[G, T+1]`` int64 start boundaries (``a[:, 0] = 0``, nondecreasing, ``a[:, 1] ≥ n_prot``).
     s : ``[G, N+1]`` float64 suffix sums of the sorted utilities (protected counted as 0).
-    dist : ``T + 1`` distortions, the last one for drop.
+    dist : ``T + 1`` distortions, the last one for drop; or one such list per row ``g`` (per-layer distortion).
+    allow_drop : with ``False`` no move drops a token (the floor; the start must drop nothing).
     """
     g_count, t1 = a.shape
     n = s.shape[1] - 1
@@ -88,7 +93,7 @@ def fixup(a: torch.Tensor, s: torch.Tensor, n_prot: torch.Tensor, page_bytes: li
     dd = torch.empty(g_count, m, dtype=torch.float64)
 
     def refresh(g: int) -> None:
-        cand = _row_moves(rows[g], n, prot[g], page)
+        cand = _row_moves(rows[g], n, prot[g], page, allow_drop)
         nb, nd = cost(g, cand)
         if g < len(cands):
             cands[g] = cand

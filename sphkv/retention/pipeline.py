@@ -28,9 +28,9 @@ from .calibration import TierStats, calibrate
 from .utility import POLICIES, layer_utility, make_policy, protected_mask
 
 __all__ = ["RetentionConfig", "RetentionResult", "Segment", "compress_prefill", "compress_variant", "VARIANTS",
-           "ada_tierset", "rdkv_tierset", "eviction_tierset"]
+           "ada_tierset", "ada_b_tierset", "rdkv_tierset", "eviction_tierset"]
 
-_POLICY_PARAMS = {"snapkv": lambda c: dict(pool=c.pool, kernel=c.kernel)}
+_POLICY_PARAMS = {"snapkv": lambda c: dict(pool=c.pool, kernel=c.kernel), "pooled": lambda c: dict(kernel=c.kernel)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,13 @@ class RetentionConfig:
     ``"snapkv"``); ``sinks`` and ``recent`` tokens are protected at tier 0; an uncalibrated tier
     set is calibrated on ``calib_layers`` evenly spaced layers over their last ``calib_tokens``
     tokens with the given queries.
+
+    Robustness (query-agnostic retention, the next question unknown at compression time):
+    ``floor`` drops nothing while every token fits at the least precise tier; ``prior`` adds
+    ``prior × mean utility`` of its (layer, kv head) to every token (no token is worth exactly nothing);
+    ``per_layer`` calibrates every layer's tier distortion on that layer (``calib_layers`` then only
+    sets the global row kept in the tier set). The allocator never returns a plan worse on its own
+    objective than the best uniform tier that fits (:func:`sphkv.retention.allocate`).
     """
 
     policy: str = "snapkv"
@@ -50,6 +57,9 @@ class RetentionConfig:
     recent: int = 32
     calib_layers: int = 4
     calib_tokens: int = 1024
+    floor: bool = False
+    prior: float = 0.0
+    per_layer: bool = False
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -58,6 +68,8 @@ class RetentionConfig:
         for name in ("sinks", "recent"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not 0.0 <= self.prior < float("inf"):
+            raise ValueError(f"prior={self.prior!r} must be finite and >= 0")
         for name in ("calib_layers", "calib_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -94,6 +106,7 @@ class RetentionResult:
     bf16_bytes: int
     tier_stats: list[TierStats] | None = None
     timings: dict = field(default_factory=dict)
+    calibration: tuple | None = None          # (tierset, stats, layer_distortion) for reuse on the same model
 
     @property
     def stored_bytes(self) -> int:
@@ -134,6 +147,8 @@ class RetentionResult:
                     stored_bytes=b.stored_bytes, bf16_bytes=self.bf16_bytes, bits_per_element=self.bits_per_element,
                     metadata_overhead=b.metadata_overhead, position_index_overhead=b.position_overhead,
                     tiers=[t.name for t in self.tierset.tiers], distortion=list(self.tierset.distortion),
+                    layer_distortion=(self.calibration[2].tolist() if self.calibration and self.calibration[2]
+                                      is not None else None),
                     **{k: v for k, v in self.plan.summary().items() if k not in ("stored_bytes", "budget_bytes")},
                     bytes_per_layer=self.plan.bytes_per_layer().tolist(), timings=dict(self.timings))
 
@@ -148,27 +163,48 @@ def _strip(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _calibrate(ts: TierSet, keys, values, queries, cfg: RetentionConfig, sm_scale):
-    num = len(keys)
+def _calib_queries(queries, q_positions, n: int, t: int):
+    """Queries (per layer ``[Hq, M, d]``) and positions among the last ``t`` keys, for calibration."""
+    m = queries[0].shape[1]
+    pos = q_positions if q_positions is not None else torch.arange(n - m, n)
+    sel = pos >= n - t
+    return [q[:, sel] for q in queries], pos[sel] - (n - t)
+
+
+def _calibrate(ts: TierSet, keys, values, queries, cfg: RetentionConfig, sm_scale, q_positions=None):
+    """(calibrated tier set, stats, per-layer distortion ``[L, T]`` or None)."""
+    num, n = len(keys), keys[0].shape[1]
+    t = min(cfg.calib_tokens, n)
+    cq, cpos = _calib_queries(queries, q_positions, n, t)
     idx = sorted({round(i * (num - 1) / max(cfg.calib_layers - 1, 1)) for i in range(min(cfg.calib_layers, num))})
-    t = min(cfg.calib_tokens, keys[0].shape[1])
-    w = min(queries[0].shape[1], t)
     k = torch.stack([keys[i][:, -t:] for i in idx])
     v = torch.stack([values[i][:, -t:] for i in idx])
-    q = torch.stack([queries[i][:, -w:] for i in idx])
-    return calibrate(ts, k, v, q, sm_scale=sm_scale, return_stats=True)
+    q = torch.stack([cq[i] for i in idx])
+    out, stats = calibrate(ts, k, v, q, sm_scale=sm_scale, q_positions=cpos, return_stats=True)
+    if not cfg.per_layer:
+        return out, stats, None
+    rows = []
+    for i in range(num):
+        _, st = calibrate(ts, keys[i][:, -t:], values[i][:, -t:], cq[i], sm_scale=sm_scale, q_positions=cpos,
+                          return_stats=True)
+        rows.append(torch.tensor([x.distortion for x in st], dtype=torch.float64).cummax(0).values)
+    return out, stats, torch.stack(rows)
 
 
 def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queries: list[torch.Tensor],
                      tierset: TierSet, budget_fraction: float | None = None, *, budget_bytes: int | None = None,
-                     config: RetentionConfig = RetentionConfig(), sm_scale: float | None = None) -> RetentionResult:
+                     config: RetentionConfig = RetentionConfig(), sm_scale: float | None = None,
+                     q_positions: torch.Tensor | None = None, calibration=None) -> RetentionResult:
     """Plan and store a prefilled cache under a budget.
 
     Parameters
     ----------
     keys, values : per layer ``[1, Hkv, N, d]`` float (post-RoPE keys).
-    queries : per layer ``[1, Hq, W, d]`` — the last ``W`` prefill queries (post-RoPE), the
-        observation window (all ``N`` queries for ``policy="h2o"``).
+    queries : per layer ``[1, Hq, W, d]`` — prefill queries (post-RoPE): the last ``W`` (the
+        observation window) by default, or any positions given in ``q_positions`` ``[W]`` (e.g.
+        strided over the context plus the window, for ``policy="pooled"``).
+    calibration : ``(tierset, stats, layer_distortion)`` from an earlier call on the same model
+        (``RetentionResult.calibration``) to skip calibrating again.
     tierset : tiers, most precise first; calibrated on these samples when ``distortion`` is empty.
     budget_fraction : budget as a fraction of the bf16 bytes; or give ``budget_bytes`` (exact bytes).
 
@@ -197,12 +233,16 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     if d != tierset.head_dim:
         raise ValueError(f"head_dim {d} of the keys differs from tierset.head_dim={tierset.head_dim}")
     timings = {}
-    utility = layer_utility(config.make_policy(), keys, queries, sm_scale=sm_scale)   # [L, Hkv, N]
+    utility = layer_utility(config.make_policy(), keys, queries, sm_scale=sm_scale, q_positions=q_positions)
+    if config.prior:
+        utility = utility + config.prior * utility.mean(-1, keepdim=True)
     timings["utility_s"] = time.perf_counter() - t0
-    stats = None
-    if not tierset.distortion:
+    stats, layer_dist = None, None
+    if calibration is not None:
+        tierset, stats, layer_dist = calibration
+    elif not tierset.distortion:
         t1 = time.perf_counter()
-        tierset, stats = _calibrate(tierset, keys, values, queries, config, sm_scale)
+        tierset, stats, layer_dist = _calibrate(tierset, keys, values, queries, config, sm_scale, q_positions)
         timings["calibrate_s"] = time.perf_counter() - t1
     full = bf16_bytes(n, len(keys), hkv, d)
     if budget_bytes is None:
@@ -211,7 +251,8 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
         budget_bytes = budget_from_fraction(budget_fraction, n, len(keys), hkv, d)
     t2 = time.perf_counter()
     plan = allocate(utility, TierCosts.from_tierset(tierset), budget_bytes,
-                    protected=protected_mask(n, sinks=config.sinks, recent=config.recent))
+                    protected=protected_mask(n, sinks=config.sinks, recent=config.recent),
+                    layer_distortion=layer_dist, floor=config.floor)
     timings["allocate_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     store = PagedStore(tierset, plan.pages.sum((0, 1)).tolist(), num_layers=len(keys), num_kv_heads=hkv,
@@ -220,7 +261,9 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
         store.write_plan(layer, k, v, plan.tiers[layer])
     timings["store_s"] = time.perf_counter() - t3
     assert store.bytes().stored_bytes == plan.stored_bytes
-    return RetentionResult(plan, store, tierset, utility, n, budget_fraction, full, stats, timings)
+    res = RetentionResult(plan, store, tierset, utility, n, budget_fraction, full, stats, timings)
+    res.calibration = (tierset, stats, layer_dist)
+    return res
 
 
 def ada_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
@@ -238,6 +281,22 @@ def ada_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
     return TierSet((Tier("dense"), mk("sphkv-8"), mk("sphkv-4"), mk("sphkv-3")), head_dim=head_dim, page_size=page_size)
 
 
+def ada_b_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
+    """``sphkv-8`` > ``sphkv-5b`` > ``sphkv-4b`` > ``sphkv-3b`` > ``sphkv-2b`` (uncalibrated).
+
+    The tuned presets (bits moved from values to keys) at one page size; ``sphkv-2b`` (~2.5 bits) is
+    the floor. No dense tier: protected tokens (sinks, recent window) sit in ``sphkv-8`` pages (8 bits,
+    near lossless), so protecting 36 tokens costs half a dense page per (layer, kv head) — at a 25%
+    budget of a 2K context a dense page alone is 12.5% of it.
+    """
+    def mk(name: str) -> Tier:
+        return Tier(name, SphKVConfig.from_name(name, head_dim=head_dim, page_size=page_size,
+                                                value_group=min(64, head_dim)))
+
+    return TierSet(tuple(mk(n) for n in ("sphkv-8", "sphkv-5b", "sphkv-4b", "sphkv-3b", "sphkv-2b")),
+                   head_dim=head_dim, page_size=page_size)
+
+
 def rdkv_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
     """RDKV-style grid tiers ``bf16`` > ``int8`` > ``int4`` > ``int2`` (uncalibrated)."""
     return grid_tierset((16, 8, 4, 2), head_dim=head_dim, page_size=page_size)
@@ -248,15 +307,16 @@ def eviction_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
     return TierSet((Tier("dense"),), head_dim=head_dim, page_size=page_size, distortion=(0.0,))
 
 
-VARIANTS = {"ada+rdr": ada_tierset, "rdkv": rdkv_tierset, "dense+rdr": eviction_tierset}
+VARIANTS = {"ada+rdr": ada_tierset, "ada-b+rdr": ada_b_tierset, "rdkv": rdkv_tierset, "dense+rdr": eviction_tierset}
 
 
 def compress_variant(name: str, keys, values, queries, budget_fraction: float, *,
                      config: RetentionConfig = RetentionConfig(), page_size: int = 64,
-                     sm_scale: float | None = None) -> RetentionResult:
+                     sm_scale: float | None = None, q_positions: torch.Tensor | None = None,
+                     calibration=None) -> RetentionResult:
     """:func:`compress_prefill` with the tier set of ``VARIANTS[name]``."""
     if name not in VARIANTS:
         raise ValueError(f"variant={name!r} is not registered; allowed: {sorted(VARIANTS)}")
     head_dim = _strip(keys[0], "keys").shape[-1]
     return compress_prefill(keys, values, queries, VARIANTS[name](head_dim, page_size), budget_fraction,
-                            config=config, sm_scale=sm_scale)
+                            config=config, sm_scale=sm_scale, q_positions=q_positions, calibration=calibration)

@@ -12,6 +12,10 @@ Policies (``RetentionPolicy.score(RetentionInputs) -> [Hkv, N]``), chosen by nam
   (causal), averaged over the window, pooled along tokens (avg or max, small kernel), summed over
   the query heads of each kv group.
 * ``"h2o"`` — accumulated attention of all given queries, no pooling (H2O at prefill).
+* ``"pooled"`` — query-agnostic: for each key the *largest* attention any of the given queries gives
+  it (queries strided over the whole context plus the observation window, each causal at its own
+  position), summed over the query heads of a kv group, then average-pooled over ``kernel`` tokens.
+  A token some part of the context needed stays useful even when the last window ignores it.
 * ``"mass"`` — a decode-time accumulated mass passed in (see :class:`AttentionMassTracker`).
 * ``"recency"`` — ``(i + 1) / N``: newest first (StreamingLLM-style ordering).
 * ``"uniform"`` — the same utility everywhere.
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 
 __all__ = ["RetentionInputs", "RetentionPolicy", "ObservationWindowPolicy", "AccumulatedAttentionPolicy",
            "MassPolicy", "RecencyPolicy", "UniformPolicy", "POLICIES", "make_policy", "window_attention",
-           "protected_mask", "AttentionMassTracker", "layer_utility"]
+           "protected_mask", "AttentionMassTracker", "layer_utility", "PooledAttentionPolicy", "max_attention"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,34 @@ def window_attention(k: torch.Tensor, q: torch.Tensor, q_positions: torch.Tensor
     return out.reshape(hq, n)
 
 
+def max_attention(k: torch.Tensor, q: torch.Tensor, q_positions: torch.Tensor | None = None, *,
+                  sm_scale: float | None = None, chunk: int = 128) -> torch.Tensor:
+    """Causal attention probabilities of queries over keys, maximum over the queries.
+
+    Shapes as in :func:`window_attention`; returns ``[Hq, N]`` float32 ``max_j softmax_j(q_j·k/√d)``
+    (a key no query sees gets 0).
+    """
+    hkv, n, d = k.shape
+    hq, m, _ = q.shape
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    g = hq // hkv
+    scale = sm_scale if sm_scale is not None else d ** -0.5
+    pos = (q_positions if q_positions is not None else torch.arange(n - m, n)).to(torch.int64).to(k.device)
+    if int(pos.min()) < 0 or int(pos.max()) >= n:
+        raise ValueError(f"q_positions must lie in 0..{n - 1}, got {int(pos.min())}..{int(pos.max())}")
+    kf = k.to(torch.float32)
+    qf = q.to(torch.float32).reshape(hkv, g, m, d)
+    out = torch.zeros(hkv, g, n, device=k.device)
+    keys = torch.arange(n, device=k.device)
+    for s in range(0, m, chunk):
+        qs, ps = qf[:, :, s:s + chunk], pos[s:s + chunk]
+        logits = torch.einsum("hgmd,hnd->hgmn", qs, kf) * scale
+        logits = logits.masked_fill(keys[None, :] > ps[:, None], float("-inf"))
+        out = torch.maximum(out, torch.softmax(logits, -1).amax(-2))
+    return out.reshape(hq, n)
+
+
 def _group_sum(per_qhead: torch.Tensor, hkv: int) -> torch.Tensor:
     return per_qhead.reshape(hkv, -1, per_qhead.shape[-1]).sum(1)
 
@@ -146,6 +178,25 @@ class AccumulatedAttentionPolicy(RetentionPolicy):
 
 
 @dataclass(frozen=True)
+class PooledAttentionPolicy(RetentionPolicy):
+    """Query-agnostic utility: max attention over queries spread across the context (see module docstring)."""
+
+    kernel: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel={self.kernel!r} must be a positive odd int")
+
+    def score(self, inputs: RetentionInputs) -> torch.Tensor:
+        if inputs.k is None or inputs.q is None:
+            raise ValueError("PooledAttentionPolicy needs RetentionInputs.k and .q (with q_positions)")
+        att = max_attention(inputs.k, inputs.q, inputs.q_positions, sm_scale=inputs.sm_scale)
+        if self.kernel > 1:
+            att = F.avg_pool1d(att[:, None], self.kernel, 1, self.kernel // 2, count_include_pad=False)[:, 0]
+        return _group_sum(att, inputs.k.shape[0])
+
+
+@dataclass(frozen=True)
 class MassPolicy(RetentionPolicy):
     """The accumulated decode mass of :class:`AttentionMassTracker` (``inputs.mass``)."""
 
@@ -176,6 +227,7 @@ class UniformPolicy(RetentionPolicy):
 POLICIES: dict[str, type[RetentionPolicy]] = {
     "snapkv": ObservationWindowPolicy,
     "h2o": AccumulatedAttentionPolicy,
+    "pooled": PooledAttentionPolicy,
     "mass": MassPolicy,
     "recency": RecencyPolicy,
     "uniform": UniformPolicy,
@@ -190,10 +242,14 @@ def make_policy(name: str, **params) -> RetentionPolicy:
 
 
 def layer_utility(policy: RetentionPolicy, keys: list[torch.Tensor], queries: list[torch.Tensor | None], *,
-                  sm_scale: float | None = None) -> torch.Tensor:
-    """One policy over layers: ``keys[l]`` ``[1, Hkv, N, d]``, ``queries[l]`` ``[1, Hq, W, d]`` → ``[L, Hkv, N]``."""
+                  sm_scale: float | None = None, q_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """One policy over layers: ``keys[l]`` ``[1, Hkv, N, d]``, ``queries[l]`` ``[1, Hq, W, d]`` → ``[L, Hkv, N]``.
+
+    ``q_positions`` ``[W]``: positions of the queries (default: the last ``W`` tokens).
+    """
     strip = lambda x: x[0] if x is not None and x.dim() == 4 else x  # noqa: E731
-    return torch.stack([policy.score(RetentionInputs(k=strip(k), q=strip(q), sm_scale=sm_scale))
+    return torch.stack([policy.score(RetentionInputs(k=strip(k), q=strip(q), q_positions=q_positions,
+                                                     sm_scale=sm_scale))
                         for k, q in zip(keys, queries)])
 
 
