@@ -280,8 +280,8 @@ struct DenseSrc {
 template <typename Src>
 void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, const torch::Tensor& page_ids,
             const torch::Tensor& page_lens, torch::Tensor& out_o, torch::Tensor& out_lse,
-            const c10::optional<torch::Tensor>& logits, int64_t num_kv_heads, double scale_log2, int64_t mode,
-            int64_t mm_threshold) {
+            const c10::optional<torch::Tensor>& logits, int64_t num_kv_heads, double scale_log2, double soft_cap,
+            int64_t mode, int64_t mm_threshold) {
   const int64_t Hq = q.size(1), d = q.size(2), G = Hq / num_kv_heads, P = src.P;
   const int64_t W = items.size(0);
   const float* qp = q.data_ptr<float>();
@@ -344,6 +344,10 @@ void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, 
             for (int64_t t = 0; t < n; ++t) si[t] += mu;
           }
         }
+        if (soft_cap > 0) {                  // c * tanh(s / c) on the natural-scale logits (S is log2-scaled)
+          const float c2 = float(soft_cap * 1.4426950408889634), inv = 1.f / c2;
+          for (int64_t i = 0; i < M * n; ++i) S[i] = c2 * std::tanh(S[i] * inv);
+        }
         if (lg != nullptr) {                 // mode 0 only: logits [entries * P, G]
           for (int64_t j = 0; j < n; ++j)
             for (int64_t g = 0; g < G; ++g) lg[(e * P + j) * G + g] = S[g * n + j];
@@ -399,7 +403,7 @@ void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, 
                   torch::Tensor k_codes, torch::Tensor k_radius, torch::Tensor k_mean, torch::Tensor v_codes,
                   torch::Tensor v_scale, torch::Tensor v_zero, torch::Tensor lut, torch::Tensor level_info,
                   int64_t vbits, int64_t vgroup, bool has_mean, int64_t num_kv_heads, double scale_log2,
-                  int64_t mode, int64_t mm_threshold) {
+                  double soft_cap, int64_t mode, int64_t mm_threshold) {
   CodedSrc s;
   s.P = k_codes.size(1); s.d = q.size(2); s.kb = k_codes.size(2); s.vb = v_codes.size(2);
   s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
@@ -415,24 +419,24 @@ void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, 
   TORCH_CHECK(s.L <= 8, "unsupported layout");
   for (int l = 0; l < s.L; ++l) { s.lb[l] = int(li[3 * l]); s.lo[l] = int(li[3 * l + 1]); s.lt[l] = int(li[3 * l + 2]); }
   s.vbits = int(vbits); s.vgroup = int(vgroup); s.has_mean = has_mean;
-  attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, mode, mm_threshold);
+  attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
 }
 
 void dense_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, torch::Tensor page_lens,
                   torch::Tensor out_o, torch::Tensor out_lse, c10::optional<torch::Tensor> logits,
                   torch::Tensor k_pages, torch::Tensor v_pages, int64_t num_kv_heads, double scale_log2,
-                  int64_t mode, int64_t mm_threshold) {
+                  double soft_cap, int64_t mode, int64_t mm_threshold) {
   const int64_t P = k_pages.size(1), d = k_pages.size(2);
   if (k_pages.scalar_type() == torch::kBFloat16) {
     DenseSrc<at::BFloat16> s{k_pages.data_ptr<at::BFloat16>(), v_pages.data_ptr<at::BFloat16>(), P, d};
-    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, mode, mm_threshold);
+    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
   } else if (k_pages.scalar_type() == torch::kHalf) {
     DenseSrc<at::Half> s{k_pages.data_ptr<at::Half>(), v_pages.data_ptr<at::Half>(), P, d};
-    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, mode, mm_threshold);
+    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
   } else {
     TORCH_CHECK(k_pages.scalar_type() == torch::kFloat32, "dense pages must be bf16, fp16 or fp32");
     DenseSrc<float> s{k_pages.data_ptr<float>(), v_pages.data_ptr<float>(), P, d};
-    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, mode, mm_threshold);
+    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
   }
 }
 """
@@ -519,7 +523,7 @@ def coded_decode_partial_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale,
     mod.coded_attend(q_rot.contiguous().float(), decode_items(work, num_kv_heads), page_ids, page_lens, part_o,
                      part_lse, logits, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, lut, li,
                      layout.value_bits, layout.value_group, layout.has_mean, num_kv_heads,
-                     float(sm_scale) * LOG2E, 0, MM_THRESHOLD)
+                     float(sm_scale) * LOG2E, 0.0, 0, MM_THRESHOLD)
 
 
 def dense_decode_partial_cpu(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, *, num_kv_heads: int,
@@ -532,11 +536,13 @@ def dense_decode_partial_cpu(q, k_pages, v_pages, work, page_ids, page_lens, par
     if work.shape[0] == 0:
         return
     load().dense_attend(q.contiguous().float(), decode_items(work, num_kv_heads), page_ids, page_lens, part_o,
-                        part_lse, logits, k_pages, v_pages, num_kv_heads, float(sm_scale) * LOG2E, 0, MM_THRESHOLD)
+                        part_lse, logits, k_pages, v_pages, num_kv_heads, float(sm_scale) * LOG2E, 0.0, 0,
+                        MM_THRESHOLD)
 
 
 def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, items, page_ids,
-                               page_lens, out, lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float) -> None:
+                               page_lens, out, lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
+                               soft_cap: float = 0.0) -> None:
     """Many queries per row over one coded tier's pages (extend over a cached prefix).
 
     Parameters
@@ -547,6 +553,7 @@ def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scal
         entries ``start .. end - 1`` of ``page_ids`` / ``page_lens`` (``[n]`` int32).
     out : ``[N, Hq, d]`` float32 — written for every query an item covers (storage domain of values);
     lse : ``[N, Hq]`` float32 — log2-domain log-sum-exp of the scaled logits (``-inf`` without keys).
+    soft_cap : ``c > 0`` replaces every scaled logit ``s`` by ``c * tanh(s / c)`` (logit soft-capping).
     """
     _check_cpu(q_rot, k_codes, items)
     if items.shape[0] == 0:
@@ -554,14 +561,14 @@ def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scal
     li, lut = _consts(layout)
     load().coded_attend(q_rot, items, page_ids, page_lens, out, lse, None, k_codes, k_radius, k_mean, v_codes,
                         v_scale, v_zero, lut, li, layout.value_bits, layout.value_group, layout.has_mean,
-                        num_kv_heads, float(sm_scale) * LOG2E, 1, MM_THRESHOLD)
+                        num_kv_heads, float(sm_scale) * LOG2E, float(soft_cap), 1, MM_THRESHOLD)
 
 
 def dense_prefix_attention_cpu(q, k_pages, v_pages, items, page_ids, page_lens, out, lse, *, num_kv_heads: int,
-                               sm_scale: float) -> None:
+                               sm_scale: float, soft_cap: float = 0.0) -> None:
     """Dense-page form of :func:`coded_prefix_attention_cpu` (``q`` ``[N, Hq, d]`` float32, not rotated)."""
     _check_cpu(q, k_pages, items)
     if items.shape[0] == 0:
         return
     load().dense_attend(q, items, page_ids, page_lens, out, lse, None, k_pages, v_pages, num_kv_heads,
-                        float(sm_scale) * LOG2E, 1, MM_THRESHOLD)
+                        float(sm_scale) * LOG2E, float(soft_cap), 1, MM_THRESHOLD)
