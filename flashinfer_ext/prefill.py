@@ -211,8 +211,8 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         if pl["backend"] != "cpu":
             if logits_soft_cap > 0:
                 raise NotImplementedError("logits_soft_cap needs the CPU backend (the Triton decode kernels have none)")
-            out, lse = self._decode.run(q, kv_cache, sm_scale=scale, return_lse=True)
-            out = out.to(torch.float32)
+            out = torch.empty(q.shape[0], q.shape[1], d, dtype=torch.float32, device=q.device)
+            out, lse = self._decode.run(q, kv_cache, sm_scale=scale, out=out, return_lse=True)
             return (out, lse) if return_lse else out
         from sphkv_kernels import cpu_decode as cpu
 
