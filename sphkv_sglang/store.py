@@ -33,7 +33,6 @@ from sphkv.values import GroupValueQuantizer, ValueCode
 
 from .config import SphKVServeConfig
 from .page_table import PageTable, PageTableError
-from .planes import KeyPlanes, ValuePlanes
 
 __all__ = ["SphKVStore", "PrefixView", "CodedSegment", "plan_phys_pages"]
 
@@ -64,17 +63,6 @@ class PrefixView:
     @property
     def num_coded(self) -> int:
         return sum(s.kcode.num_tokens for s in self.segments)
-
-
-def _expanders(codecs, vquants, device) -> tuple[list, list]:
-    """Fused C++ expansion on the CPU when it builds, else the pure-torch byte-plane path."""
-    if torch.device(device).type == "cpu":
-        from .cpu_expand import FusedKeyExpander, FusedValueExpander, load
-
-        module = load()
-        if module is not None:
-            return [FusedKeyExpander(c, module) for c in codecs], [FusedValueExpander(v, module) for v in vquants]
-    return [KeyPlanes(c) for c in codecs], [ValuePlanes(v) for v in vquants]
 
 
 def plan_phys_pages(cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
@@ -110,10 +98,6 @@ class SphKVStore:
         self.tiers = [Tier(n, cfg.codec_config(n, head_dim)) for n in cfg.tiers]
         self.kcodec = [AngleKeyCodec(t.config) for t in self.tiers]
         self.vquant = [GroupValueQuantizer(t.config) for t in self.tiers]
-        self.kplanes, self.vplanes = _expanders(self.kcodec, self.vquant, device)   # transient expansion
-        rots = {(c.rotation.numpy().tobytes(), None if v.rotation is None else v.rotation.numpy().tobytes())
-                for c, v in zip(self.kcodec, self.vquant)}
-        self.shared_rotation = len(rots) == 1                               # attention may run rotated
         self.arenas = [[TierPool(t, n * num_kv_heads, head_dim=head_dim, page_size=self.P, device=device)
                         for _ in range(num_layers)] for t, n in zip(self.tiers, self.phys_pages)]
         shape = (num_layers, cfg.num_staging_pages, num_kv_heads, self.P, head_dim)
