@@ -60,19 +60,14 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
 
     Examples
     --------
-    >>> import torch
-    >>> from sphkv.pool import TierPool
+    >>> from sphkv_kernels.testing import random_paged_cache
     >>> from sphkv.tiers import TierSet
     >>> ts = TierSet.default(head_dim=64, page_size=16)            # dense, sphkv-4, sphkv-2
-    >>> pools = [TierPool(t, 6, head_dim=64, page_size=16) for t in ts.tiers]
-    >>> for pg in range(1, 6):
-    ...     for pool in pools:
-    ...         pool.write(pg, torch.randn(16, 64), torch.randn(16, 64))
+    >>> c = random_paged_cache(ts.tiers, seq_lens=[40, 21], num_kv_heads=1, head_dim=64, page_size=16)
     >>> w = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=ts)
-    >>> # 2 requests (3 and 1 new tokens), 1 kv head: pages (dense 1, sphkv-4 2) and (sphkv-2 3)
-    >>> w.plan(torch.tensor([0, 3, 4]), torch.tensor([0, 2, 3]), torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]),
-    ...        torch.tensor([16, 5]), 2, 1, 64, 16)
-    >>> out, lse = w.run(torch.randn(4, 2, 64), pools, return_lse=True)
+    >>> # 2 requests with 3 and 1 new tokens over their cached pages, 1 kv head, 2 query heads
+    >>> w.plan(torch.tensor([0, 3, 4]), c.indptr, c.indices, c.page_tiers, c.last_page_len, 2, 1, 64, 16)
+    >>> out, lse = w.run(torch.randn(4, 2, 64), c.pools, return_lse=True)
     >>> out.shape, lse.shape
     (torch.Size([4, 2, 64]), torch.Size([4, 2]))
     """
