@@ -209,7 +209,10 @@ def server_state(url: str) -> dict:
 
 def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir: Path) -> dict:
     tok, ctx, cont, system, users = inputs
-    common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report"]
+    # SGLang's 300 s scheduler watchdog kills a server whose one forward (a long prefill) is slower
+    # than that, which happens on the shared 2-core machine under other jobs' load
+    common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report",
+              "--watchdog-timeout", "3600"]
     if mode == "dense":
         srv = ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
                             log_path=logdir / "dense.log")
