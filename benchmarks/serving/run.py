@@ -207,7 +207,8 @@ def server_state(url: str) -> dict:
             "kv_cache_gb": state["memory_usage"]["kvcache"], "sphkv": state.get("sphkv")}
 
 
-def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir: Path) -> dict:
+def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir: Path, *, bench_only: bool = False,
+             datasets: tuple[str, ...] = ("random-ids", "generated-shared-prefix")) -> dict:
     tok, ctx, cont, system, users = inputs
     # SGLang's 300 s scheduler watchdog kills a server whose one forward (a long prefill) is slower
     # than that, which happens on the shared 2-core machine under other jobs' load
@@ -224,16 +225,20 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
         rec.update(server_state(srv.url))
         print(f"[{mode}] up in {srv.start_seconds:.0f} s, max_total_num_tokens={rec['max_total_num_tokens']}",
               flush=True)
+        if "random-ids" in datasets:
+            requests.post(srv.url + "/flush_cache", timeout=60)
+            b = bench_serving(srv.url, model, w, "random-ids", logdir / f"{mode}-bench-random-ids.jsonl")
+            rec.update(bench_output_tok_s=b["output_throughput"], bench_mean_itl_ms=b["mean_itl_ms"],
+                       bench_mean_ttft_ms=b["mean_ttft_ms"], bench_completed=b["completed"])
+        if bench_only:
+            return rec
         rec.update(quality(srv.url, ctx, cont))
         rec["single_stream_tok_s"] = single_stream(srv.url, w.stream_tokens)
         requests.post(srv.url + "/flush_cache", timeout=60)
-        b = bench_serving(srv.url, model, w, "random-ids", logdir / f"{mode}-bench-random-ids.jsonl")
-        rec.update(bench_output_tok_s=b["output_throughput"], bench_mean_itl_ms=b["mean_itl_ms"],
-                   bench_mean_ttft_ms=b["mean_ttft_ms"], bench_completed=b["completed"])
-        requests.post(srv.url + "/flush_cache", timeout=60)
-        b = bench_serving(srv.url, model, w, "generated-shared-prefix", logdir / f"{mode}-bench-gsp.jsonl")
-        rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
-                   bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
+        if "generated-shared-prefix" in datasets:
+            b = bench_serving(srv.url, model, w, "generated-shared-prefix", logdir / f"{mode}-bench-gsp.jsonl")
+            rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
+                       bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
         cpu0, load0 = srv.cpu_seconds(), os.getloadavg()[0]
         rec.update(workload(srv.url, tok, system, users, w))
         rec["workload_server_cpu_s"] = srv.cpu_seconds() - cpu0
@@ -279,6 +284,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--modes", default="dense,sphkv")
+    ap.add_argument("--bench-only", action="store_true",
+                    help="only python -m sglang.bench_serving (the datasets of --datasets), no quality / workload")
+    ap.add_argument("--datasets", default="random-ids,generated-shared-prefix")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a Workload field, e.g. --set conversations=8")
     args = ap.parse_args(argv)
@@ -298,9 +306,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logdir = out.parent / (out.stem + "-logs")
     logdir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    records = [run_mode(m, w, args.model, inputs, kv_bytes, logdir) for m in args.modes.split(",")]
+    records = []
+    for m in args.modes.split(","):
+        records.append(run_mode(m, w, args.model, inputs, kv_bytes, logdir, bench_only=args.bench_only,
+                                datasets=tuple(args.datasets.split(","))))
+        out.write_text(json.dumps(records, indent=2) + "\n")            # partial results survive a later failure
     by = {r["mode"]: r for r in records}
-    if "dense" in by and "sphkv" in by:
+    if "dense" in by and "sphkv" in by and not args.bench_only:
         d, s = by["dense"], by["sphkv"]
         s["vs_dense"] = {"capacity_x": s["max_total_num_tokens"] / d["max_total_num_tokens"],
                          "throughput_x": s["throughput_tok_s"] / d["throughput_tok_s"],
@@ -315,7 +327,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["device"] = "cpu" if not Path("/dev/nvidia0").exists() else "cuda"
     total = time.perf_counter() - t0
     out.write_text(json.dumps(records, indent=2) + "\n")
-    plot(records, out.with_suffix(".png"))
+    if not args.bench_only:
+        plot(records, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')} in {total:.0f} s")
     if "sphkv" in by and "vs_dense" in by["sphkv"]:
         print("sphkv vs dense:", json.dumps(by["sphkv"]["vs_dense"]))
