@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.write_text(json.dumps(records, indent=2) + "\n")
     if not args.bench_only:
         plot(records, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {total:.0f} s")
+    print(f"wrote {out}" + ("" if args.bench_only else f" and {out.with_suffix('.png')}") + f" in {total:.0f} s")
     if "sphkv" in by and "vs_dense" in by["sphkv"]:
         print("sphkv vs dense:", json.dumps(by["sphkv"]["vs_dense"]))
     return records
