@@ -8,5 +8,7 @@ from . import ops as ops
 from .decode import BatchDecodeWithSphKVPagedKVCacheWrapper as BatchDecodeWithSphKVPagedKVCacheWrapper
 from .decode import resolve_backend as resolve_backend
 from .encode import SphKVPageEncoder as SphKVPageEncoder
+from .prefill import BatchPrefillWithSphKVPagedKVCacheWrapper as BatchPrefillWithSphKVPagedKVCacheWrapper
 
-__all__ = ["BatchDecodeWithSphKVPagedKVCacheWrapper", "SphKVPageEncoder", "resolve_backend", "ops"]
+__all__ = ["BatchDecodeWithSphKVPagedKVCacheWrapper", "BatchPrefillWithSphKVPagedKVCacheWrapper", "SphKVPageEncoder",
+           "resolve_backend", "ops"]

@@ -26,11 +26,16 @@ _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` → ``"triton"`` on CUDA or under ``TRITON_INTERPRET=1``, else ``"reference"``."""
+    """``"auto"`` → ``"triton"`` on CUDA or under ``TRITON_INTERPRET=1``, else ``"cpu"`` (the C++ CPU
+    kernels, :mod:`sphkv_kernels.cpu_decode`) where they build, else ``"reference"``."""
     if backend == "auto":
-        return "triton" if (device.type == "cuda" or interpreting()) else "reference"
-    if backend not in ("triton", "reference"):
-        raise ValueError(f"backend={backend!r}; allowed: 'auto', 'triton', 'reference'")
+        if device.type == "cuda" or interpreting():
+            return "triton"
+        from sphkv_kernels.cpu_decode import available
+
+        return "cpu" if device.type == "cpu" and available() else "reference"
+    if backend not in ("triton", "reference", "cpu"):
+        raise ValueError(f"backend={backend!r}; allowed: 'auto', 'triton', 'cpu', 'reference'")
     return backend
 
 
@@ -54,7 +59,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
     Each tier present in the batch is one kernel launch (coded tiers: logits from angle codes and
     values dequantized in registers; the dense tier: bf16 pages), split over the sequence; a merge
     launch combines the partial softmax states exactly. Backends: ``"triton"`` (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``), ``"reference"`` (pure PyTorch), ``"auto"`` (the former where it runs).
+    ``TRITON_INTERPRET=1``), ``"cpu"`` (C++ page-tile kernels, :mod:`sphkv_kernels.cpu_decode`),
+    ``"reference"`` (pure PyTorch), ``"auto"`` (Triton where it runs, else the CPU kernels where they build).
 
     Parameters
     ----------
@@ -94,7 +100,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         self._layouts = [None if t.dense else CodedLayout.from_config(t.config) for t in self._tiers]
         self._config_keys = [None if t.dense else config_key(t.config) for t in self._tiers]
         self._backend_request = backend
-        resolve_backend(backend, torch.device("cpu"))      # validate the name now
+        if backend not in ("auto", "triton", "reference", "cpu"):      # validate the name now
+            resolve_backend(backend, torch.device("cpu"))
         self._plan = None
 
     # ---------------------------------------------------------------------------------------------
@@ -178,6 +185,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                         (lay is not None and (lay.kernel_compiles if interp else lay.kernel_supported))
                         else "reference" for lay in self._layouts]
         merge_backend = backend if kernel_ok else "reference"
+        if backend == "cpu":                               # every layout; the merge is the torch one
+            tier_backend, merge_backend = ["cpu"] * len(self._layouts), "reference"
         if backend == "triton" and not interp:
             for t, tb in enumerate(tier_backend):
                 if tb == "reference" and t in present:

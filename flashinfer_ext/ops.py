@@ -6,8 +6,10 @@ first imported (``flashinfer_ext`` imports it). Each op mutates its output argum
 nothing, so ``torch.compile`` and CUDA-graph capture see an opaque, side-effecting call whose fake
 implementation does nothing. A mutated argument is never optional: torch 2.11's in-place/view
 bookkeeping (``custom_ops.adinplaceorview_impl``) fails with ``IndexError`` on a mutated ``Tensor?``
-passed as ``None``, so "absent" travels as an empty tensor (:func:`absent`, ``numel() == 0``). ``backend`` is ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``)
-or ``"reference"`` (pure PyTorch, any device). A coded tier's codec travels as ``config``: the JSON
+passed as ``None``, so "absent" travels as an empty tensor (:func:`absent`, ``numel() == 0``).
+``backend`` is ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
+``"cpu"`` (the C++ CPU kernels of :mod:`sphkv_kernels.cpu_decode`; decode ops) or ``"reference"``
+(pure PyTorch, any device). A coded tier's codec travels as ``config``: the JSON
 of its :class:`sphkv.SphKVConfig` (see :func:`config_key`).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import torch
 
 from sphkv.config import SphKVConfig
+from sphkv_kernels import cpu_decode as _cpu
 from sphkv_kernels import decode as _dec
 from sphkv_kernels import encode as _enc
 from sphkv_kernels.layout import CodedLayout
@@ -49,12 +52,14 @@ def _opt(t: torch.Tensor):
     return t if t.numel() else None
 
 
-def _pick(backend: str, triton_fn, reference_fn):
+def _pick(backend: str, triton_fn, reference_fn, cpu_fn=None):
     if backend == "triton":
         return triton_fn
     if backend == "reference":
         return reference_fn
-    raise ValueError(f"backend={backend!r}; allowed: 'triton', 'reference'")
+    if backend == "cpu" and cpu_fn is not None:
+        return cpu_fn
+    raise ValueError(f"backend={backend!r}; allowed: 'triton', 'reference'" + (", 'cpu'" if cpu_fn else ""))
 
 
 @torch.library.custom_op(f"{NAMESPACE}::coded_decode_partial",
@@ -72,7 +77,7 @@ def coded_decode_partial(q_rot: torch.Tensor, k_codes: torch.Tensor, k_radius: t
     if backend == "triton":
         kw = dict(block_n=block_n or None, num_warps=num_warps or None, num_stages=num_stages or None,
                   scratch=_opt(scratch), **(json.loads(variant) if variant else {}))
-    fn = _pick(backend, _dec.coded_decode_partial, _dec.coded_decode_partial_reference)
+    fn = _pick(backend, _dec.coded_decode_partial, _dec.coded_decode_partial_reference, _cpu.coded_decode_partial_cpu)
     fn(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids, page_lens, part_o, part_lse,
        layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, logits=_opt(logits), **kw)
 
@@ -89,7 +94,7 @@ def dense_decode_partial(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.
                          part_lse: torch.Tensor, logits: torch.Tensor, num_kv_heads: int,
                          sm_scale: float, backend: str, block_n: int = 0, num_warps: int = 0,
                          num_stages: int = 0) -> None:
-    fn = _pick(backend, _dec.dense_decode_partial, _dec.dense_decode_partial_reference)
+    fn = _pick(backend, _dec.dense_decode_partial, _dec.dense_decode_partial_reference, _cpu.dense_decode_partial_cpu)
     fn(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, num_kv_heads=num_kv_heads,
        sm_scale=sm_scale, logits=_opt(logits), block_n=block_n or None, num_warps=num_warps or None,
        num_stages=num_stages or None)

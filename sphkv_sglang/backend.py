@@ -1,41 +1,58 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The ``sphkv`` attention backend: extend and decode over the sphkv pool's pages.
+"""The ``sphkv`` attention backend: SGLang's attention over the sphkv pool through ``flashinfer_ext``.
 
-Per request and layer: read the cached prefix from the pool (coded pages of any tier + the dense
-staged tokens of the page being filled), attend with the new tokens' dense K/V
-(:func:`~sphkv_sglang.reference.prefix_attention`, causal over the new tokens), then write the new
-tokens into the pool (which codes pages that became full). Reading before writing means a page
-completed in this forward is read densely by every layer of this forward.
+One plan per forward batch (:meth:`SphKVAttnBackend.init_forward_metadata`), built from
+``req_to_token`` / ``seq_lens`` as tensors — page lists per (request, kv head) in FlashInfer's
+vocabulary (``indptr`` / ``indices`` / page lengths, tier of every page; the pages being filled are a
+dense "staging" tier) by :meth:`SphKVStore.plan_pages`, with no per-request Python loop — then one
+:class:`~flashinfer_ext.BatchPrefillWithSphKVPagedKVCacheWrapper` ``run()`` per layer. The wrapper
+picks the implementation for the device: the C++ page-tile kernels on CPU, the Triton decode kernels
+on CUDA.
 
-Built on the pattern of SGLang's ``torch_native`` backend (a per-request loop, no CUDA graphs).
-Optionally accumulates each prefix page's attention mass in the pool — the radix retention's
-utility signal.
+* Decode: the new token's page bookkeeping runs at plan time (:meth:`SphKVStore.begin_forward`), each
+  layer writes its K/V first and then attends over the whole sequence, the new token included (read
+  from its staging page).
+* Extend (prefill, chunked prefill, mixed extend + decode batches): the new tokens attend to the
+  cached prefix through the wrapper and to each other (causal) densely; the two states are merged by
+  log-sum-exp; the K/V are written after reading, so a page completed in this forward is read densely
+  by every layer of it. A batch without any cached prefix runs SDPA exactly as ``torch_native`` does.
+* Logit soft-capping (``layer.logit_cap``) is applied in both parts.
+
+Optionally accumulates each page's attention mass in the pool (RDR's utility signal): every
+``MASS_EVERY``-th decode forward runs through the decode wrapper with its key-mass epilogue (all
+layers, summed over query heads); extend forwards do not sample it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 
+from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, BatchPrefillWithSphKVPagedKVCacheWrapper
+from flashinfer_ext.prefill import merge_state
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
 
-from .reference import prefix_attention
-
 __all__ = ["SphKVAttnBackend"]
+
+MASS_EVERY = 16          # decode forwards between two attention-mass samples
 
 
 @dataclass
 class _BatchPlan:
-    """Host-side per-request layout of one forward, shared by all layers."""
+    """Layout of one forward, shared by all layers."""
 
-    prefix_slots: list           # [prefix_len_i] int64 slot ids of each request's cached prefix
-    q_starts: list               # start row of each request's new tokens in q / k / v
-    q_lens: list                 # number of new tokens per request
+    decode: bool
+    has_prefix: bool                 # any request reads cached pages (the wrapper was planned)
+    q_starts: list | None = None     # extend: first row of each request's new tokens in q / k / v
+    q_lens: list | None = None       # extend: new tokens per request
+    pages: torch.Tensor | None = None   # [nnz] logical page of every planned entry (mass tracking)
+    mass: torch.Tensor | None = None    # [nnz, P] float32 key-mass buffer when this forward samples mass
 
 
 class SphKVAttnBackend(AttentionBackend):
-    """Attention over angle-coded pages with a dense tail (pure-torch reference path).
+    """Attention over angle-coded pages with dense staging pages, batched through ``flashinfer_ext``.
 
     Examples
     --------
@@ -53,26 +70,52 @@ class SphKVAttnBackend(AttentionBackend):
         self.device = model_runner.device
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = pool
+        self.store = pool.store
+        tp = max(1, int(getattr(model_runner, "tp_size", 1) or 1))
+        self.num_q_heads = model_runner.model_config.num_attention_heads // tp
         self.track_mass = pool.sphkv_config.track_mass
+        self.wrapper = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=self.store.wrapper_tiers)
+        self.mass_wrapper = BatchDecodeWithSphKVPagedKVCacheWrapper(
+            torch.empty(1 << 20, dtype=torch.uint8, device=self.device), tiers=self.store.wrapper_tiers)
         self.forward_metadata: _BatchPlan | None = None
+        self._decodes = 0
 
     # -- metadata --------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
+        """Plan the batch once: page lists from ``req_to_token`` / ``seq_lens`` (tensor ops, no per-request loop)."""
         fb = forward_batch
-        seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.cpu().tolist()
+        st = self.store
         if fb.forward_mode.is_decode_or_idle():
-            q_lens = [1] * len(seq_lens)
-        elif fb.extend_seq_lens_cpu is not None:
-            q_lens = list(fb.extend_seq_lens_cpu)
-        else:
-            q_lens = fb.extend_seq_lens.cpu().tolist()
-        rows = fb.req_pool_indices.cpu().tolist()
-        table = self.req_to_token_pool.req_to_token
-        prefix = [table[r, : s - n].to("cpu", torch.int64) for r, s, n in zip(rows, seq_lens, q_lens)]
-        starts = [0]
-        for n in q_lens[:-1]:
-            starts.append(starts[-1] + n)
-        self.forward_metadata = _BatchPlan(prefix, starts, q_lens)
+            if fb.batch_size == 0 or fb.out_cache_loc is None or fb.out_cache_loc.numel() == 0:
+                self.forward_metadata = _BatchPlan(decode=True, has_prefix=False)
+                return
+            st.begin_forward(fb.out_cache_loc)          # the new tokens' pages are staged before any read
+            self._decodes += 1
+            pp = st.plan_pages(self.req_to_token_pool.req_to_token[fb.req_pool_indices], fb.seq_lens)
+            plan = _BatchPlan(decode=True, has_prefix=True, pages=pp["pages"])
+            if self.track_mass and self._decodes % MASS_EVERY == 0:
+                self.mass_wrapper.plan(pp["indptr"], pp["indices"], pp["page_tiers"], None, self.num_q_heads, st.H,
+                                       st.d, st.P, page_lens=pp["page_lens"], key_mass=True, device=self.device)
+                plan.mass = torch.empty(pp["indices"].numel(), st.P, dtype=torch.float32, device=self.device)
+            else:
+                n = fb.batch_size
+                self.wrapper.plan(torch.arange(n + 1), pp["indptr"], pp["indices"], pp["page_tiers"], None,
+                                  self.num_q_heads, st.H, st.d, st.P, page_lens=pp["page_lens"], device=self.device)
+            self.forward_metadata = plan
+            return
+        q_lens = (list(fb.extend_seq_lens_cpu) if fb.extend_seq_lens_cpu is not None
+                  else fb.extend_seq_lens.cpu().tolist())
+        seq = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
+        lens = seq.to(torch.int64) - torch.tensor(q_lens, dtype=torch.int64)
+        qo = torch.zeros(len(q_lens) + 1, dtype=torch.int64)
+        qo[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int64), 0)
+        plan = _BatchPlan(decode=False, has_prefix=bool((lens > 0).any()), q_starts=qo[:-1].tolist(), q_lens=q_lens)
+        if plan.has_prefix:
+            pp = st.plan_pages(self.req_to_token_pool.req_to_token[fb.req_pool_indices], lens)
+            self.wrapper.plan(qo, pp["indptr"], pp["indices"], pp["page_tiers"], None, self.num_q_heads, st.H,
+                              st.d, st.P, page_lens=pp["page_lens"], device=self.device)
+            plan.pages = pp["pages"]
+        self.forward_metadata = plan
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -86,24 +129,72 @@ class SphKVAttnBackend(AttentionBackend):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q3 = q.reshape(-1, hq, d)
         k3, v3 = k.reshape(-1, hkv, d), v.reshape(-1, hkv, layer.v_head_dim)
-        out = torch.empty(q3.shape[0], hq, layer.v_head_dim, dtype=q.dtype, device=q.device)
-        pool, plan = self.token_to_kv_pool, self.forward_metadata
+        plan, pool = self.forward_metadata, self.token_to_kv_pool
+        cap = float(layer.logit_cap or 0.0)
+        local = layer.layer_id - pool.start_layer
+        rows = q3.shape[0]
+        if plan.decode:
+            if save_kv_cache:
+                pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
+            if not plan.has_prefix:
+                return q.new_zeros(rows, hq * layer.v_head_dim)
+            if plan.mass is not None and cap == 0:
+                out = self.mass_wrapper.run(q3, self.store.layer_cache(local), sm_scale=layer.scaling,
+                                            key_mass_out=plan.mass)
+                self.store.add_mass(plan.pages, plan.mass.sum(1))
+            else:
+                if plan.mass is not None:           # soft-capped model: the sampled forward plans late
+                    self._replan_decode(forward_batch)
+                out = self.wrapper.run(q3, self.store.layer_cache(local), sm_scale=layer.scaling,
+                                       logits_soft_cap=cap)
+            return out.to(q.dtype).reshape(rows, hq * layer.v_head_dim)
         causal = layer.attn_type != AttentionType.ENCODER_ONLY
-        for slots, s, n in zip(plan.prefix_slots, plan.q_starts, plan.q_lens):
-            if n == 0:
-                continue
-            view = pool.read_prefix(layer.layer_id, slots)
-            res = prefix_attention(q3[s:s + n], view, k3[s:s + n], v3[s:s + n], pool.store, scale=layer.scaling,
-                                   causal=causal, logit_cap=float(layer.logit_cap or 0.0),
-                                   return_mass=self.track_mass)
-            if self.track_mass:
-                res, mass = res
-                if mass is not None:
-                    pool.store.add_mass(*mass)
-            out[s:s + n] = res.to(out.dtype)
+        out = self._extend(q3, k3, v3, layer, local, plan, causal, cap)
         if save_kv_cache and k is not None and v is not None:
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
-        return out.reshape(q3.shape[0], hq * layer.v_head_dim)
+        return out.reshape(rows, hq * layer.v_head_dim)
+
+    def _replan_decode(self, fb) -> None:
+        st, n = self.store, fb.batch_size
+        pp = st.plan_pages(self.req_to_token_pool.req_to_token[fb.req_pool_indices], fb.seq_lens)
+        self.wrapper.plan(torch.arange(n + 1), pp["indptr"], pp["indices"], pp["page_tiers"], None,
+                          self.num_q_heads, st.H, st.d, st.P, page_lens=pp["page_lens"], device=self.device)
+        self.forward_metadata.mass = None
+
+    def _extend(self, q3, k3, v3, layer, local, plan, causal, cap):
+        """New tokens: causal attention among themselves, merged with the wrapper's prefix attention."""
+        hq, hkv = q3.shape[1], k3.shape[1]
+        out = torch.empty(q3.shape[0], hq, layer.v_head_dim, dtype=q3.dtype, device=q3.device)
+        if not plan.has_prefix and cap == 0:          # no cached prefix anywhere: exactly torch_native
+            for s, n in zip(plan.q_starts, plan.q_lens):
+                if n:
+                    qh, kh, vh = (x[s:s + n].transpose(0, 1)[None] for x in (q3, k3, v3))
+                    o = scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=layer.scaling,
+                                                     enable_gqa=hq != hkv)
+                    out[s:s + n] = o[0].transpose(0, 1)
+            return out
+        pre_o = pre_lse = None
+        if plan.has_prefix:
+            pre_o, pre_lse = self.wrapper.run(q3, self.store.layer_cache(local), sm_scale=layer.scaling,
+                                              logits_soft_cap=cap, return_lse=True)
+        g = hq // hkv
+        for s, n in zip(plan.q_starts, plan.q_lens):
+            if n == 0:
+                continue
+            qh = q3[s:s + n].transpose(0, 1).float()                                 # [Hq, n, d]
+            kh = k3[s:s + n].transpose(0, 1).float().repeat_interleave(g, 0)          # [Hq, n, d]
+            vh = v3[s:s + n].transpose(0, 1).float().repeat_interleave(g, 0)
+            sc = (qh @ kh.transpose(1, 2)) * layer.scaling                          # [Hq, n, n]
+            if cap > 0:
+                sc = cap * torch.tanh(sc / cap)
+            if causal:
+                sc = sc.masked_fill(torch.ones(n, n, dtype=torch.bool, device=sc.device).triu(1), float("-inf"))
+            lse = torch.logsumexp(sc, -1)                                           # [Hq, n]
+            o = (torch.softmax(sc, -1) @ vh).transpose(0, 1)                        # [n, Hq, d]
+            if pre_o is not None:
+                o, _ = merge_state(pre_o[s:s + n], pre_lse[s:s + n], o, lse.transpose(0, 1))
+            out[s:s + n] = o.to(out.dtype)
+        return out
 
     @staticmethod
     def _check_layer(layer) -> None:

@@ -7,9 +7,10 @@
 * fill every physical page it frees (release, demotion, flush) with poison in every layer: key and
   value codes ``0xFF``, radii, page means, value scales and zero points NaN;
 * fill every staging slot it frees with NaN;
-* check every prefix it hands to attention: a NaN radius, mean, scale or staged token means the
-  page table pointed at a freed page, and :class:`PoisonedReadError` is raised naming the layer
-  and the logical pages.
+* check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages`, and
+  every :meth:`SphKVStore.read_prefix`): a NaN radius, mean, scale or staged token means the page
+  table pointed at a freed page, and :class:`PoisonedReadError` is raised naming the layer and the
+  logical pages.
 
 It costs a few tensor fills per free and one NaN scan per read: for tests and load tests, not for
 production serving.
@@ -68,6 +69,29 @@ def _check_view(view, layer: int) -> None:
         raise PoisonedReadError(f"layer {layer}: staged tokens of page(s) {pages} are poisoned: read after free")
 
 
+def _check_plan(store, plan: dict, slots_lens) -> None:
+    """Every planned entry of a batch (first and last layer): coded pages not poisoned, staged tokens finite."""
+    pages, tiers, ids, lens = plan["pages"], plan["page_tiers"], plan["indices"].long(), plan["page_lens"].long()
+    if pages.numel() == 0:
+        return
+    h = store.H
+    for layer in sorted({0, store.num_layers - 1}):
+        bad = torch.zeros(pages.numel(), dtype=torch.bool)
+        for t in range(len(store.tiers)):
+            sel = (tiers == t + 1).nonzero().flatten()
+            if sel.numel():
+                rad = store.arenas[t][layer].k_radius[ids[sel].to(store.arenas[t][layer].k_radius.device)]
+                bad[sel] = torch.isnan(rad.float()).any(-1).cpu()
+        sel = (tiers == 0).nonzero().flatten()
+        if sel.numel():
+            k = store.k_stage[layer].reshape(-1, store.P, store.d)[ids[sel].to(store.k_stage.device)]   # [m, P, d]
+            valid = torch.arange(store.P)[None, :] < lens[sel][:, None]
+            bad[sel] = (torch.isnan(k.float()).any(-1).cpu() & valid).any(-1)
+        if bool(bad.any()):
+            raise PoisonedReadError(f"layer {layer}: page(s) {sorted(set(pages[bad].tolist()))[:8]} of the batch "
+                                    f"plan are poisoned: read after free ({h} kv heads)")
+
+
 def enable_poison(store) -> None:
     """Turn on free-page poisoning and poisoned-read checks for ``store`` (idempotent)."""
     if getattr(store, "poison_freed", False):
@@ -111,4 +135,12 @@ def enable_poison(store) -> None:
     table.release = lambda pages: _freed_slots(release, pages)
     table.reset = poisoned_reset
     store.read_prefix = checked_read
+    plan_pages = store.plan_pages
+
+    def checked_plan(slots, lens):
+        plan = plan_pages(slots, lens)
+        _check_plan(store, plan, (slots, lens))
+        return plan
+
+    store.plan_pages = checked_plan
     poisoned_reset()

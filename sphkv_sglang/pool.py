@@ -3,7 +3,7 @@
 
 SGLang constructs it with the keyword arguments of :class:`MHATokenToKVPool` (the plugin passes
 ``sphkv_config`` on top, see ``plugin.py``). ``set_kv_buffer`` stages/codes tokens; attention reads
-go through :meth:`SphKVPool.read_prefix` (the ``sphkv`` backend). A dense read of the whole layer
+go through the store's batch plan (:meth:`SphKVStore.plan_pages`, the ``sphkv`` backend). A dense read of the whole layer
 (``get_key_buffer`` & co.), a KV copy (speculative decoding), host offload (HiCache) or PD transfer
 would need dense K/V that does not exist: they raise :class:`SphKVDenseAccessError`.
 """

@@ -33,7 +33,6 @@ from sphkv.values import GroupValueQuantizer, ValueCode
 
 from .config import SphKVServeConfig
 from .page_table import PageTable, PageTableError
-from .planes import KeyPlanes, ValuePlanes
 
 __all__ = ["SphKVStore", "PrefixView", "CodedSegment", "plan_phys_pages"]
 
@@ -64,17 +63,6 @@ class PrefixView:
     @property
     def num_coded(self) -> int:
         return sum(s.kcode.num_tokens for s in self.segments)
-
-
-def _expanders(codecs, vquants, device) -> tuple[list, list]:
-    """Fused C++ expansion on the CPU when it builds, else the pure-torch byte-plane path."""
-    if torch.device(device).type == "cpu":
-        from .cpu_expand import FusedKeyExpander, FusedValueExpander, load
-
-        module = load()
-        if module is not None:
-            return [FusedKeyExpander(c, module) for c in codecs], [FusedValueExpander(v, module) for v in vquants]
-    return [KeyPlanes(c) for c in codecs], [ValuePlanes(v) for v in vquants]
 
 
 def plan_phys_pages(cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
@@ -110,10 +98,6 @@ class SphKVStore:
         self.tiers = [Tier(n, cfg.codec_config(n, head_dim)) for n in cfg.tiers]
         self.kcodec = [AngleKeyCodec(t.config) for t in self.tiers]
         self.vquant = [GroupValueQuantizer(t.config) for t in self.tiers]
-        self.kplanes, self.vplanes = _expanders(self.kcodec, self.vquant, device)   # transient expansion
-        rots = {(c.rotation.numpy().tobytes(), None if v.rotation is None else v.rotation.numpy().tobytes())
-                for c, v in zip(self.kcodec, self.vquant)}
-        self.shared_rotation = len(rots) == 1                               # attention may run rotated
         self.arenas = [[TierPool(t, n * num_kv_heads, head_dim=head_dim, page_size=self.P, device=device)
                         for _ in range(num_layers)] for t, n in zip(self.tiers, self.phys_pages)]
         shape = (num_layers, cfg.num_staging_pages, num_kv_heads, self.P, head_dim)
@@ -136,7 +120,7 @@ class SphKVStore:
     # -- write -----------------------------------------------------------------------------------------
     def write(self, layer: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store ``k``, ``v`` ``[N, H, d]`` of slots ``loc`` ``[N]`` for ``layer`` (0-based local index)."""
-        if layer == 0 or self._plan is None:
+        if self._plan is None or (layer == 0 and not self._plan.pop("prebuilt", False)):
             self._plan = self._begin_forward(loc)
         plan = self._plan
         if plan["loc"].numel() != loc.numel() or (plan["loc"].data_ptr() != loc.data_ptr()
@@ -160,6 +144,75 @@ class SphKVStore:
             if plan["pending"] is not None:
                 self.table.finish_pending(plan["pending"])
             self._plan = None
+
+    def begin_forward(self, loc: torch.Tensor) -> None:
+        """Do the page bookkeeping of this forward's writes at ``loc`` ``[N]`` now (before any layer
+        writes): stage the pages being written, mark them written, place the pages that become full.
+        Decode plans its reads after this so the new tokens are read from their staging pages."""
+        self._plan = self._begin_forward(loc)
+        self._plan["prebuilt"] = True
+
+    # -- batched read plan -------------------------------------------------------------------------
+    @property
+    def wrapper_tiers(self) -> tuple[Tier, ...]:
+        """Tiers as the ``flashinfer_ext`` wrappers index them: 0 = dense staging, ``1 + t`` = coded tier ``t``."""
+        return (Tier("staging"), *self.tiers)
+
+    def layer_cache(self, layer: int) -> list:
+        """``kv_cache`` of the wrappers for ``layer``: staging pages ``[S * H, P, d]`` (page id
+        ``slot * H + head``), then each coded tier's arena (page id ``phys * H + head``)."""
+        sp = self.k_stage.shape[1] * self.H
+        dense = {"k": self.k_stage[layer].view(sp, self.P, self.d), "v": self.v_stage[layer].view(sp, self.P, self.d)}
+        return [dense, *(self.arenas[t][layer] for t in range(len(self.tiers)))]
+
+    def plan_pages(self, slots: torch.Tensor, lens: torch.Tensor) -> dict:
+        """Page lists of a batch for the wrappers (vectorized; no per-request loop).
+
+        Parameters
+        ----------
+        slots : ``[B, >= max(lens)]`` int — each request's token slots (SGLang's ``req_to_token`` rows).
+        lens : ``[B]`` int — tokens to read per request (its first ``lens[b]`` slots).
+
+        Returns
+        -------
+        dict with ``indptr`` ``[B * H + 1]`` int32 (row ``b * H + h``), ``indices`` ``[nnz]`` int32,
+        ``page_tiers`` ``[nnz]`` int64 (see :attr:`wrapper_tiers`), ``page_lens`` ``[nnz]`` int32 and
+        ``pages`` ``[nnz]`` int64 (logical page of every entry).
+        """
+        P, H = self.P, self.H
+        lens = lens.to("cpu", torch.int64)
+        b = lens.numel()
+        npg = (lens + P - 1) // P
+        maxp = int(npg.max()) if b else 0
+        first = slots[:, : maxp * P: P].to("cpu", torch.int64)
+        if first.shape[1] < maxp:
+            raise PageTableError(f"slot rows hold {slots.shape[1]} tokens, fewer than max(lens)={int(lens.max())}")
+        pages = first // P                                                   # [B, maxp]
+        col = torch.arange(maxp)
+        valid = col[None, :] < npg[:, None]
+        pages = torch.where(valid, pages, torch.zeros_like(pages))
+        stage = self.table.stage_of[pages].to(torch.int64)
+        tier = self.table.tier_of[pages].to(torch.int64)
+        lost = valid & (stage < 0) & (tier < 0)
+        if bool(lost.any()):
+            raise PageTableError(f"prefix page(s) {pages[lost].tolist()[:8]} are neither staged nor coded "
+                                 "(read after free?)")
+        staged = stage >= 0
+        wtier = torch.where(staged, torch.zeros_like(tier), tier + 1)
+        base = torch.where(staged, stage, self.table.phys_of[pages].to(torch.int64))
+        plen = torch.where(col[None, :] == (npg - 1)[:, None], (lens - (npg - 1) * P)[:, None],
+                           torch.full_like(pages, P))
+        mask = valid[:, None, :].expand(b, H, maxp)
+        heads = torch.arange(H)[None, :, None]
+        ex = lambda t: t[:, None, :].expand(b, H, maxp)[mask]                # noqa: E731
+        indices = (base[:, None, :] * H + heads)[mask]
+        indptr = torch.zeros(b * H + 1, dtype=torch.int64)
+        indptr[1:] = torch.cumsum(npg.repeat_interleave(H), 0)
+        n_coded = int((valid & ~staged).sum())
+        self.counters["coded_pages_read"] += n_coded
+        self.counters["dense_tokens_read"] += int(plen[valid & staged].sum())
+        return dict(indptr=indptr.to(torch.int32), indices=indices.to(torch.int32), page_tiers=ex(wtier),
+                    page_lens=ex(plen).to(torch.int32), pages=ex(pages))
 
     def _begin_forward(self, loc: torch.Tensor) -> dict:
         """Stage partial pages, find full ones, place them; the plan every layer of this forward follows."""

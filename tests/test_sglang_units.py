@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from sphkv.config import PRESETS
-from sphkv.keys import AngleKeyCodec
-from sphkv.logits import logits_lut
 from sphkv_sglang.cli import SphKVArgumentError, add_sphkv_args, resolve_args
 from sphkv_sglang.config import RETENTION_POLICIES_HINT, SphKVServeConfig, parse_bytes
 from sphkv_sglang.page_table import PageTable, PageTableError
-from sphkv_sglang.planes import KeyPlanes, ValuePlanes
-from sphkv_sglang.reference import reference_attention
 from sphkv_sglang.store import SphKVStore
 
 P = 8   # small pages keep the CPU tests fast
@@ -151,8 +147,8 @@ def test_store_write_read_release_roundtrip():
     view = st.read_prefix(1, loc)
     assert view.num_coded == 16 and view.dense_k.shape == (2, 4, 64)
     assert torch.equal(view.dense_k, k[16:].transpose(0, 1))
-    y = st.kplanes[0].expand(view.segments[0].kcode.codes, view.segments[0].kcode.radius,
-                             view.segments[0].kcode.mean, P) @ st.kcodec[0].rotation
+    kd = st._decode(1, 0, st.table.phys_of[1:3].long())[0]                  # pages 1, 2 through the codec
+    y = kd.transpose(0, 1).reshape(2, 2 * P, 64)
     rel = ((y - k[:16].transpose(0, 1)) ** 2).sum() / (k[:16] ** 2).sum()
     assert rel < 0.05
     for layer in range(2):                            # decode 4 more tokens: page 3 fills and is coded
@@ -176,35 +172,41 @@ def test_store_nonfinite_is_zeroed_and_counted_or_raised():
         st2.write(0, torch.arange(P, 2 * P), k, v)
 
 
-def test_plane_expansion_matches_logits_lut():
-    for preset in ("sphkv-8", "sphkv-4", "sphkv-2"):
-        st = _store(preset)
-        codec: AngleKeyCodec = st.kcodec[0]
-        k = torch.randn(2, 4 * P, 64) * 3 + 1
-        code = codec.encode(k)
-        q = codec.rotate(torch.randn(2, 3, 64))
-        y = KeyPlanes(codec).expand(code.codes, code.radius, code.mean, P)
-        torch.testing.assert_close(q @ y.transpose(-1, -2), logits_lut(q, code, codec, rotated=True),
-                                   rtol=1e-4, atol=1e-4)
+def test_batch_plan_through_the_wrapper_is_exact_dense_and_close_coded():
+    """The backend's path (plan_pages + prefill wrapper, CPU kernels): staged pages only → equal to
+    SDPA up to float32 rounding; a coded prefix → within the codec's error of dense attention."""
+    from flashinfer_ext import BatchPrefillWithSphKVPagedKVCacheWrapper
+    from sphkv_kernels.cpu_decode import available
 
-
-def test_reference_attention_is_exact_without_coded_pages_and_close_with():
+    if not available():
+        pytest.skip("no C++ compiler for the CPU kernels")
     st = _store("sphkv-8", pages=40, heads=3)
     n = 150
     k, v = _kv(n, heads=3)
     q = torch.randn(n, 9, 64)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True,
-        enable_gqa=True, scale=0.125)[0].transpose(0, 1)
-    empty = st.read_prefix(0, torch.arange(0))
-    torch.testing.assert_close(reference_attention(q, empty, k, v, st, scale=0.125), ref, rtol=0, atol=0)
     loc = torch.arange(P, P + n)
-    st.write(0, loc[:120], k[:120], v[:120])
-    st.write(1, loc[:120], k[:120], v[:120])
-    out, (pages, mass) = reference_attention(q[120:], st.read_prefix(0, loc[:120]), k[120:], v[120:], st,
-                                             scale=0.125, return_mass=True)
-    assert float((out - ref[120:]).norm() / ref[120:].norm()) < 0.05
-    assert pages.numel() == 120 and 0 < float(mass.sum()) <= 8 * 9 + 1e-3
+    w = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=st.wrapper_tiers, backend="cpu")
+
+    def attend(m):                       # the last n - m tokens over the first m, as the backend does
+        pp = st.plan_pages(loc[None], torch.tensor([m]))
+        w.plan(torch.tensor([0, n - m]), pp["indptr"], pp["indices"], pp["page_tiers"], None, 9, 3, 64, P,
+               page_lens=pp["page_lens"])
+        return w.run(q[m:], st.layer_cache(0), sm_scale=0.125)
+
+    def sdpa(m):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q[m:].transpose(0, 1)[None], kb[:m].transpose(0, 1)[None], vb[:m].transpose(0, 1)[None],
+            enable_gqa=True, scale=0.125)[0].transpose(0, 1)
+
+    kb, vb = k.to(st.dtype).float(), v.to(st.dtype).float()    # what the pool stages (its model dtype)
+    for layer in range(2):
+        st.write(layer, loc[:P - 3], k[:P - 3], v[:P - 3])    # one partial page: staged, dense
+    torch.testing.assert_close(attend(P - 3), sdpa(P - 3), rtol=1e-5, atol=1e-5)
+    for layer in range(2):
+        st.write(layer, loc[P - 3:120], k[P - 3:120], v[P - 3:120])   # 15 pages coded (sphkv-8), 1 staged
+    assert st.table.counts()["coded"][0] == 120 // P
+    ref = sdpa(120)
+    assert float((attend(120) - ref).norm() / ref.norm()) < 0.05
 
 
 # -- SGLang pool, allocator and radix cache on the CPU ---------------------------------------------------
@@ -320,21 +322,3 @@ def test_sharers_read_the_same_pages(sglang_stack):
     assert torch.equal(va.segments[0].kcode.codes, vb.segments[0].kcode.codes)
     assert math.isclose(float(va.segments[0].kcode.radius.float().sum()),
                         float(vb.segments[0].kcode.radius.float().sum()))
-
-
-def test_fused_cpu_expansion_matches_planes():
-    from sphkv_sglang import cpu_expand
-
-    module = cpu_expand.load()
-    if module is None:
-        pytest.skip("no C++ toolchain: the server uses the pure-torch planes path")
-    for preset in ("sphkv-8", "sphkv-4", "sphkv-2"):
-        codec = _store(preset).kcodec[0]
-        code = codec.encode(torch.randn(3, 5 * P, 64) * 2 + 1)
-        want = KeyPlanes(codec).expand(code.codes, code.radius, code.mean, P)
-        got = cpu_expand.FusedKeyExpander(codec, module).expand(code.codes, code.radius, code.mean, P)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
-        vq = _store(preset).vquant[0]
-        vcode = vq.encode(torch.randn(3, 5 * P, 64))
-        torch.testing.assert_close(cpu_expand.FusedValueExpander(vq, module).expand(vcode.codes, vcode.scale, vcode.zero),
-                                   ValuePlanes(vq).expand(vcode.codes, vcode.scale, vcode.zero), rtol=1e-6, atol=1e-5)

@@ -8,7 +8,14 @@ real server on 127.0.0.1 (SmolLM2-135M-Instruct; the CPU engine on a GPU-less ma
    plus the true ``continuation`` tokens and reads their input log-probabilities (the prefix is
    served from the radix cache: coded pages on the sphkv server) → ``cont_logprob_mean``;
 2. **single stream** — one request, ``stream_tokens`` new tokens → ``single_stream_tok_s``;
-3. **multi-turn workload** — ``conversations`` chats of ``turns`` turns sharing one
+3. **bench_serving** — SGLang's own client (``python -m sglang.bench_serving``) on two datasets:
+   ``random-ids`` (``bench_prompts`` prompts of ``bench_input_len`` random token ids,
+   ``bench_output_len`` new tokens each, all sent at once) → ``bench_output_tok_s``,
+   ``bench_mean_itl_ms``, ``bench_mean_ttft_ms``; ``generated-shared-prefix`` (``bench_gsp_groups``
+   groups of ``bench_prompts / bench_gsp_groups`` questions sharing a ``bench_gsp_system_len``-token
+   system prompt) → ``bench_prefix_output_tok_s`` (and its ITL / TTFT). The ``random`` dataset needs a
+   download and is not used;
+4. **multi-turn workload** — ``conversations`` chats of ``turns`` turns sharing one
    ``system_tokens`` system prompt, essay passages as user turns, greedy answers of
    ``answer_tokens``; turns are interleaved across conversations (all first turns, then all second
    turns, ...) with ``concurrency`` requests in flight, so a conversation's history is reused only if
@@ -55,10 +62,18 @@ class Workload:
     stream_tokens: int = 128
     max_running_requests: int = 8
     preset: str = "sphkv-4"
+    bench_prompts: int = 24
+    bench_input_len: int = 512
+    bench_output_len: int = 64
+    bench_gsp_groups: int = 4
+    bench_gsp_system_len: int = 512
+    bench_gsp_question_len: int = 64
 
     def __post_init__(self):
         for name in ("conversations", "turns", "system_tokens", "user_tokens", "answer_tokens", "concurrency",
-                     "dense_tokens", "context", "continuation", "stream_tokens", "max_running_requests"):
+                     "dense_tokens", "context", "continuation", "stream_tokens", "max_running_requests",
+                     "bench_prompts", "bench_input_len", "bench_output_len", "bench_gsp_groups",
+                     "bench_gsp_system_len", "bench_gsp_question_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         if self.context + self.continuation + 64 > self.dense_tokens:
@@ -67,7 +82,8 @@ class Workload:
 
 
 QUICK = Workload(conversations=12, turns=3, system_tokens=1024, user_tokens=256, answer_tokens=16, concurrency=4,
-                 dense_tokens=4608, context=4096, continuation=256, stream_tokens=48)
+                 dense_tokens=4608, context=4096, continuation=256, stream_tokens=48, bench_input_len=256,
+                 bench_output_len=32, bench_gsp_system_len=512, bench_gsp_question_len=64)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -161,15 +177,43 @@ def workload(url: str, tok, system: str, users: list[list[str]], w: Workload) ->
             "retractions": sum(r.get("num_retractions", 0) or 0 for r in records)}
 
 
+def bench_serving(url: str, model: Path, w: Workload, dataset: str, out: Path) -> dict:
+    """Run ``python -m sglang.bench_serving`` against ``url``; returns its JSON result line."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", url,
+           "--model", str(model), "--tokenizer", str(model), "--dataset-name", dataset,
+           "--num-prompts", str(w.bench_prompts), "--seed", "1", "--disable-tqdm", "--output-file", str(out)]
+    if dataset == "random-ids":
+        cmd += ["--random-input-len", str(w.bench_input_len), "--random-output-len", str(w.bench_output_len),
+                "--random-range-ratio", "1.0"]
+    else:
+        cmd += ["--gsp-num-groups", str(w.bench_gsp_groups),
+                "--gsp-prompts-per-group", str(max(1, w.bench_prompts // w.bench_gsp_groups)),
+                "--gsp-system-prompt-len", str(w.bench_gsp_system_len),
+                "--gsp-question-len", str(w.bench_gsp_question_len), "--gsp-output-len", str(w.bench_output_len)]
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=3000, env=env)
+    if res.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"bench_serving {dataset} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return json.loads(out.read_text().strip().splitlines()[-1])
+
+
 def server_state(url: str) -> dict:
     state = requests.get(url + "/get_server_info", timeout=60).json()["internal_states"][0]
     return {"max_total_num_tokens": state["memory_usage"]["token_capacity"],
             "kv_cache_gb": state["memory_usage"]["kvcache"], "sphkv": state.get("sphkv")}
 
 
-def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir: Path) -> dict:
+def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir: Path, *, bench_only: bool = False,
+             datasets: tuple[str, ...] = ("random-ids", "generated-shared-prefix")) -> dict:
     tok, ctx, cont, system, users = inputs
-    common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report"]
+    # SGLang's 300 s scheduler watchdog kills a server whose one forward (a long prefill) is slower
+    # than that, which happens on the shared 2-core machine under other jobs' load
+    common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report",
+              "--watchdog-timeout", "3600"]
     if mode == "dense":
         srv = ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
                             log_path=logdir / "dense.log")
@@ -181,8 +225,20 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
         rec.update(server_state(srv.url))
         print(f"[{mode}] up in {srv.start_seconds:.0f} s, max_total_num_tokens={rec['max_total_num_tokens']}",
               flush=True)
+        if "random-ids" in datasets:
+            requests.post(srv.url + "/flush_cache", timeout=60)
+            b = bench_serving(srv.url, model, w, "random-ids", logdir / f"{mode}-bench-random-ids.jsonl")
+            rec.update(bench_output_tok_s=b["output_throughput"], bench_mean_itl_ms=b["mean_itl_ms"],
+                       bench_mean_ttft_ms=b["mean_ttft_ms"], bench_completed=b["completed"])
+        if bench_only:
+            return rec
         rec.update(quality(srv.url, ctx, cont))
         rec["single_stream_tok_s"] = single_stream(srv.url, w.stream_tokens)
+        requests.post(srv.url + "/flush_cache", timeout=60)
+        if "generated-shared-prefix" in datasets:
+            b = bench_serving(srv.url, model, w, "generated-shared-prefix", logdir / f"{mode}-bench-gsp.jsonl")
+            rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
+                       bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
         cpu0, load0 = srv.cpu_seconds(), os.getloadavg()[0]
         rec.update(workload(srv.url, tok, system, users, w))
         rec["workload_server_cpu_s"] = srv.cpu_seconds() - cpu0
@@ -206,6 +262,8 @@ def plot(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("max_total_num_tokens", "tokens in the same KV memory"), ("throughput_tok_s", "output tokens / s"),
+            ("bench_output_tok_s", "bench_serving random-ids tok/s"),
+            ("bench_prefix_output_tok_s", "bench_serving shared-prefix tok/s"),
             ("prefix_hit_rate", "prefix hit rate"), ("ttft_mean_s", "mean TTFT (s)"),
             ("total_tok_per_server_cpu_s", "tokens / server CPU-s"), ("single_stream_tok_s", "one stream, tokens / s"),
             ("cont_logprob_mean", "continuation mean logprob")]
@@ -226,6 +284,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--modes", default="dense,sphkv")
+    ap.add_argument("--bench-only", action="store_true",
+                    help="only python -m sglang.bench_serving (the datasets of --datasets), no quality / workload")
+    ap.add_argument("--datasets", default="random-ids,generated-shared-prefix")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a Workload field, e.g. --set conversations=8")
     args = ap.parse_args(argv)
@@ -245,12 +306,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logdir = out.parent / (out.stem + "-logs")
     logdir.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    records = [run_mode(m, w, args.model, inputs, kv_bytes, logdir) for m in args.modes.split(",")]
+    records = []
+    for m in args.modes.split(","):
+        records.append(run_mode(m, w, args.model, inputs, kv_bytes, logdir, bench_only=args.bench_only,
+                                datasets=tuple(args.datasets.split(","))))
+        out.write_text(json.dumps(records, indent=2) + "\n")            # partial results survive a later failure
     by = {r["mode"]: r for r in records}
-    if "dense" in by and "sphkv" in by:
+    if "dense" in by and "sphkv" in by and not args.bench_only:
         d, s = by["dense"], by["sphkv"]
         s["vs_dense"] = {"capacity_x": s["max_total_num_tokens"] / d["max_total_num_tokens"],
                          "throughput_x": s["throughput_tok_s"] / d["throughput_tok_s"],
+                         "bench_output_tok_s_x": s["bench_output_tok_s"] / d["bench_output_tok_s"],
+                         "bench_prefix_output_tok_s_x": s["bench_prefix_output_tok_s"] / d["bench_prefix_output_tok_s"],
                          "tok_per_server_cpu_s_x": s["total_tok_per_server_cpu_s"] / d["total_tok_per_server_cpu_s"],
                          "prefix_hit_rate_delta": s["prefix_hit_rate"] - d["prefix_hit_rate"],
                          "cont_logprob_rel_diff": abs(s["cont_logprob_mean"] - d["cont_logprob_mean"])
@@ -260,8 +327,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["device"] = "cpu" if not Path("/dev/nvidia0").exists() else "cuda"
     total = time.perf_counter() - t0
     out.write_text(json.dumps(records, indent=2) + "\n")
-    plot(records, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')} in {total:.0f} s")
+    if not args.bench_only:
+        plot(records, out.with_suffix(".png"))
+    print(f"wrote {out}" + ("" if args.bench_only else f" and {out.with_suffix('.png')}") + f" in {total:.0f} s")
     if "sphkv" in by and "vs_dense" in by["sphkv"]:
         print("sphkv vs dense:", json.dumps(by["sphkv"]["vs_dense"]))
     return records

@@ -1,0 +1,112 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The CPU kernels (:mod:`sphkv_kernels.cpu_decode`) and the prefill wrapper against a float64 dense oracle.
+
+Decode through :class:`BatchDecodeWithSphKVPagedKVCacheWrapper` with ``backend="cpu"``; many query
+tokens per request through :class:`BatchPrefillWithSphKVPagedKVCacheWrapper` (``cpu`` and ``reference``),
+with and without logit soft-capping; odd sequence lengths, partial pages, mixed tiers.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, BatchPrefillWithSphKVPagedKVCacheWrapper
+from flashinfer_ext.prefill import merge_state
+from sphkv import SphKVConfig
+from sphkv.tiers import Tier, TierSet
+from sphkv_kernels import cpu_decode
+from sphkv_kernels.testing import _row_kv, dense_oracle, poison, random_paged_cache
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="no C++ compiler for the CPU kernels")
+
+
+def _tiers(page_size, names=("sphkv-4", "sphkv-2")):
+    mk = lambda n: Tier(n, SphKVConfig.from_name(n, head_dim=64, page_size=page_size))  # noqa: E731
+    return TierSet((Tier("dense"), *(mk(n) for n in names)), head_dim=64, page_size=page_size)
+
+
+def _oracle_tokens(q, cache, qo, sm_scale, cap=0.0):
+    """Float64: every query token of request b attends to all of b's pages (soft cap optional)."""
+    n, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    g = hq // hkv
+    out = torch.zeros(n, hq, d, dtype=torch.float64)
+    lse = torch.full((n, hq), float("-inf"), dtype=torch.float64)
+    for b in range(len(qo) - 1):
+        for h in range(hkv):
+            k, v, _ = _row_kv(cache, b * hkv + h)
+            qq = q[qo[b]:qo[b + 1], h * g:(h + 1) * g].double()                    # [m, G, d]
+            s = qq @ k.T * sm_scale
+            if cap > 0:
+                s = cap * torch.tanh(s / cap)
+            lse[qo[b]:qo[b + 1], h * g:(h + 1) * g] = torch.logsumexp(s, -1)
+            out[qo[b]:qo[b + 1], h * g:(h + 1) * g] = torch.softmax(s, -1) @ v
+    return out, lse
+
+
+@pytest.mark.parametrize("seq_lens,page_size,group,names", [
+    ([17, 54, 97], 16, 1, ("sphkv-4", "sphkv-2")),
+    ([97, 5, 33], 16, 3, ("sphkv-3", "sphkv-8")),
+    ([130, 64], 64, 4, ("sphkv-4b", "sphkv-2")),
+])
+def test_decode_wrapper_cpu_backend_matches_oracle(seq_lens, page_size, group, names):
+    ts = _tiers(page_size, names)
+    hkv = 2
+    cache = random_paged_cache(ts.tiers, seq_lens=seq_lens, num_kv_heads=hkv, head_dim=64, page_size=page_size,
+                               seed=sum(seq_lens) + group)
+    w = BatchDecodeWithSphKVPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.uint8), tiers=ts, backend="cpu")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, hkv * group, hkv, 64, page_size,
+           page_lens=cache.page_lens, key_mass=True)
+    q = torch.randn(len(seq_lens), hkv * group, 64)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
+    mass = torch.empty(cache.indices.numel(), page_size)
+    poison(out, lse, mass)
+    w.run(q, cache.pools, out=out, lse=lse, key_mass_out=mass)
+    ref_out, ref_lse, ref_mass = dense_oracle(q, cache, sm_scale=64 ** -0.5, key_mass=True)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mass.double(), ref_mass, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("seq_lens,q_lens,page_size,group,cap", [
+    ([17, 54, 97], [1, 7, 23], 16, 3, 0.0),       # 23 new tokens x 3 heads: the ATen tile-product path
+    ([33, 80], [5, 1], 16, 1, 0.0),
+    ([70, 9], [3, 4], 16, 2, 2.5),                # logit soft-capping
+])
+def test_prefill_wrapper_matches_oracle(backend, seq_lens, q_lens, page_size, group, cap):
+    if backend == "reference" and cap > 0:
+        pytest.skip("soft-capping is a CPU-kernel feature (the decode kernels have none)")
+    ts = _tiers(page_size)
+    hkv = 2
+    cache = random_paged_cache(ts.tiers, seq_lens=seq_lens, num_kv_heads=hkv, head_dim=64, page_size=page_size,
+                               seed=7 * sum(seq_lens) + group)
+    qo = [0]
+    for m in q_lens:
+        qo.append(qo[-1] + m)
+    w = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=ts, backend=backend)
+    w.plan(torch.tensor(qo), cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, hkv * group, hkv,
+           64, page_size, page_lens=cache.page_lens)
+    q = torch.randn(qo[-1], hkv * group, 64)
+    out, lse = w.run(q, cache.pools, sm_scale=0.11, logits_soft_cap=cap, return_lse=True)
+    ref_out, ref_lse = _oracle_tokens(q, cache, qo, 0.11, cap)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-4, rtol=2e-4)
+
+
+def test_merge_state_equals_attention_over_the_union():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(4, 2, 8, generator=g), torch.randn(2, 11, 8, generator=g), torch.randn(2, 11, 8, generator=g)
+
+    def attend(ks, vs):
+        s = torch.einsum("nhd,hkd->nhk", q, ks)
+        return torch.einsum("nhk,hkd->nhd", torch.softmax(s, -1), vs), torch.logsumexp(s, -1)
+
+    o_all, l_all = attend(k, v)
+    o, lse = merge_state(*attend(k[:, :4], v[:, :4]), *attend(k[:, 4:], v[:, 4:]))
+    torch.testing.assert_close(o, o_all, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, l_all, atol=1e-5, rtol=1e-5)
+    empty = torch.full_like(l_all, float("-inf"))
+    o2, l2 = merge_state(o_all, l_all, torch.zeros_like(o_all), empty)
+    torch.testing.assert_close(o2, o_all)
+    torch.testing.assert_close(l2, l_all)
