@@ -42,6 +42,10 @@ _UNSUPPORTED = {  # namespace attribute -> why sphkv refuses it when set
     "enable_kv_cache_sharding": "KV sharding needs the plain MHA pool",
     "enable_hisparse": "HiSparse needs its own pool",
 }
+_UNSUPPORTED_ABOVE_ONE = {  # namespace attribute -> why sphkv refuses a value > 1
+    "dcp_size": "decode context parallelism splits each request's KV across ranks; the sphkv pool codes whole "
+                "pages per rank",
+}
 
 
 class SphKVArgumentError(ValueError):
@@ -119,6 +123,10 @@ def resolve_args(args: argparse.Namespace) -> SphKVServeConfig | None:
     for name, why in _UNSUPPORTED.items():
         if getattr(args, name, None):
             raise SphKVArgumentError(f"--{name.replace('_', '-')} is not supported with --sphkv ({why})")
+    for name, why in _UNSUPPORTED_ABOVE_ONE.items():
+        value = getattr(args, name, None)
+        if value is not None and int(value) > 1:
+            raise SphKVArgumentError(f"--{name.replace('_', '-')} {value} is not supported with --sphkv ({why})")
     check_model(cfg, getattr(args, "model_path", "") or "", getattr(args, "tp_size", 1) or 1)
     args.attention_backend = "sphkv"
     args.radix_cache_backend = "sphkv"
