@@ -88,6 +88,14 @@ def test_sphkv_options_require_sphkv(flag):
     assert "--sphkv-preset requires --sphkv" in DOC
 
 
+def test_tensor_parallel_on_cpu_engine_is_refused_clearly():
+    msg = _refused(["--sphkv", "--device", "cpu", "--tp-size", "2"])
+    assert msg.startswith("--tp-size 2 with --sphkv on SGLang's CPU engine is not supported")
+    assert "allowed here: --tp-size 1, or a GPU machine" in msg
+    assert resolve_args(_parser().parse_args(["--sphkv", "--device", "cpu", "--tp-size", "1"])) is not None
+    assert "`--tp-size N` (N > 1) on the CPU engine" in DOC
+
+
 # -- in the scheduler: model kinds the pool cannot hold ---------------------------------------------------
 def test_mla_and_v_head_dim_mismatch_are_refused():
     pytest.importorskip("sglang")
