@@ -269,11 +269,13 @@ SENTENCES = [
                                  if e["batch"] == 32), 32]),
     Sentence(r"measured with the previous kernel \(([\d.]+)×\)", "decode_e2e.json",
              lambda: [load("decode_e2e.json")["speedup"]]),
-    Sentence(r"Load test \(`make load-quick`[^)]*?(\d[\d,]*)-token pool[^)]*\): ([\d,]+) requests \(up to (\d+) "
-             r"concurrent[^)]*\), (\d+) errors, (\d+) leaked pages after flush, ([\d,]+) pages demoted, "
-             r"([\d,]+) evicted", "load-quick.json",
-             lambda: [load("load-quick.json")[k] for k in ("pool_tokens", "requests", "max_concurrent", "errors",
-                                                             "leaked_pages", "demoted_pages", "evicted_pages")]),
+    Sentence(r"Load test \(`make load-quick`, (\d[\d,]*)-token pool of (\d+)-token pages[^)]*\): ([\d,]+) requests "
+             r"\(up to (\d+) concurrent, prompts of (\d+)–(\d+) tokens[^)]*\), (\d+) errors, (\d+) leaked pages after "
+             r"flush, ([\d,]+) pages demoted, ([\d,]+) evicted; p50 ([\d.]+) s, p99 ([\d.]+) s", "load-quick.json",
+             lambda: [(r := load("load-quick.json"))["pool_tokens"], r["config"]["page_size"], r["requests"],
+                      r["max_concurrent"], r["prompt_tokens"]["min"], r["prompt_tokens"]["max"], r["errors"],
+                      r["leaked_pages"], r["demoted_pages"], r["evicted_pages"], r["p50_ms"] / 1000,
+                      r["p99_ms"] / 1000]),
 ]
 
 

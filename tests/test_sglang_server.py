@@ -54,6 +54,10 @@ def test_generate_and_openai_chat(server):
         "model": "default", "max_tokens": 16, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of Italy? One word."}]}).json()
     assert "Rome" in r["choices"][0]["message"]["content"]
+    # documented in docs/limits-and-errors.md: SGLang 0.5.23 answers an unknown model name with 200
+    unknown = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "no-such-model", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]})
+    assert unknown.status_code == 200, unknown.text[:300]
     stats = _stats(server.url)
     assert stats["tiers"] == ["sphkv-8", "sphkv-2"] and stats["page_size"] == 64
 
