@@ -50,7 +50,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
 
-    def start(self, timeout: float = 300.0) -> "ServerProcess":
+    def start(self, timeout: float = 600.0) -> "ServerProcess":   # 5 min measured on a contended 2-core host
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
