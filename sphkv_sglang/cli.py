@@ -42,6 +42,10 @@ _UNSUPPORTED = {  # namespace attribute -> why sphkv refuses it when set
     "enable_kv_cache_sharding": "KV sharding needs the plain MHA pool",
     "enable_hisparse": "HiSparse needs its own pool",
 }
+_UNSUPPORTED_ABOVE_ONE = {  # namespace attribute -> why sphkv refuses a value > 1
+    "dcp_size": "decode context parallelism splits each request's KV across ranks; the sphkv pool codes whole "
+                "pages per rank",
+}
 
 
 class SphKVArgumentError(ValueError):
@@ -119,6 +123,11 @@ def resolve_args(args: argparse.Namespace) -> SphKVServeConfig | None:
     for name, why in _UNSUPPORTED.items():
         if getattr(args, name, None):
             raise SphKVArgumentError(f"--{name.replace('_', '-')} is not supported with --sphkv ({why})")
+    for name, why in _UNSUPPORTED_ABOVE_ONE.items():
+        value = getattr(args, name, None)
+        if value is not None and int(value) > 1:
+            raise SphKVArgumentError(f"--{name.replace('_', '-')} {value} is not supported with --sphkv ({why})")
+    _check_cpu_parallel(args)
     check_model(cfg, getattr(args, "model_path", "") or "", getattr(args, "tp_size", 1) or 1)
     args.attention_backend = "sphkv"
     args.radix_cache_backend = "sphkv"
@@ -127,6 +136,21 @@ def resolve_args(args: argparse.Namespace) -> SphKVServeConfig | None:
     args.disable_decode_cuda_graph = True
     args.disable_prefill_cuda_graph = True
     return cfg
+
+
+def _check_cpu_parallel(args) -> None:
+    """Tensor parallelism on SGLang's CPU engine fails inside SGLang (dense too): refuse it up front."""
+    tp = int(getattr(args, "tp_size", 1) or 1)
+    device = getattr(args, "device", None)
+    if tp <= 1:
+        return
+    from .cpu import has_gpu
+
+    if device == "cpu" or (device in (None, "auto") and not has_gpu()):
+        raise SphKVArgumentError(
+            f"--tp-size {tp} with --sphkv on SGLang's CPU engine is not supported: SGLang 0.5.23 (CUDA build of "
+            "torch) starts its NCCL communicator for tensor parallelism even with --device cpu and every rank fails "
+            "('Expected a cuda device, but got: cpu'; dense servers too); allowed here: --tp-size 1, or a GPU machine")
 
 
 def model_dims(model_path: str, tp_size: int = 1) -> dict | None:

@@ -142,3 +142,4 @@ class SphKVPool(MHATokenToKVPool):
     get_device_pool_infos = _dense_access("get_device_pool_infos")
     host_pool_decls = _dense_access("host_pool_decls")
     get_raw_kv_buffer = _dense_access("get_raw_kv_buffer")
+    set_kv_buffer_prefix_valid = _dense_access("set_kv_buffer_prefix_valid")   # speculative (dspark) commits

@@ -51,6 +51,13 @@ class SphKVRadixCache(RadixCache):
                                              mass_of=lambda pages: self.store.page_mass[pages])
         self.store.demotion_source = self.demotion_candidates
         self.demoted_nodes = 0
+        self.evicted_tokens = 0
+
+    def evict(self, params):
+        """SGLang's eviction, counted (``evicted_tokens`` in ``/get_server_info``; ``reset`` is not counted)."""
+        result = super().evict(params)
+        self.evicted_tokens += int(getattr(result, "num_tokens_evicted", 0) or 0)
+        return result
 
     def demotion_candidates(self, tier: int, num_pages: int) -> list[int]:
         """Up to ``num_pages`` logical pages of ``tier`` from unlocked nodes, lowest utility first."""
@@ -75,7 +82,8 @@ class SphKVRadixCache(RadixCache):
 
     def retention_stats(self) -> dict:
         return dict(evictable_tokens=self.evictable_size(), protected_tokens=self.protected_size(),
-                    tree_tokens=self.total_size(), demoted_nodes=self.demoted_nodes)
+                    tree_tokens=self.total_size(), demoted_nodes=self.demoted_nodes,
+                    evicted_tokens=self.evicted_tokens)
 
 
 def create_sphkv_radix_cache(ctx) -> SphKVRadixCache:

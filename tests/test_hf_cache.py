@@ -38,6 +38,43 @@ def test_install_registers_and_import_patches_nothing():
 
     name = sphkv_hf.install()
     assert name == "sphkv" and AttentionInterface._global_mapping[name] is sphkv_hf.sphkv_attention_forward
+    # "patches nothing": in a fresh interpreter, importing sphkv_hf (and building a SphKVCache) leaves
+    # every function and class attribute of transformers' attention/cache/model modules as it was, and
+    # registers no attention function until install() is called.
+    import subprocess
+    import sys
+
+    probe = """
+import importlib, json, sys
+import transformers
+from transformers import AttentionInterface
+MODS = ["transformers.cache_utils", "transformers.modeling_utils", "transformers.masking_utils",
+        "transformers.integrations.sdpa_attention", "transformers.models.llama.modeling_llama",
+        "transformers.generation.utils"]
+def snap():
+    out = {"attn": sorted(AttentionInterface._global_mapping)}
+    for name in MODS:
+        mod = importlib.import_module(name)
+        for attr, obj in sorted(vars(mod).items()):
+            out[f"{name}.{attr}"] = id(obj)
+            if isinstance(obj, type) and obj.__module__ == name:
+                for key, val in sorted(vars(obj).items()):
+                    out[f"{name}.{attr}.{key}"] = id(val)
+    return out
+before = snap()
+import sphkv_hf
+sphkv_hf.SphKVCache(None)
+after = snap()
+changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+sphkv_hf.install()
+print(json.dumps({"changed": changed, "n": len(before), "installed": "sphkv" in AttentionInterface._global_mapping}))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["n"] > 500 and res["changed"] == [] and res["installed"], res
 
 
 def test_dense_cache_generation_equals_hf_default(model):

@@ -64,7 +64,7 @@ def test_smollm2_sphkv4_nll_close_to_dense(smollm):
     cache = SphKVCache(SphKVConfig.from_name("sphkv-4"))
     coded = _chunked_nll(model, ids, cache, 64)
     assert 2.0 < dense < 5.0
-    assert abs(coded - dense) / dense < 0.03, (coded, dense)
+    assert abs(coded - dense) / dense < 0.006, (coded, dense)   # measured 0.26% (sphkv-2: 10%), was < 3%
     layer = cache.layers[0]                                         # every full page rolled into codes
     assert sum(s.num_tokens for s in layer.segments) == 512 and layer.tail_k.shape[-2] == 0
     assert cache.bits_per_element() < 6.0

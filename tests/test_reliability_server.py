@@ -90,8 +90,9 @@ SEEDED_SKIP = ("sampling_seed is honoured only with --enable-deterministic-infer
     pytest.param({"temperature": 0.9, "top_p": 0.95, "sampling_seed": 1234}, marks=pytest.mark.skip(SEEDED_SKIP))],
     ids=["greedy", "seeded"])
 def test_same_request_same_state_same_output(server, sampling):
-    """The prompt spans coded pages (~5 pages); the state is reset by a flush before each run."""
-    payload = {"text": SYSTEM + " Summarise note 7 in one sentence.", "return_logprob": True,
+    """The prompt spans coded pages (~180 tokens: 11 pages of 16, well inside the 512-token pool's input
+    limit); the state is reset by a flush before each run."""
+    payload = {"text": SYSTEM[:900] + " Summarise note 7 in one sentence.", "return_logprob": True,
                "sampling_params": {"max_new_tokens": 24, **sampling}}
     outs = []
     for _ in range(2):
@@ -105,13 +106,18 @@ def test_same_request_same_state_same_output(server, sampling):
 
 
 def test_short_load_no_errors_no_leaks(server):
-    """Concurrent multi-turn chats, a closed stream and an abort; then idle and flush accounting."""
+    """Concurrent requests of mixed length (one near capacity), a closed stream, an abort and a client
+    timeout; then idle and flush accounting, and the input-limit probe."""
     result = run_load(server.url, SHORT)
     assert result["errors"] == 0, result["error_samples"]
-    assert result["requests"] >= SHORT.conversations
+    assert result["requests"] == SHORT.requests and result["near_capacity_answered"] == SHORT.near_capacity
+    assert result["max_concurrent"] >= 2
     assert result["leaked_pages_idle"] == 0, result["after_load_idle"]
     assert result["flushed"] and result["leaked_pages"] == 0, result["after_flush"]
-    assert result["faults"][0]["chunks_read"] >= 1 and result["faults"][1]["abort_status"] == 200
+    kinds = {f["kind"]: f for f in result["faults"]}
+    assert kinds["disconnect"]["chunks_read"] >= 1 and kinds["abort"]["abort_status"] == 200
+    assert result["input_limit"]["status_at_limit"] == 400 and result["input_limit"]["status_at_limit_minus_1"] == 200
+    assert result["chat_cached_tokens_reported"]
     assert result["nonfinite_rows"] == 0
     stats = pool_stats(server.url)
     assert leaked(stats, idle=False) == 0 and stats["free_phys_pages"] == stats["phys_pages"]

@@ -122,7 +122,16 @@ def _coded(st_, pages):
 
 
 def test_serving_default_sanitizes_nonfinite():
-    assert SphKVServeConfig().nonfinite == "zero"
+    """What ``--sphkv`` alone gives (no nonfinite key anywhere) zeroes and counts a NaN row instead of
+    raising: built through the launcher's own resolve path, then written to."""
+    cfg = resolve_args(_parser().parse_args(["--sphkv", "--page-size", str(P), "--max-running-requests", "2"]))
+    st_ = SphKVStore(cfg, num_pages=12, num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    k, v = _kv(P)
+    k[3, 1, 5] = float("nan")
+    st_.write(0, torch.arange(P, 2 * P), k, v)                 # must not raise
+    assert st_.counters["nonfinite_rows"] == 1
+    view = st_.read_prefix(0, torch.arange(P, 2 * P))
+    assert all(bool(torch.isfinite(s.kcode.radius.float()).all()) for s in view.segments)
 
 
 def test_nonfinite_rows_are_zeroed_counted_and_other_pages_untouched():

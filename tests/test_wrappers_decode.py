@@ -135,6 +135,24 @@ def test_page_encoder_writes_like_the_pool(device):
     kb = b.kcodec.decode(_code_with_mean(b, 13))
     rel = float((ka - kb).norm() / kb.norm())
     assert rel < 0.05, rel
+    # values: both writers' codes dequantize to the written values within sphkv-4's int4 error, and to
+    # each other; slots past the written length stay untouched (zero)
+    from sphkv.values import ValueCode
+
+    def values(pool):
+        return pool.vquant.decode(ValueCode(codes=pool.v_codes[2, :13], scale=pool.v_scale[2, :13],
+                                            zero=pool.v_zero[2, :13])).float().cpu()
+
+    want = v[0, :13].float().cpu()
+    va, vb = values(a), values(b)
+    err_a, err_b = float((va - want).norm() / want.norm()), float((vb - want).norm() / want.norm())
+    assert err_a < VALUE_TOL and err_b < VALUE_TOL, (err_a, err_b)
+    assert float((va - vb).norm() / want.norm()) < 0.02        # the encoder and the pool agree (0.0 on CPU)
+    assert not a.v_codes[2, 13:].any() and not a.v_scale[2, 13:].any() and not a.k_radius[2, 13:].any()
+    assert not a.v_codes[[0, 1]].any() and not a.k_codes[[0, 1]].any()    # other pages untouched
+
+
+VALUE_TOL = 0.12   # sphkv-4 int4 values on randn: measured 0.089 relative error
 
 
 def _code_with_mean(pool, n):
