@@ -102,8 +102,9 @@ def method_key(label: str) -> str:
     return {"fullbf16": "full"}.get(s, s)
 
 
-def quality_rows(name: str, label: str) -> dict[int, dict]:
-    rows = {r["context"]: r for r in load(name) if r["method"] == method_key(label)}
+def quality_rows(name: str, label: str, corpus: str | None = None) -> dict[int, dict]:
+    rows = {r["context"]: r for r in load(name) if r["method"] == method_key(label)
+            and (corpus is None or r.get("corpus", "essays") == corpus)}
     if not rows:
         raise KeyError(f"method {method_key(label)!r} (README row {label!r}) is not in {name}")
     return rows
@@ -111,10 +112,17 @@ def quality_rows(name: str, label: str) -> dict[int, dict]:
 
 def quality_cell(name: str) -> Callable:
     def cell(label: str, col: str) -> list[float]:
-        rows = quality_rows(name, label)
+        m = re.match(r"(\w+) (\d)K$", col)
+        if m and not col.startswith("ΔNLL"):              # "<corpus> 2K": ΔNLL, retrieval hits / cases
+            r = quality_rows(name, label, m.group(1))[int(m.group(2)) * 1024]
+            return [r["nll_delta_pct"], round(r["retrieval_rate"] * r["retrieval_cases"]), r["retrieval_cases"]]
+        rows = quality_rows(name, label, "essays")
         ctx = sorted(rows)
         if col.startswith("bits"):
-            return [rows[c]["bits_per_element"] for c in ctx]
+            if "corpus" not in rows[ctx[0]]:                 # one corpus: bits per context, in context order
+                return [rows[c]["bits_per_element"] for c in ctx]
+            return sorted({round(r["bits_per_element"], 2) for r in load(name) if r["method"] == method_key(label)})
+
         m = re.match(r"ΔNLL (\d)K", col)
         if m:
             return [rows[int(m.group(1)) * 1024]["nll_delta_pct"]]
@@ -152,9 +160,20 @@ def decode_cell(label: str, col: str) -> list[float]:
     row = next((r for r in load("decode.json")["rows"] if r["batch"] == b and r["context"] == ctx * 1024), None)
     if row is None:
         raise KeyError(f"decode row {label!r}")
-    fields = {"ADA µs": [row["ada_us"]], "FlashInfer bf16 µs": [row["flashinfer_us"]], "speedup": [row["speedup"]],
+    fields = {"ADA µs": [row["ada_us"]], "FI bf16-tc µs": [row["fi_bf16_tc_us"]], "FI fp8-tc µs": [row["fi_fp8_tc_us"]],
+              "vs bf16-tc": [row["speedup_vs_bf16_tc"]], "vs fp8-tc": [row["speedup_vs_fp8_tc"]],
               "ADA % of copy bandwidth": [100 * row["copy_fraction"]]}
     return fields[col]
+
+
+def bench_serving_cell(label: str, col: str) -> list[float]:
+    rec = next(r for r in load("serving-bench-quick.json") if r["mode"] == col)
+    dense = next(r for r in load("serving-bench-quick.json") if r["mode"] == "dense")
+    field = re.match(r"`(\w+)`", label).group(1)
+    want = [rec[field]]
+    if col == "sphkv" and field in ("max_total_num_tokens", "bench_output_tok_s"):
+        want.append(rec[field] / dense[field])
+    return want
 
 
 @dataclass(frozen=True)
@@ -193,7 +212,8 @@ TABLES = [
     TableSpec("Quality — SmolLM2-135M-Instruct", "quality.json", quality_cell("quality.json"),
               first_header="method (full run)"),
     TableSpec("Serving — real SGLang servers", "serving-quick.json", serving_cell),
-    TableSpec("Decode kernel — H100", "decode.json", decode_cell),
+    TableSpec("Decode kernel — H200", "decode.json", decode_cell),
+    TableSpec("bench_serving` through the new served path", "serving-bench-quick.json", bench_serving_cell),
     TableSpec("Measured (SmolLM2-135M-Instruct, CPU engine", "serving-quick.json", plugin_serving_cell,
               readme="sphkv_sglang/README.md"),
 ]
@@ -232,17 +252,6 @@ SENTENCES = [
                       *(load("serving-quick.json")[1]["workload"][k] for k in ("conversations", "turns")),
                       load("serving-quick.json")[1]["workload"]["system_tokens"] / 1024,
                       load("serving-quick.json")[1]["workload"]["context"] / 1024]),
-    Sentence(r"In it ADA \+ RDR at 10% is ([+−\-][\d.]+)% \(2K\) / ([+−\-][\d.]+)% \(4K\) against h2o ([+−\-][\d.]+)% / "
-             r"([+−\-][\d.]+)%, snapkv ([+−\-][\d.]+)% / ([+−\-][\d.]+)%, streamingllm ([+−\-][\d.]+)% / ([+−\-][\d.]+)%, "
-             r"pyramidkv ([+−\-][\d.]+)% / ([+−\-][\d.]+)% \(rdkv ([+−\-][\d.]+)% at 2K is level\); at 25% h2o \(2K, "
-             r"([+−\-][\d.]+)% vs ([+−\-][\d.]+)%\) and pure eviction \(4K, ([+−\-][\d.]+)% vs ([+−\-][\d.]+)%\)",
-             "quality.json",
-             lambda: [_quality("quality.json", m, c) for m in ("ada+rdr@0.10", "h2o@0.10", "snapkv@0.10",
-                                                               "streamingllm@0.10", "pyramidkv@0.10")
-                      for c in (2048, 4096)]
-             + [_quality("quality.json", "rdkv@0.10", 2048), _quality("quality.json", "h2o@0.25", 2048),
-                _quality("quality.json", "ada+rdr@0.25", 2048), _quality("quality.json", "dense+rdr@0.25", 4096),
-                _quality("quality.json", "ada+rdr@0.25", 4096)]),
     Sentence(r"ADA's NLL change is ([\d.]+)× smaller than the rotated scalar code's \(turbo-2\) at 2K", "quality.json",
              lambda: [_quality("quality.json", "turbo-2", 2048) / _quality("quality.json", "sphkv-2b-lo+sink", 2048)]),
     Sentence(r"more bits \(([+−\-][\d.]+)% vs ([+−\-][\d.]+)% at 2K; at 4K ([+−\-][\d.]+)% vs ([+−\-][\d.]+)%", "quality.json",
@@ -250,25 +259,7 @@ SENTENCES = [
     Sentence(r"KIVI-3 \(better at 2K with ~([\d.]+) more bits\)", "quality.json",
              lambda: [_quality("quality.json", "kivi-3", 2048, "bits_per_element")
                       - _quality("quality.json", "sphkv-3b+sink", 2048, "bits_per_element")]),
-    Sentence(r"The full run \(`make quality`: (\d+) methods, budgets (\d+)–(\d+)%, (\d+) scored tokens",
-             "quality.json",
-             lambda: [len({r["method"] for r in load("quality.json")}),
-                      100 * min(r["budget_fraction"] for r in load("quality.json") if r["budget_fraction"]),
-                      100 * max(r["budget_fraction"] for r in load("quality.json") if r["budget_fraction"]),
-                      load("quality.json")[0]["score_len"]]),
-    Sentence(r"Continuation NLL change vs the full bf16 cache \((\d+) scored tokens\), needle hits \((\d+) depths\)",
-             "quality-quick.json",
-             lambda: [load("quality-quick.json")[0]["score_len"], len(load("quality-quick.json")[0]["needle_hits"])]),
-    Sentence(r"RDR page metadata is ≤ ([\d.]+)% of stored bytes", "quality-quick.json",
-             lambda: [max(r["metadata_overhead_pct"] for r in load("quality-quick.json")
-                          if r["method"].startswith("ada+rdr"))]),
-    Sentence(r"Planning \(utility \+ allocation\) costs (\d+)–(\d+) ms per 1K tokens", "planning.json", _planning_ms),
     Sentence(r"sphkv-4 at ([\d.]+) bits/elem", "decode.json", lambda: [load("decode.json")["rows"][0]["bits_per_element"]]),
-    Sentence(r"Encode adds ([\d.]+)% to a decode step at batch (\d+)", "decode.json",
-             lambda: [100 * next(e["amortized_fraction_of_ada_step_32k"] for e in load("decode.json")["encode"]
-                                 if e["batch"] == 32), 32]),
-    Sentence(r"measured with the previous kernel \(([\d.]+)×\)", "decode_e2e.json",
-             lambda: [load("decode_e2e.json")["speedup"]]),
     Sentence(r"Load test \(`make load-quick`, (\d[\d,]*)-token pool of (\d+)-token pages[^)]*\): ([\d,]+) requests "
              r"\(up to (\d+) concurrent, prompts of (\d+)–(\d+) tokens[^)]*\), (\d+) errors, (\d+) leaked pages after "
              r"flush, ([\d,]+) pages demoted, ([\d,]+) evicted; p50 ([\d.]+) s, p99 ([\d.]+) s", "load-quick.json",
@@ -305,10 +296,11 @@ def test_number_parser():
 
 def test_checker_catches_a_wrong_number():
     spec = TABLES[0]
-    assert compare("q", "+0.25%", spec.cell("**ADA sphkv-4b+sink**", "ΔNLL 2K")) == []
-    assert compare("q", "+0.35%", spec.cell("**ADA sphkv-4b+sink**", "ΔNLL 2K"))
+    assert compare("q", "+0.06%, 13/24", spec.cell("sphkv-4b+sink", "essays 2K")) == []
+    assert compare("q", "+0.16%, 13/24", spec.cell("sphkv-4b+sink", "essays 2K"))
+    assert compare("q", "+0.06%, 12/24", spec.cell("sphkv-4b+sink", "essays 2K"))
     with pytest.raises(KeyError):
-        spec.cell("made-up-method", "ΔNLL 2K")
+        spec.cell("made-up-method", "essays 2K")
 
 
 def test_every_numeric_table_has_a_source():
