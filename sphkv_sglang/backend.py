@@ -51,6 +51,12 @@ class _BatchPlan:
     mass: torch.Tensor | None = None    # [nnz, P] float32 key-mass buffer when this forward samples mass
 
 
+def _cpu_backend() -> str:
+    from sphkv_kernels.cpu_decode import available
+
+    return "cpu" if available() else "reference"
+
+
 class SphKVAttnBackend(AttentionBackend):
     """Attention over angle-coded pages with dense staging pages, batched through ``flashinfer_ext``.
 
@@ -74,9 +80,13 @@ class SphKVAttnBackend(AttentionBackend):
         tp = max(1, int(getattr(model_runner, "tp_size", 1) or 1))
         self.num_q_heads = model_runner.model_config.num_attention_heads // tp
         self.track_mass = pool.sphkv_config.track_mass
-        self.wrapper = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=self.store.wrapper_tiers)
+        # A served CPU engine always takes the C++ CPU kernels: "auto" would pick the Triton interpreter
+        # when TRITON_INTERPRET=1 leaks into the server's environment (a test harness sets it).
+        backend = "auto" if torch.device(self.device).type == "cuda" else _cpu_backend()
+        self.wrapper = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=self.store.wrapper_tiers, backend=backend)
         self.mass_wrapper = BatchDecodeWithSphKVPagedKVCacheWrapper(
-            torch.empty(1 << 20, dtype=torch.uint8, device=self.device), tiers=self.store.wrapper_tiers)
+            torch.empty(1 << 20, dtype=torch.uint8, device=self.device), tiers=self.store.wrapper_tiers,
+            backend=backend)
         self.forward_metadata: _BatchPlan | None = None
         self._decodes = 0
 

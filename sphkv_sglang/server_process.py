@@ -45,8 +45,8 @@ class ServerProcess:
                     "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16"]
         self.cmd += ([] if sphkv else ["--no-sphkv"]) + list(args or [])
         self.log_path = Path(log_path) if log_path else None
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                    **(env or {})}
+        self.env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},   # a test's interpreter switch
+                    "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
 
