@@ -105,7 +105,7 @@ def test_smoke_run_writes_rows(tmp_path):
     assert full["bits_per_element"] == 16.0 and full["nll_delta_pct"] == 0.0 and full["budget_fraction"] is None
     assert ada["bits_per_element"] < 4.5 and abs(ada["nll_delta_pct"]) < 5.0
     assert rows[3]["budget_fraction"] == 0.10 and rows[3]["bits_per_element"] < 1.7
-    assert out.with_suffix(".md").read_text().startswith("| method")
+    assert out.with_suffix(".md").read_text().startswith("| model | corpus | method")
 
 
 def test_ada_reuses_shared_pages_bit_identically(ctx):
