@@ -75,6 +75,26 @@ class RetentionPolicy:
         raise NotImplementedError
 
 
+def _causal_probs(k: torch.Tensor, q: torch.Tensor, q_positions, sm_scale, chunk: int):
+    """Yield ``[Hkv, G, m', N]`` float32 causal softmax probabilities, ``chunk`` queries at a time."""
+    hkv, n, d = k.shape
+    hq, m, _ = q.shape
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    g = hq // hkv
+    scale = sm_scale if sm_scale is not None else d ** -0.5
+    pos = (q_positions if q_positions is not None else torch.arange(n - m, n)).to(torch.int64).to(k.device)
+    if int(pos.min()) < 0 or int(pos.max()) >= n:
+        raise ValueError(f"q_positions must lie in 0..{n - 1}, got {int(pos.min())}..{int(pos.max())}")
+    kf = k.to(torch.float32)
+    qf = q.to(torch.float32).reshape(hkv, g, m, d)
+    keys = torch.arange(n, device=k.device)
+    for s in range(0, m, chunk):
+        qs, ps = qf[:, :, s:s + chunk], pos[s:s + chunk]
+        logits = torch.einsum("hgmd,hnd->hgmn", qs, kf) * scale            # [Hkv, G, m', N]
+        yield torch.softmax(logits.masked_fill(keys[None, :] > ps[:, None], float("-inf")), -1)
+
+
 def window_attention(k: torch.Tensor, q: torch.Tensor, q_positions: torch.Tensor | None = None, *,
                      sm_scale: float | None = None, chunk: int = 256) -> torch.Tensor:
     """Causal attention probabilities of queries over keys, summed over the queries.
@@ -88,26 +108,10 @@ def window_attention(k: torch.Tensor, q: torch.Tensor, q_positions: torch.Tensor
     -------
     ``[Hq, N]`` float32: ``Σ_j softmax_j(q_j · k / √d)`` (causal), per query head.
     """
-    hkv, n, d = k.shape
-    hq, m, _ = q.shape
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
-    g = hq // hkv
-    scale = sm_scale if sm_scale is not None else d ** -0.5
-    pos = q_positions if q_positions is not None else torch.arange(n - m, n)
-    pos = pos.to(torch.int64).to(k.device)
-    if int(pos.min()) < 0 or int(pos.max()) >= n:
-        raise ValueError(f"q_positions must lie in 0..{n - 1}, got {int(pos.min())}..{int(pos.max())}")
-    kf = k.to(torch.float32)
-    qf = q.to(torch.float32).reshape(hkv, g, m, d)
-    out = torch.zeros(hkv, g, n, device=k.device)
-    keys = torch.arange(n, device=k.device)
-    for s in range(0, m, chunk):
-        qs, ps = qf[:, :, s:s + chunk], pos[s:s + chunk]
-        logits = torch.einsum("hgmd,hnd->hgmn", qs, kf) * scale            # [Hkv, G, m', N]
-        logits = logits.masked_fill(keys[None, :] > ps[:, None], float("-inf"))
-        out += torch.softmax(logits, -1).sum(-2)
-    return out.reshape(hq, n)
+    out = torch.zeros(q.shape[0], k.shape[1], device=k.device)
+    for p in _causal_probs(k, q, q_positions, sm_scale, chunk):
+        out += p.sum(-2).reshape(out.shape)
+    return out
 
 
 def max_attention(k: torch.Tensor, q: torch.Tensor, q_positions: torch.Tensor | None = None, *,
@@ -117,25 +121,10 @@ def max_attention(k: torch.Tensor, q: torch.Tensor, q_positions: torch.Tensor | 
     Shapes as in :func:`window_attention`; returns ``[Hq, N]`` float32 ``max_j softmax_j(q_j·k/√d)``
     (a key no query sees gets 0).
     """
-    hkv, n, d = k.shape
-    hq, m, _ = q.shape
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
-    g = hq // hkv
-    scale = sm_scale if sm_scale is not None else d ** -0.5
-    pos = (q_positions if q_positions is not None else torch.arange(n - m, n)).to(torch.int64).to(k.device)
-    if int(pos.min()) < 0 or int(pos.max()) >= n:
-        raise ValueError(f"q_positions must lie in 0..{n - 1}, got {int(pos.min())}..{int(pos.max())}")
-    kf = k.to(torch.float32)
-    qf = q.to(torch.float32).reshape(hkv, g, m, d)
-    out = torch.zeros(hkv, g, n, device=k.device)
-    keys = torch.arange(n, device=k.device)
-    for s in range(0, m, chunk):
-        qs, ps = qf[:, :, s:s + chunk], pos[s:s + chunk]
-        logits = torch.einsum("hgmd,hnd->hgmn", qs, kf) * scale
-        logits = logits.masked_fill(keys[None, :] > ps[:, None], float("-inf"))
-        out = torch.maximum(out, torch.softmax(logits, -1).amax(-2))
-    return out.reshape(hq, n)
+    out = torch.zeros(q.shape[0], k.shape[1], device=k.device)
+    for p in _causal_probs(k, q, q_positions, sm_scale, chunk):
+        out = torch.maximum(out, p.amax(-2).reshape(out.shape))
+    return out
 
 
 def _group_sum(per_qhead: torch.Tensor, hkv: int) -> torch.Tensor:
