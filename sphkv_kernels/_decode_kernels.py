@@ -339,38 +339,52 @@ def _dense_decode_kernel(
 @triton.jit
 def _merge_kernel(
     po_ptr, pl_ptr, slot_ptr, rot_ptr, out_ptr, stride_ob, stride_oh, lse_ptr, num_kv_heads,
-    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, NUM_TIERS: tl.constexpr,
-    ROT_MASK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, G_PAD: tl.constexpr, NUM_TIERS: tl.constexpr,
+    ROT_MASK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PREC: tl.constexpr, SB: tl.constexpr,
 ):
+    """One program per row: its slots are read SB at a time (``[SB, GP, d]`` tiles, one memory latency per
+    block instead of one per slot: a batch-1 row has ~128 slots); the per-tier value rotation is a tensor-core
+    dot on a ``[G_PAD, d]`` tile whose rows ``>= GP`` are zero (rows copied in and out with selects, no reshape)."""
     row = tl.program_id(0)
     b = row // num_kv_heads
     kvh = row % num_kv_heads
-    g = tl.arange(0, G_PAD)
+    g = tl.arange(0, GP)                       # GP = next power of two >= max(GROUP, 2)
     gmask = g < GROUP
+    g16 = tl.arange(0, G_PAD)
     dcol = tl.arange(0, HEAD_DIM)
-    m_all = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_all = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+    sb = tl.arange(0, SB)
+    m_all = tl.full([GP], float("-inf"), tl.float32)
+    l_all = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, HEAD_DIM], tl.float32)
     for t in tl.static_range(NUM_TIERS):
         lo = tl.load(slot_ptr + row * (NUM_TIERS + 1) + t)
         hi = tl.load(slot_ptr + row * (NUM_TIERS + 1) + t + 1)
-        m_t = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_t = tl.zeros([G_PAD], tl.float32)
-        acc_t = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
-        for s in range(lo, hi):
-            sg = (s * GROUP + g).to(tl.int64)
-            lse = tl.load(pl_ptr + sg, mask=gmask, other=float("-inf"))
-            o = tl.load(po_ptr + sg[:, None] * HEAD_DIM + dcol[None, :], mask=gmask[:, None], other=0.0)
-            m_new = tl.maximum(m_t, lse)
+        m_t = tl.full([GP], float("-inf"), tl.float32)
+        l_t = tl.zeros([GP], tl.float32)
+        acc_t = tl.zeros([GP, HEAD_DIM], tl.float32)
+        for s0 in range(lo, hi, SB):
+            sl = s0 + sb                                                                  # [SB]
+            ok = (sl < hi)[:, None] & gmask[None, :]                                      # [SB, GP]
+            sg = sl.to(tl.int64)[:, None] * GROUP + g[None, :]
+            lse = tl.load(pl_ptr + sg, mask=ok, other=float("-inf"))
+            o = tl.load(po_ptr + sg[:, :, None] * HEAD_DIM + dcol[None, None, :], mask=ok[:, :, None], other=0.0)
+            m_new = tl.maximum(m_t, tl.max(lse, 0))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             a = tl.exp2(m_t - m_ref)
-            w = tl.exp2(lse - m_ref)
-            acc_t = acc_t * a[:, None] + o * w[:, None]
-            l_t = l_t * a + w
+            w = tl.exp2(lse - m_ref[None, :])                                             # [SB, GP]; 0 where masked
+            acc_t = acc_t * a[:, None] + tl.sum(o * w[:, :, None], 0)
+            l_t = l_t * a + tl.sum(w, 0)
             m_t = m_new
         if (ROT_MASK >> t) & 1:
             rot = tl.load(rot_ptr + t * HEAD_DIM * HEAD_DIM + dcol[:, None] * HEAD_DIM + dcol[None, :])
-            acc_t = tl.dot(acc_t, rot, input_precision=DOT_PREC)
+            a16 = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+            for i in tl.static_range(GP):
+                r_i = tl.sum(tl.where(g[:, None] == i, acc_t, 0.0), 0)
+                a16 = tl.where(g16[:, None] == i, r_i[None, :], a16)
+            r16 = tl.dot(a16, rot, input_precision=DOT_PREC)
+            for i in tl.static_range(GP):
+                r_i = tl.sum(tl.where(g16[:, None] == i, r16, 0.0), 0)
+                acc_t = tl.where(g[:, None] == i, r_i[None, :], acc_t)
         m_new = tl.maximum(m_all, m_t)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.exp2(m_all - m_ref)

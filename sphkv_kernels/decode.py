@@ -415,8 +415,13 @@ def _check_merge(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads):
 
 
 def merge_partials(part_o, part_lse, slot_ptr, rotations, out, lse=None, *, num_kv_heads: int,
-                   rotate_mask: int) -> None:
+                   rotate_mask: int, slots_per_step: int | None = None) -> None:
     """Merge the partial states of every (request, kv head) exactly (Triton).
+
+    One program per row reads its slots ``slots_per_step`` at a time (a power of two; default
+    ``min(32, 8192 // (GP * d))`` with ``GP`` the group rounded up to a power of two, overridable by the
+    environment variable ``SPHKV_MERGE_SLOTS``; 1 is the old one-slot-per-step loop): at batch 1 a row has
+    up to ~128 slots, and one memory latency per slot made the merge the largest cost of a batch-1 step.
 
     Parameters
     ----------
@@ -444,11 +449,15 @@ def merge_partials(part_o, part_lse, slot_ptr, rotations, out, lse=None, *, num_
     rows = slot_ptr.shape[0]
     if rows == 0:
         return
+    gp = max(2, _pow2(g))
+    sb = slots_per_step or int(os.environ.get("SPHKV_MERGE_SLOTS", "0")) or max(1, min(32, 8192 // (gp * d)))
+    if sb < 1 or sb & (sb - 1):
+        raise ValueError(f"slots_per_step={sb!r} must be a power of two >= 1")
     _merge_kernel[(rows,)](
         part_o, part_lse, slot_ptr, rotations, out, out.stride(0), out.stride(1),
         lse if lse is not None else part_lse, num_kv_heads,
-        HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), NUM_TIERS=nt, ROT_MASK=int(rotate_mask),
-        WRITE_LSE=lse is not None, DOT_PREC="ieee" if interpreting() else "tf32x3", num_warps=4)
+        HEAD_DIM=d, GROUP=g, GP=gp, G_PAD=_g_pad(g), NUM_TIERS=nt, ROT_MASK=int(rotate_mask),
+        WRITE_LSE=lse is not None, DOT_PREC="ieee" if interpreting() else "tf32x3", SB=sb, num_warps=4)
 
 
 def merge_partials_reference(part_o, part_lse, slot_ptr, rotations, out, lse=None, *, num_kv_heads: int,

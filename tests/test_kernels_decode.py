@@ -207,6 +207,36 @@ def test_merge_matches_reference_and_oracle(device):
     torch.testing.assert_close(outs[1][1].double().cpu(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("group,head_dim,slots_per_step", [(4, 64, None), (4, 64, 1), (3, 32, 8), (1, 64, 4)])
+def test_merge_many_slots_blocked(device, group, head_dim, slots_per_step):
+    """Rows of 0 to 70 slots in two tiers (batch-1 rows have ~128), with empty (-inf) slots and a value rotation:
+    the blocked merge (slots read ``slots_per_step`` at a time, partial last blocks) equals the reference."""
+    gen = torch.Generator().manual_seed(11)
+    counts = torch.tensor([[70, 5], [0, 0], [1, 33], [17, 0], [0, 40]])             # [rows, tiers]
+    rows, nt = counts.shape
+    ptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts.flatten(), 0)])
+    slot_ptr = torch.cat([ptr[:-1].view(rows, nt), ptr[1:].view(rows, nt)[:, -1:]], 1).to(torch.int32)
+    s = int(ptr[-1])
+    po = torch.randn(s, group, head_dim, generator=gen)
+    pl = torch.randn(s, group, generator=gen) * 4
+    pl[torch.rand(s, group, generator=gen) < 0.1] = float("-inf")
+    po[torch.isinf(pl)] = 0.0
+    q_, _ = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=gen))
+    rots = torch.stack([torch.eye(head_dim), q_]).contiguous()
+    po, pl, slot_ptr, rots = (t.to(device) for t in (po, pl, slot_ptr, rots))
+    outs = []
+    for fn, kw in ((merge_partials, {"slots_per_step": slots_per_step}), (merge_partials_reference, {})):
+        out = torch.empty(rows, group, head_dim, device=device)
+        lse = torch.empty(rows, group, device=device)
+        poison(out, lse)
+        fn(po, pl, slot_ptr, rots, out, lse, num_kv_heads=1, rotate_mask=0b10, **kw)
+        outs.append((out, lse))
+    assert torch.isneginf(outs[0][1][1]).all() and (outs[0][0][1] == 0).all(), "a row without slots"
+    tol = dict(atol=2e-4, rtol=2e-4) if device == "cpu" else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(outs[0][0], outs[1][0], **tol)
+    torch.testing.assert_close(outs[0][1], outs[1][1], **tol)
+
+
 def test_empty_rows_and_items(device):
     """A row with no pages gives out = 0 and lse = -inf; an item of zero-length pages likewise."""
     tiers = [Tier("dense")]
