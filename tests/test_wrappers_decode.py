@@ -180,6 +180,14 @@ def test_run_is_cuda_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager)
+    # replay reads the live inputs: new queries in the captured buffer, same plan -> the oracle's answer
+    for seed in (1, 2):
+        q.copy_(torch.randn(2, 8, 128, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16))
+        poison(out)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, _ = dense_oracle(q.float(), cache, sm_scale=128 ** -0.5)
+        torch.testing.assert_close(out.double().cpu(), ref_out, atol=2e-2, rtol=2e-2)
 
 
 def test_head_dim_32_routes_to_a_working_path(device):

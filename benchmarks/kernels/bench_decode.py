@@ -261,6 +261,29 @@ def shapes(args) -> list[tuple[int, int, int, int, int]]:
     return out
 
 
+def breakdown(w, pool, q, hkv: int, d: int, out) -> dict:
+    """Where a (small-batch) ADA step goes: the coded kernel alone, the merge alone (blocked, the default, and
+    one slot per step, the old loop), and the slots each row's merge reads."""
+    from sphkv_kernels import coded_decode_partial, merge_partials
+    from sphkv_kernels.layout import CodedLayout
+
+    pl = w._plan                                     # the bench reads the plan's buffers (diagnostics only)
+    sched = pl["sched"]
+    tw = sched.tiers[0]
+    lay = CodedLayout.from_pool(pool)
+    qrot = (q.float() @ lay.on("cuda")["key_rotation_t"]).contiguous()
+    res = dict(ada_programs=tw.num_items, ada_slots_per_row=round(sched.num_slots / sched.num_rows, 1))
+    kw = dict(layout=lay, num_kv_heads=hkv, sm_scale=d ** -0.5, scratch=pl["scratch"])
+    args = (qrot, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, pl["part_o"], pl["part_lse"])
+    res["ada_kernel_us"] = round(_time_us(lambda: coded_decode_partial(*args, **kw), rep_ms=100)[0], 2)
+    margs = (pl["part_o"], pl["part_lse"], sched.slot_ptr, pl["rotations"], out)
+    for key, spp in (("ada_merge_us", None), ("ada_merge_serial_us", 1)):
+        res[key] = round(_time_us(lambda: merge_partials(*margs, num_kv_heads=hkv, rotate_mask=pl["rotate_mask"],
+                                                         slots_per_step=spp), rep_ms=100)[0], 2)
+    print(f"  breakdown: {res}", flush=True)
+    return res
+
+
 def measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy) -> dict:
     tier = coded_tier(args.preset, args.page_size, d)
     bpe = tier.bytes_per_token(d, args.page_size) * 8 / (2 * d)
@@ -279,6 +302,8 @@ def measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy) -> dict:
         row["ada_kernel"] = (opts or {}).get("kernel", DEFAULT_CODED_KERNEL)
         row["ada_options"] = dict(opts or {})
         row["ada_bytes"] = kv_bytes + qo_bytes
+        if batch <= args.breakdown_max_batch:
+            row.update(breakdown(w, pool, q, hkv, d, out_a))
         del w, pool
     except Exception as exc:  # noqa: BLE001
         row["ada_us"], row["ada_note"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -462,6 +487,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profiles", default=None, help="comma-separated diagnostic profiles for the tune step ('' none)")
     ap.add_argument("--splits", type=int, nargs="*", default=None, help="programs per SM tried by the tune step")
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--breakdown-max-batch", type=int, default=8,
+                    help="rows up to this batch also time the coded kernel and the merge alone")
     ap.add_argument("--no-extra-shapes", dest="extra_shapes", action="store_false",
                     help="only the 32/8/128 grid (default adds 64/8/128 and head_dim 64/256 at 8 x 32K)")
     ap.add_argument("--no-encode", dest="encode", action="store_false")
