@@ -185,6 +185,12 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                         (lay is not None and (lay.kernel_compiles if interp else lay.kernel_supported))
                         else "reference" for lay in self._layouts]
         merge_backend = backend if kernel_ok else "reference"
+        if merge_backend == "triton" and not interp and head_dim > 128 and rotate_mask:
+            # the merge's value-rotation dot keeps a [d, d] float32 operand in shared memory: 256 KB at d = 256,
+            # over the 227 KB an H100/H200 block may use
+            merge_backend = "reference"
+            _warn_once(("merge", head_dim), f"sphkv decode: head_dim={head_dim} with a value rotation: the merge "
+                                            f"runs the pure-PyTorch reference on CUDA (slow; no Triton merge)")
         if backend == "cpu":                               # every layout; the merge is the torch one
             tier_backend, merge_backend = ["cpu"] * len(self._layouts), "reference"
         if backend == "triton" and not interp:

@@ -367,14 +367,16 @@ def _merge_kernel(
             ok = (sl < hi)[:, None] & gmask[None, :]                                      # [SB, GP]
             sg = sl.to(tl.int64)[:, None] * GROUP + g[None, :]
             lse = tl.load(pl_ptr + sg, mask=ok, other=float("-inf"))
-            o = tl.load(po_ptr + sg[:, :, None] * HEAD_DIM + dcol[None, None, :], mask=ok[:, :, None], other=0.0)
-            m_new = tl.maximum(m_t, tl.max(lse, 0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            a = tl.exp2(m_t - m_ref)
-            w = tl.exp2(lse - m_ref[None, :])                                             # [SB, GP]; 0 where masked
-            acc_t = acc_t * a[:, None] + tl.sum(o * w[:, :, None], 0)
-            l_t = l_t * a + tl.sum(w, 0)
-            m_t = m_new
+            ob = tl.load(po_ptr + sg[:, :, None] * HEAD_DIM + dcol[None, None, :], mask=ok[:, :, None], other=0.0)
+            # (names distinct from the tier-level ones below: static_range unrolls tiers, and a name bound there
+            # with another shape would become a loop-carried variable of the next tier's slot loop)
+            mb_new = tl.maximum(m_t, tl.max(lse, 0))
+            mb_ref = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+            ab = tl.exp2(m_t - mb_ref)
+            wb = tl.exp2(lse - mb_ref[None, :])                                           # [SB, GP]; 0 where masked
+            acc_t = acc_t * ab[:, None] + tl.sum(ob * wb[:, :, None], 0)
+            l_t = l_t * ab + tl.sum(wb, 0)
+            m_t = mb_new
         if (ROT_MASK >> t) & 1:
             rot = tl.load(rot_ptr + t * HEAD_DIM * HEAD_DIM + dcol[:, None] * HEAD_DIM + dcol[None, :])
             a16 = tl.zeros([G_PAD, HEAD_DIM], tl.float32)

@@ -262,8 +262,8 @@ def shapes(args) -> list[tuple[int, int, int, int, int]]:
 
 
 def breakdown(w, pool, q, hkv: int, d: int, out) -> dict:
-    """Where a (small-batch) ADA step goes: the coded kernel alone, the merge alone (blocked, the default, and
-    one slot per step, the old loop), and the slots each row's merge reads."""
+    """Where a (small-batch) ADA step goes: the coded kernel alone, the merge alone (blocked, the default; one slot
+    per step, the old loop; 32 and 64 slots per step), and the slots each row's merge reads."""
     from sphkv_kernels import coded_decode_partial, merge_partials
     from sphkv_kernels.layout import CodedLayout
 
@@ -277,7 +277,8 @@ def breakdown(w, pool, q, hkv: int, d: int, out) -> dict:
     args = (qrot, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, pl["part_o"], pl["part_lse"])
     res["ada_kernel_us"] = round(_time_us(lambda: coded_decode_partial(*args, **kw), rep_ms=100)[0], 2)
     margs = (pl["part_o"], pl["part_lse"], sched.slot_ptr, pl["rotations"], out)
-    for key, spp in (("ada_merge_us", None), ("ada_merge_serial_us", 1)):
+    for key, spp in (("ada_merge_us", None), ("ada_merge_serial_us", 1), ("ada_merge_sb32_us", 32),
+                     ("ada_merge_sb64_us", 64)):
         res[key] = round(_time_us(lambda: merge_partials(*margs, num_kv_heads=hkv, rotate_mask=pl["rotate_mask"],
                                                          slots_per_step=spp), rep_ms=100)[0], 2)
     print(f"  breakdown: {res}", flush=True)
@@ -303,7 +304,10 @@ def measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy) -> dict:
         row["ada_options"] = dict(opts or {})
         row["ada_bytes"] = kv_bytes + qo_bytes
         if batch <= args.breakdown_max_batch:
-            row.update(breakdown(w, pool, q, hkv, d, out_a))
+            try:
+                row.update(breakdown(w, pool, q, hkv, d, out_a))
+            except Exception as exc:  # noqa: BLE001 - a diagnostic must not lose the row
+                row["breakdown_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         del w, pool
     except Exception as exc:  # noqa: BLE001
         row["ada_us"], row["ada_note"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
