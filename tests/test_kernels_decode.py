@@ -207,7 +207,8 @@ def test_merge_matches_reference_and_oracle(device):
     torch.testing.assert_close(outs[1][1].double().cpu(), ref_lse, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("group,head_dim,slots_per_step", [(4, 64, None), (4, 64, 1), (3, 32, 8), (1, 64, 4)])
+@pytest.mark.parametrize("group,head_dim,slots_per_step", [(4, 64, None), (4, 64, 1), (3, 32, 8), (1, 64, 4),
+                                                          (4, 32, 64)])
 def test_merge_many_slots_blocked(device, group, head_dim, slots_per_step):
     """Rows of 0 to 70 slots in two tiers (batch-1 rows have ~128), with empty (-inf) slots and a value rotation:
     the blocked merge (slots read ``slots_per_step`` at a time, partial last blocks) equals the reference."""
