@@ -59,6 +59,10 @@ def _valid_mask(lens, p, device):
     ("sphkv-8", 32, 16, [16, 16]),
 ])
 def test_encode_matches_codec(device, preset, head_dim, page_size, lens):
+    if device == "cpu" and head_dim == 128:
+        # the interpreter's cost grows with the page tile (253 s for 64 x 128 on the shared 2-core machine):
+        # a 16-token page with a partial fill keeps what this case checks (d = 128, 3-bit levels, partial page)
+        page_size, lens = 16, [13]
     cfg = SphKVConfig.from_name(preset, head_dim=head_dim, page_size=page_size, value_group=min(64, head_dim))
     (kp, rp), k, v = _encode_both(cfg, lens, device, seed=head_dim + len(lens))
     w = len(lens)
