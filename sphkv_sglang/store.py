@@ -107,6 +107,7 @@ class SphKVStore:
                                staging_pages=cfg.num_staging_pages, page_size=self.P)
         self.page_mass = torch.zeros(num_pages, dtype=torch.float32)
         self.demotion_source: DemotionSource | None = None
+        self._layer_caches: dict[int, list] = {}
         self._plan = None
         self.counters = dict(tokens_written=0, pages_coded=[0] * len(self.tiers), pages_demoted=0,
                              coded_pages_read=0, dense_tokens_read=0, pages_released=0, nonfinite_rows=0,
@@ -126,14 +127,21 @@ class SphKVStore:
         if plan["loc"].numel() != loc.numel() or (plan["loc"].data_ptr() != loc.data_ptr()
                                                   and not torch.equal(plan["loc"], loc.cpu())):
             raise PageTableError(f"layer {layer} writes other slots than layer 0 of this forward")
-        sel = plan["sel"]
-        kk, nk = check_finite(k.reshape(-1, self.H, self.d)[sel], f"keys of layer {layer}", self.cfg.nonfinite)
-        vv, nv = check_finite(v.reshape(-1, self.H, self.d)[sel], f"values of layer {layer}", self.cfg.nonfinite)
-        self.counters["nonfinite_rows"] += nk + nv
+        sel = plan["sel"]                                     # None: every row is written (decode)
+        kk, vv = k.reshape(-1, self.H, self.d), v.reshape(-1, self.H, self.d)
+        if sel is not None:
+            kk, vv = kk[sel], vv[sel]
+        if not (bool(torch.isfinite(kk).all()) and bool(torch.isfinite(vv).all())):
+            kk, nk = check_finite(kk, f"keys of layer {layer}", self.cfg.nonfinite)
+            vv, nv = check_finite(vv, f"values of layer {layer}", self.cfg.nonfinite)
+            self.counters["nonfinite_rows"] += nk + nv
         st = plan["staged"]
         if st is not None:
-            self.k_stage[layer, plan["slots"], :, plan["offs"]] = kk[st].to(self.dtype)
-            self.v_stage[layer, plan["slots"], :, plan["offs"]] = vv[st].to(self.dtype)
+            # one index_copy_ per tensor into the flat [S * H * P, d] view: row (slot * H + h) * P + off
+            ks, vs = (kk, vv) if st is True else (kk[st], vv[st])
+            n = ks.shape[0] * self.H
+            self.k_stage[layer].view(-1, self.d).index_copy_(0, plan["rows"], ks.reshape(n, self.d).to(self.dtype))
+            self.v_stage[layer].view(-1, self.d).index_copy_(0, plan["rows"], vs.reshape(n, self.d).to(self.dtype))
         for tier, phys, src, idx in plan["full"]:
             if src == "stage":                                                   # [n, H, P, d]
                 kd, vd = self.k_stage[layer, idx], self.v_stage[layer, idx]
@@ -161,9 +169,13 @@ class SphKVStore:
     def layer_cache(self, layer: int) -> list:
         """``kv_cache`` of the wrappers for ``layer``: staging pages ``[S * H, P, d]`` (page id
         ``slot * H + head``), then each coded tier's arena (page id ``phys * H + head``)."""
-        sp = self.k_stage.shape[1] * self.H
-        dense = {"k": self.k_stage[layer].view(sp, self.P, self.d), "v": self.v_stage[layer].view(sp, self.P, self.d)}
-        return [dense, *(self.arenas[t][layer] for t in range(len(self.tiers)))]
+        cache = self._layer_caches.get(layer)
+        if cache is None:                      # views of tensors that live as long as the store: built once
+            sp = self.k_stage.shape[1] * self.H
+            dense = {"k": self.k_stage[layer].view(sp, self.P, self.d),
+                     "v": self.v_stage[layer].view(sp, self.P, self.d)}
+            cache = self._layer_caches[layer] = [dense, *(self.arenas[t][layer] for t in range(len(self.tiers)))]
+        return cache
 
     def plan_pages(self, slots: torch.Tensor, lens: torch.Tensor) -> dict:
         """Page lists of a batch for the wrappers (vectorized; no per-request loop).
@@ -243,10 +255,12 @@ class SphKVStore:
                 placed.append((tier, phys[in_direct], "rows", r.to(dev)))
             if bool((~in_direct).any()):
                 placed.append((tier, phys[~in_direct], "stage", self.table.stage_of[pgs[~in_direct]].long().to(dev)))
-        any_staged = bool(staged.any())
-        return dict(loc=loc, sel=sel.to(dev), staged=staged.to(dev) if any_staged else None,
-                    slots=self.table.stage_of[pages[staged]].long().to(dev), offs=offs[staged].to(dev),
-                    full=placed, pending=pending if pending.numel() else None)
+        n_staged = int(staged.sum())
+        slots = self.table.stage_of[pages[staged]].long()
+        rows = ((slots[:, None] * self.H + torch.arange(self.H)) * self.P + offs[staged][:, None]).reshape(-1)
+        return dict(loc=loc, sel=None if bool(sel.all()) else sel.to(dev),
+                    staged=None if n_staged == 0 else (True if n_staged == staged.numel() else staged.to(dev)),
+                    rows=rows.to(dev), full=placed, pending=pending if pending.numel() else None)
 
     def _place(self, full: torch.Tensor) -> list:
         """Assign each newly full page a physical page; returns ``[(tier, pages, phys), ...]``."""
