@@ -351,3 +351,19 @@ def test_sharers_read_the_same_pages(sglang_stack):
     e2 = float((got_other - k_other[:2 * P].bfloat16().float()).norm() / k_other[:2 * P].norm())
     assert e2 < 0.15, e2
 
+
+
+def test_serving_results_merge_keeps_other_modes(tmp_path):
+    """run.py rewrites only its own modes' rows of serving-quick.json; another module's rows survive in place."""
+    import json
+
+    from benchmarks.serving.run import merge_records
+
+    path = tmp_path / "serving-quick.json"
+    path.write_text(json.dumps([{"mode": "dense", "x": 1}, {"mode": "sphkv-rdr", "x": 2}, {"mode": "sphkv", "x": 3}]))
+    merged = merge_records(path, [{"mode": "sphkv", "x": 30}, {"mode": "dense", "x": 10}, {"mode": "new", "x": 4}])
+    assert [(r["mode"], r["x"]) for r in merged] == [("dense", 10), ("sphkv-rdr", 2), ("sphkv", 30), ("new", 4)]
+    assert json.loads(path.read_text()) == merged
+    path.write_text(json.dumps({"mode": "dense"}))
+    with pytest.raises(ValueError, match="serving-quick.json"):
+        merge_records(path, [])
