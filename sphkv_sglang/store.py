@@ -226,6 +226,73 @@ class SphKVStore:
         return dict(indptr=indptr.to(torch.int32), indices=indices.to(torch.int32), page_tiers=ex(wtier),
                     page_lens=ex(plen).to(torch.int32), pages=ex(pages))
 
+    def plan_pages_static(self, slots: torch.Tensor, lens: torch.Tensor, max_pages: int,
+                          out: dict | None = None) -> dict:
+        """:meth:`plan_pages` with static shapes and no host synchronization (CUDA-graph friendly).
+
+        Every row ``b * H + h`` owns exactly ``max_pages`` entries (``indptr = arange * max_pages``);
+        entries past a request's last page have ``page_lens = 0`` (the kernels skip them), tier 0 and
+        index 0. Everything is computed on ``slots``' device from device mirrors of the page table;
+        no ``.item()`` / ``.tolist()`` / boolean-mask indexing, and no read-after-free check (that
+        needs the host; the debug poison mode checks plans built by :meth:`plan_pages`).
+
+        Parameters
+        ----------
+        slots : ``[B, >= max_pages * P]`` int — SGLang's ``req_to_token`` rows of the batch.
+        lens : ``[B]`` int — tokens to read per request; ``ceil(lens / P) <= max_pages`` is the caller's
+            contract (SGLang: ``max_pages = req_to_token.shape[1] // P``).
+        max_pages : entries per row.
+        out : optional dict of preallocated tensors (the keys returned) written in place, so that
+            their addresses stay fixed across forwards (graph replay).
+
+        Returns
+        -------
+        dict with ``indptr`` ``[B * H + 1]`` int32, ``indices`` / ``page_lens`` ``[B * H * max_pages]``
+        int32, ``page_tiers`` / ``pages`` ``[B * H * max_pages]`` int64.
+        """
+        P, H = self.P, self.H
+        dev = slots.device
+        b = slots.shape[0]
+        if slots.shape[1] < max_pages * P:
+            raise PageTableError(f"slot rows hold {slots.shape[1]} tokens, fewer than max_pages * page_size = "
+                                 f"{max_pages} * {P}")
+        stage_of, tier_of, phys_of = self._table_on(dev)
+        lens = lens.to(device=dev, dtype=torch.int64)
+        npg = (lens + P - 1) // P                                            # [B]
+        col = torch.arange(max_pages, device=dev)
+        valid = col[None, :] < npg[:, None]                                  # [B, M]
+        pages = torch.where(valid, slots[:, : max_pages * P: P].to(torch.int64) // P, 0)
+        stage = stage_of[pages].to(torch.int64)
+        staged = stage >= 0
+        wtier = torch.where(valid, torch.where(staged, 0, tier_of[pages].to(torch.int64) + 1), 0)
+        base = torch.where(valid, torch.where(staged, stage, phys_of[pages].to(torch.int64)), 0)
+        plen = torch.where(col[None, :] == (npg - 1)[:, None], (lens - (npg - 1) * P)[:, None], P)
+        plen = torch.where(valid, plen, 0)
+        heads = torch.arange(H, device=dev)[None, :, None]
+        ex = lambda t: t[:, None, :].expand(b, H, max_pages).reshape(-1)     # noqa: E731
+        res = dict(indptr=(torch.arange(b * H + 1, device=dev) * max_pages).to(torch.int32),
+                   indices=torch.where(valid[:, None, :], base[:, None, :] * H + heads, 0).reshape(-1).to(torch.int32),
+                   page_tiers=ex(wtier), page_lens=ex(plen).to(torch.int32), pages=ex(pages))
+        if out is None:
+            return res
+        for k, v in res.items():
+            out[k].copy_(v)
+        return out
+
+    def _table_on(self, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``stage_of``, ``tier_of``, ``phys_of`` on ``dev`` (the CPU tables themselves on the CPU; a
+        mirror refreshed by a non-blocking copy elsewhere)."""
+        t = self.table
+        if torch.device(dev).type == "cpu":
+            return t.stage_of, t.tier_of, t.phys_of
+        mir = getattr(self, "_table_mirror", None)
+        if mir is None or mir[0].device != torch.device(dev):
+            mir = self._table_mirror = tuple(torch.empty_like(x, device=dev) for x in (t.stage_of, t.tier_of,
+                                                                                       t.phys_of))
+        for m, x in zip(mir, (t.stage_of, t.tier_of, t.phys_of)):
+            m.copy_(x, non_blocking=True)
+        return mir
+
     def _begin_forward(self, loc: torch.Tensor) -> dict:
         """Stage partial pages, find full ones, place them; the plan every layer of this forward follows."""
         loc = loc.to("cpu", torch.int64)
