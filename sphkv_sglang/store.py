@@ -111,7 +111,7 @@ class SphKVStore:
         self._plan = None
         self.counters = dict(tokens_written=0, pages_coded=[0] * len(self.tiers), pages_demoted=0,
                              coded_pages_read=0, dense_tokens_read=0, pages_released=0, nonfinite_rows=0,
-                             staging_high_water=0)
+                             staging_high_water=0, pages_copied_on_write=0)
 
     # -- views ---------------------------------------------------------------------------------------
     def _view(self, tier: int, layer: int, name: str) -> torch.Tensor:
@@ -355,6 +355,35 @@ class SphKVStore:
         self._view(tier, layer, "v_codes")[phys] = vc.codes
         self._view(tier, layer, "v_scale")[phys] = vc.scale
         self._view(tier, layer, "v_zero")[phys] = vc.zero
+
+    # -- copy-on-write of a shared page's prefix ----------------------------------------------------
+    def copy_page_prefix(self, src_page: int, dst_page: int, count: int) -> None:
+        """Copy the first ``count`` tokens (``0 < count < P``) of logical page ``src_page`` into the fresh
+        logical page ``dst_page``, all layers, as a dense staging page (partial-page prefix reuse: a
+        request whose cached prefix ends inside a shared page continues in its own copy, so the shared
+        page is never written). The source's staging copy is taken when it has one, else its codes are
+        decoded (those tokens are re-coded with the rest of ``dst_page`` when it fills)."""
+        if not 0 < count < self.P:
+            raise ValueError(f"count={count} must be in 1..{self.P - 1}")
+        t = self.table
+        if int(t.stage_of[dst_page]) >= 0 or int(t.tier_of[dst_page]) >= 0 or bool(t.written[dst_page].any()):
+            raise PageTableError(f"copy target page {dst_page} is not a fresh page")
+        src_slot, tier = int(t.stage_of[src_page]), int(t.tier_of[src_page])
+        if src_slot < 0 and tier < 0:
+            raise PageTableError(f"copy source page {src_page} is neither staged nor coded (read after free?)")
+        t.stage(torch.tensor([dst_page]))
+        dst = int(t.stage_of[dst_page])
+        if src_slot >= 0:
+            self.k_stage[:, dst, :, :count] = self.k_stage[:, src_slot, :, :count]
+            self.v_stage[:, dst, :, :count] = self.v_stage[:, src_slot, :, :count]
+        else:
+            phys = t.phys_of[src_page].long().reshape(1).to(self.device)
+            for layer in range(self.num_layers):
+                kd, vd = self._decode(layer, tier, phys)                        # [1, H, P, d] float32
+                self.k_stage[layer, dst, :, :count] = kd[0, :, :count].to(self.dtype)
+                self.v_stage[layer, dst, :, :count] = vd[0, :, :count].to(self.dtype)
+        t.mark_written(torch.full((count,), dst_page, dtype=torch.int64), torch.arange(count))
+        self.counters["pages_copied_on_write"] += 1
 
     # -- demotion ------------------------------------------------------------------------------------
     def _demote_coldest(self, tier: int, num_pages: int) -> int:
