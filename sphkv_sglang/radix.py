@@ -77,6 +77,8 @@ class SphKVRadixCache(RadixCache):
         rid = getattr(req, "rid", None)
         self._partial.pop(rid, None)
         key, aligned, node = params.key, res.device_prefix_len, res.last_device_node
+        if getattr(getattr(req, "kv", None), "holds_kv", False):   # its prefix comes from its own row
+            return res
         if len(key) <= aligned or not node.children or not self._staging_room():
             return res
         best, m = None, 0
