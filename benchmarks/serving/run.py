@@ -230,15 +230,17 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
             b = bench_serving(srv.url, model, w, "random-ids", logdir / f"{mode}-bench-random-ids.jsonl")
             rec.update(bench_output_tok_s=b["output_throughput"], bench_mean_itl_ms=b["mean_itl_ms"],
                        bench_mean_ttft_ms=b["mean_ttft_ms"], bench_completed=b["completed"])
+        if "generated-shared-prefix" in datasets:
+            requests.post(srv.url + "/flush_cache", timeout=60)
+            b = bench_serving(srv.url, model, w, "generated-shared-prefix", logdir / f"{mode}-bench-gsp.jsonl")
+            rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
+                       bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
         if bench_only:
+            rec["loadavg_1min"] = [os.getloadavg()[0]]
             return rec
         rec.update(quality(srv.url, ctx, cont))
         rec["single_stream_tok_s"] = single_stream(srv.url, w.stream_tokens)
         requests.post(srv.url + "/flush_cache", timeout=60)
-        if "generated-shared-prefix" in datasets:
-            b = bench_serving(srv.url, model, w, "generated-shared-prefix", logdir / f"{mode}-bench-gsp.jsonl")
-            rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
-                       bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
         cpu0, load0 = srv.cpu_seconds(), os.getloadavg()[0]
         rec.update(workload(srv.url, tok, system, users, w))
         rec["workload_server_cpu_s"] = srv.cpu_seconds() - cpu0
