@@ -211,45 +211,32 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             return (out, lse) if return_lse else out
         from sphkv_kernels import cpu_decode as cpu
 
+        # One float32 state (out, log2-lse) merged in place by every tier's kernel call: no per-tier
+        # temporaries and no merge arithmetic in Python (per-layer overhead is what decode pays most).
         n, hq = q.shape[0], q.shape[1]
         qf = q.to(torch.float32).contiguous()
-        m = torch.full((n, hq), float("-inf"))
-        acc = torch.zeros(n, hq, d)
-        lsum = torch.zeros(n, hq)
+        out = torch.zeros(n, hq, d)
+        lse = torch.full((n, hq), float("-inf"))
         qrot = {}
         for t, entry in enumerate(pl["items"]):
             if entry is None:
                 continue
             items, ids, lens = entry
-            o_t = torch.zeros(n, hq, d)
-            l_t = torch.full((n, hq), float("-inf"))
             lay = self._layouts[t]
             if lay is None:
                 c = _tier_tensors(kv_cache[t], True)
-                cpu.dense_prefix_attention_cpu(qf, c["k"], c["v"], items, ids, lens, o_t, l_t,
+                cpu.dense_prefix_attention_cpu(qf, c["k"], c["v"], items, ids, lens, out, lse,
                                                num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap)
+                                               soft_cap=logits_soft_cap, merge=True)
             else:
                 rk, rv = pl["rotations"][t]
                 key = rk.data_ptr()
                 if key not in qrot:
                     qrot[key] = (qf @ rk).contiguous()
                 c = _tier_tensors(kv_cache[t], False)
-                cpu.coded_prefix_attention_cpu(qrot[key], *(c[k] for k in _CODED_NAMES), items, ids, lens, o_t, l_t,
+                cpu.coded_prefix_attention_cpu(qrot[key], *(c[k] for k in _CODED_NAMES), items, ids, lens, out, lse,
                                                layout=lay, num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap)
-                if rv is not None:
-                    o_t = o_t @ rv
-            m_new = torch.maximum(m, l_t)
-            m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-            a, w = torch.exp2(m - m_ref), torch.exp2(l_t - m_ref)
-            acc = acc * a[..., None] + o_t * w[..., None]
-            lsum = lsum * a + w
-            m = m_new
-        ok = lsum > 0
-        out = torch.where(ok[..., None], acc / lsum.clamp_min(1e-30)[..., None], torch.zeros_like(acc))
+                                               soft_cap=logits_soft_cap, merge=True, value_rotation=rv)
         if not return_lse:
             return out
-        lse = torch.where(ok, (m + torch.log2(lsum.clamp_min(1e-30))) * math.log(2.0),
-                          torch.full_like(lsum, float("-inf")))
-        return out, lse
+        return out, lse * math.log(2.0)

@@ -277,11 +277,13 @@ struct DenseSrc {
 // items [W, 6] int64: (q_tok_start, q_tok_count, kv_head, entry_start, entry_end, out_slot).
 // mode 0: out_o [S, G, d], out_lse [S, G] at out_slot (q_tok_count must be 1);
 // mode 1: out_o [Nq, Hq, d], out_lse [Nq, Hq] at the queries' own positions.
+// mode 2: as mode 1, but merged (online softmax) into the state already there (lse -inf = empty), after
+//         multiplying the normalized output by vr [d, d] when given (value rotation back to storage domain).
 template <typename Src>
 void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, const torch::Tensor& page_ids,
             const torch::Tensor& page_lens, torch::Tensor& out_o, torch::Tensor& out_lse,
             const c10::optional<torch::Tensor>& logits, int64_t num_kv_heads, double scale_log2, double soft_cap,
-            int64_t mode, int64_t mm_threshold) {
+            int64_t mode, int64_t mm_threshold, const float* vr = nullptr) {
   const int64_t Hq = q.size(1), d = q.size(2), G = Hq / num_kv_heads, P = src.P;
   const int64_t W = items.size(0);
   const float* qp = q.data_ptr<float>();
@@ -294,7 +296,7 @@ void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, 
   const float sc = static_cast<float>(scale_log2);
   at::parallel_for(0, W, 1, [&](int64_t w0, int64_t w1) {
     Scratch scr(d, P, src.bytes(), src.groups());
-    std::vector<float> Qb, S, m, l, acc, qmu;
+    std::vector<float> Qb, S, m, l, acc, qmu, ot(d), orot(d);
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t* iw = it + w * 6;
       const int64_t t0 = iw[0], T = iw[1], h = iw[2], e0 = iw[3], e1 = iw[4], slot = iw[5];
@@ -383,6 +385,33 @@ void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, 
           float* o; float* ls;
           if (mode == 0) { o = op + (slot * G + g) * d; ls = lp + slot * G + g; }
           else { o = op + ((t0 + t) * Hq + h * G + g) * d; ls = lp + (t0 + t) * Hq + h * G + g; }
+          if (mode == 2) {
+            if (!(l[i] > 0.f)) continue;                       // no keys here: the state stays as it is
+            const float inv = 1.f / l[i];
+            for (int64_t x = 0; x < d; ++x) ot[x] = acc[i * d + x] * inv;
+            const float* r = ot.data();
+            if (vr != nullptr) {
+              for (int64_t y = 0; y < d; ++y) orot[y] = 0.f;
+              for (int64_t x = 0; x < d; ++x) {
+                const float a = ot[x];
+                const float* vrx = vr + x * d;
+#pragma omp simd
+                for (int64_t y = 0; y < d; ++y) orot[y] += a * vrx[y];
+              }
+              r = orot.data();
+            }
+            const float lt = m[i] + std::log2(l[i]), lo = *ls;
+            if (lo == NEG_INF) {
+              for (int64_t x = 0; x < d; ++x) o[x] = r[x];
+              *ls = lt;
+            } else {
+              const float mx = std::max(lo, lt), wa = std::exp2(lo - mx), wb = std::exp2(lt - mx), s = wa + wb;
+              const float is = 1.f / s;
+              for (int64_t x = 0; x < d; ++x) o[x] = (o[x] * wa + r[x] * wb) * is;
+              *ls = mx + std::log2(s);
+            }
+            continue;
+          }
           if (l[i] > 0.f) {
             const float inv = 1.f / l[i];
             for (int64_t x = 0; x < d; ++x) o[x] = acc[i * d + x] * inv;
@@ -403,7 +432,7 @@ void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, 
                   torch::Tensor k_codes, torch::Tensor k_radius, torch::Tensor k_mean, torch::Tensor v_codes,
                   torch::Tensor v_scale, torch::Tensor v_zero, torch::Tensor lut, torch::Tensor level_info,
                   int64_t vbits, int64_t vgroup, bool has_mean, int64_t num_kv_heads, double scale_log2,
-                  double soft_cap, int64_t mode, int64_t mm_threshold) {
+                  double soft_cap, int64_t mode, int64_t mm_threshold, c10::optional<torch::Tensor> vrot) {
   CodedSrc s;
   s.P = k_codes.size(1); s.d = q.size(2); s.kb = k_codes.size(2); s.vb = v_codes.size(2);
   s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
@@ -419,7 +448,13 @@ void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, 
   TORCH_CHECK(s.L <= 8, "unsupported layout");
   for (int l = 0; l < s.L; ++l) { s.lb[l] = int(li[3 * l]); s.lo[l] = int(li[3 * l + 1]); s.lt[l] = int(li[3 * l + 2]); }
   s.vbits = int(vbits); s.vgroup = int(vgroup); s.has_mean = has_mean;
-  attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
+  const float* vr = nullptr;
+  if (vrot.has_value() && vrot->defined()) {
+    TORCH_CHECK(vrot->scalar_type() == torch::kFloat32 && vrot->is_contiguous() && vrot->numel() == s.d * s.d,
+                "value rotation must be a contiguous float32 [d, d] tensor");
+    vr = vrot->data_ptr<float>();
+  }
+  attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold, vr);
 }
 
 void dense_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, torch::Tensor page_lens,
@@ -523,7 +558,7 @@ def coded_decode_partial_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale,
     mod.coded_attend(q_rot.contiguous().float(), decode_items(work, num_kv_heads), page_ids, page_lens, part_o,
                      part_lse, logits, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, lut, li,
                      layout.value_bits, layout.value_group, layout.has_mean, num_kv_heads,
-                     float(sm_scale) * LOG2E, 0.0, 0, MM_THRESHOLD)
+                     float(sm_scale) * LOG2E, 0.0, 0, MM_THRESHOLD, None)
 
 
 def dense_decode_partial_cpu(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, *, num_kv_heads: int,
@@ -542,7 +577,8 @@ def dense_decode_partial_cpu(q, k_pages, v_pages, work, page_ids, page_lens, par
 
 def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, items, page_ids,
                                page_lens, out, lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
-                               soft_cap: float = 0.0) -> None:
+                               soft_cap: float = 0.0, merge: bool = False,
+                               value_rotation: torch.Tensor | None = None) -> None:
     """Many queries per row over one coded tier's pages (extend over a cached prefix).
 
     Parameters
@@ -554,21 +590,30 @@ def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scal
     out : ``[N, Hq, d]`` float32 — written for every query an item covers (storage domain of values);
     lse : ``[N, Hq]`` float32 — log2-domain log-sum-exp of the scaled logits (``-inf`` without keys).
     soft_cap : ``c > 0`` replaces every scaled logit ``s`` by ``c * tanh(s / c)`` (logit soft-capping).
+    merge : instead of overwriting, merge this tier's state into the ``(out, lse)`` already there
+        (``lse = -inf``: empty; queries without keys in this tier are left untouched) — one state
+        accumulates over all tiers with no temporaries.
+    value_rotation : ``[d, d]`` float32 — with ``merge``, the tier's normalized output is multiplied by
+        it before merging (``layout.value_rotation``: back to the storage domain of the other tiers).
     """
     _check_cpu(q_rot, k_codes, items)
+    if value_rotation is not None and not merge:
+        raise ValueError("value_rotation is applied only when merge=True")
     if items.shape[0] == 0:
         return
     li, lut = _consts(layout)
     load().coded_attend(q_rot, items, page_ids, page_lens, out, lse, None, k_codes, k_radius, k_mean, v_codes,
                         v_scale, v_zero, lut, li, layout.value_bits, layout.value_group, layout.has_mean,
-                        num_kv_heads, float(sm_scale) * LOG2E, float(soft_cap), 1, MM_THRESHOLD)
+                        num_kv_heads, float(sm_scale) * LOG2E, float(soft_cap), 2 if merge else 1, MM_THRESHOLD,
+                        value_rotation)
 
 
 def dense_prefix_attention_cpu(q, k_pages, v_pages, items, page_ids, page_lens, out, lse, *, num_kv_heads: int,
-                               sm_scale: float, soft_cap: float = 0.0) -> None:
-    """Dense-page form of :func:`coded_prefix_attention_cpu` (``q`` ``[N, Hq, d]`` float32, not rotated)."""
+                               sm_scale: float, soft_cap: float = 0.0, merge: bool = False) -> None:
+    """Dense-page form of :func:`coded_prefix_attention_cpu` (``q`` ``[N, Hq, d]`` float32, not rotated;
+    ``merge`` as there)."""
     _check_cpu(q, k_pages, items)
     if items.shape[0] == 0:
         return
     load().dense_attend(q, items, page_ids, page_lens, out, lse, None, k_pages, v_pages, num_kv_heads,
-                        float(sm_scale) * LOG2E, float(soft_cap), 1, MM_THRESHOLD)
+                        float(sm_scale) * LOG2E, float(soft_cap), 2 if merge else 1, MM_THRESHOLD)

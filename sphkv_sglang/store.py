@@ -107,10 +107,11 @@ class SphKVStore:
                                staging_pages=cfg.num_staging_pages, page_size=self.P)
         self.page_mass = torch.zeros(num_pages, dtype=torch.float32)
         self.demotion_source: DemotionSource | None = None
+        self._layer_caches: dict[int, list] = {}
         self._plan = None
         self.counters = dict(tokens_written=0, pages_coded=[0] * len(self.tiers), pages_demoted=0,
                              coded_pages_read=0, dense_tokens_read=0, pages_released=0, nonfinite_rows=0,
-                             staging_high_water=0)
+                             staging_high_water=0, pages_copied_on_write=0)
 
     # -- views ---------------------------------------------------------------------------------------
     def _view(self, tier: int, layer: int, name: str) -> torch.Tensor:
@@ -126,14 +127,21 @@ class SphKVStore:
         if plan["loc"].numel() != loc.numel() or (plan["loc"].data_ptr() != loc.data_ptr()
                                                   and not torch.equal(plan["loc"], loc.cpu())):
             raise PageTableError(f"layer {layer} writes other slots than layer 0 of this forward")
-        sel = plan["sel"]
-        kk, nk = check_finite(k.reshape(-1, self.H, self.d)[sel], f"keys of layer {layer}", self.cfg.nonfinite)
-        vv, nv = check_finite(v.reshape(-1, self.H, self.d)[sel], f"values of layer {layer}", self.cfg.nonfinite)
-        self.counters["nonfinite_rows"] += nk + nv
+        sel = plan["sel"]                                     # None: every row is written (decode)
+        kk, vv = k.reshape(-1, self.H, self.d), v.reshape(-1, self.H, self.d)
+        if sel is not None:
+            kk, vv = kk[sel], vv[sel]
+        if not (bool(torch.isfinite(kk).all()) and bool(torch.isfinite(vv).all())):
+            kk, nk = check_finite(kk, f"keys of layer {layer}", self.cfg.nonfinite)
+            vv, nv = check_finite(vv, f"values of layer {layer}", self.cfg.nonfinite)
+            self.counters["nonfinite_rows"] += nk + nv
         st = plan["staged"]
         if st is not None:
-            self.k_stage[layer, plan["slots"], :, plan["offs"]] = kk[st].to(self.dtype)
-            self.v_stage[layer, plan["slots"], :, plan["offs"]] = vv[st].to(self.dtype)
+            # one index_copy_ per tensor into the flat [S * H * P, d] view: row (slot * H + h) * P + off
+            ks, vs = (kk, vv) if st is True else (kk[st], vv[st])
+            n = ks.shape[0] * self.H
+            self.k_stage[layer].view(-1, self.d).index_copy_(0, plan["rows"], ks.reshape(n, self.d).to(self.dtype))
+            self.v_stage[layer].view(-1, self.d).index_copy_(0, plan["rows"], vs.reshape(n, self.d).to(self.dtype))
         for tier, phys, src, idx in plan["full"]:
             if src == "stage":                                                   # [n, H, P, d]
                 kd, vd = self.k_stage[layer, idx], self.v_stage[layer, idx]
@@ -161,9 +169,13 @@ class SphKVStore:
     def layer_cache(self, layer: int) -> list:
         """``kv_cache`` of the wrappers for ``layer``: staging pages ``[S * H, P, d]`` (page id
         ``slot * H + head``), then each coded tier's arena (page id ``phys * H + head``)."""
-        sp = self.k_stage.shape[1] * self.H
-        dense = {"k": self.k_stage[layer].view(sp, self.P, self.d), "v": self.v_stage[layer].view(sp, self.P, self.d)}
-        return [dense, *(self.arenas[t][layer] for t in range(len(self.tiers)))]
+        cache = self._layer_caches.get(layer)
+        if cache is None:                      # views of tensors that live as long as the store: built once
+            sp = self.k_stage.shape[1] * self.H
+            dense = {"k": self.k_stage[layer].view(sp, self.P, self.d),
+                     "v": self.v_stage[layer].view(sp, self.P, self.d)}
+            cache = self._layer_caches[layer] = [dense, *(self.arenas[t][layer] for t in range(len(self.tiers)))]
+        return cache
 
     def plan_pages(self, slots: torch.Tensor, lens: torch.Tensor) -> dict:
         """Page lists of a batch for the wrappers (vectorized; no per-request loop).
@@ -214,6 +226,73 @@ class SphKVStore:
         return dict(indptr=indptr.to(torch.int32), indices=indices.to(torch.int32), page_tiers=ex(wtier),
                     page_lens=ex(plen).to(torch.int32), pages=ex(pages))
 
+    def plan_pages_static(self, slots: torch.Tensor, lens: torch.Tensor, max_pages: int,
+                          out: dict | None = None) -> dict:
+        """:meth:`plan_pages` with static shapes and no host synchronization (CUDA-graph friendly).
+
+        Every row ``b * H + h`` owns exactly ``max_pages`` entries (``indptr = arange * max_pages``);
+        entries past a request's last page have ``page_lens = 0`` (the kernels skip them), tier 0 and
+        index 0. Everything is computed on ``slots``' device from device mirrors of the page table;
+        no ``.item()`` / ``.tolist()`` / boolean-mask indexing, and no read-after-free check (that
+        needs the host; the debug poison mode checks plans built by :meth:`plan_pages`).
+
+        Parameters
+        ----------
+        slots : ``[B, >= max_pages * P]`` int — SGLang's ``req_to_token`` rows of the batch.
+        lens : ``[B]`` int — tokens to read per request; ``ceil(lens / P) <= max_pages`` is the caller's
+            contract (SGLang: ``max_pages = req_to_token.shape[1] // P``).
+        max_pages : entries per row.
+        out : optional dict of preallocated tensors (the keys returned) written in place, so that
+            their addresses stay fixed across forwards (graph replay).
+
+        Returns
+        -------
+        dict with ``indptr`` ``[B * H + 1]`` int32, ``indices`` / ``page_lens`` ``[B * H * max_pages]``
+        int32, ``page_tiers`` / ``pages`` ``[B * H * max_pages]`` int64.
+        """
+        P, H = self.P, self.H
+        dev = slots.device
+        b = slots.shape[0]
+        if slots.shape[1] < max_pages * P:
+            raise PageTableError(f"slot rows hold {slots.shape[1]} tokens, fewer than max_pages * page_size = "
+                                 f"{max_pages} * {P}")
+        stage_of, tier_of, phys_of = self._table_on(dev)
+        lens = lens.to(device=dev, dtype=torch.int64)
+        npg = (lens + P - 1) // P                                            # [B]
+        col = torch.arange(max_pages, device=dev)
+        valid = col[None, :] < npg[:, None]                                  # [B, M]
+        pages = torch.where(valid, slots[:, : max_pages * P: P].to(torch.int64) // P, 0)
+        stage = stage_of[pages].to(torch.int64)
+        staged = stage >= 0
+        wtier = torch.where(valid, torch.where(staged, 0, tier_of[pages].to(torch.int64) + 1), 0)
+        base = torch.where(valid, torch.where(staged, stage, phys_of[pages].to(torch.int64)), 0)
+        plen = torch.where(col[None, :] == (npg - 1)[:, None], (lens - (npg - 1) * P)[:, None], P)
+        plen = torch.where(valid, plen, 0)
+        heads = torch.arange(H, device=dev)[None, :, None]
+        ex = lambda t: t[:, None, :].expand(b, H, max_pages).reshape(-1)     # noqa: E731
+        res = dict(indptr=(torch.arange(b * H + 1, device=dev) * max_pages).to(torch.int32),
+                   indices=torch.where(valid[:, None, :], base[:, None, :] * H + heads, 0).reshape(-1).to(torch.int32),
+                   page_tiers=ex(wtier), page_lens=ex(plen).to(torch.int32), pages=ex(pages))
+        if out is None:
+            return res
+        for k, v in res.items():
+            out[k].copy_(v)
+        return out
+
+    def _table_on(self, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``stage_of``, ``tier_of``, ``phys_of`` on ``dev`` (the CPU tables themselves on the CPU; a
+        mirror refreshed by a non-blocking copy elsewhere)."""
+        t = self.table
+        if torch.device(dev).type == "cpu":
+            return t.stage_of, t.tier_of, t.phys_of
+        mir = getattr(self, "_table_mirror", None)
+        if mir is None or mir[0].device != torch.device(dev):
+            mir = self._table_mirror = tuple(torch.empty_like(x, device=dev) for x in (t.stage_of, t.tier_of,
+                                                                                       t.phys_of))
+        for m, x in zip(mir, (t.stage_of, t.tier_of, t.phys_of)):
+            m.copy_(x, non_blocking=True)
+        return mir
+
     def _begin_forward(self, loc: torch.Tensor) -> dict:
         """Stage partial pages, find full ones, place them; the plan every layer of this forward follows."""
         loc = loc.to("cpu", torch.int64)
@@ -243,10 +322,12 @@ class SphKVStore:
                 placed.append((tier, phys[in_direct], "rows", r.to(dev)))
             if bool((~in_direct).any()):
                 placed.append((tier, phys[~in_direct], "stage", self.table.stage_of[pgs[~in_direct]].long().to(dev)))
-        any_staged = bool(staged.any())
-        return dict(loc=loc, sel=sel.to(dev), staged=staged.to(dev) if any_staged else None,
-                    slots=self.table.stage_of[pages[staged]].long().to(dev), offs=offs[staged].to(dev),
-                    full=placed, pending=pending if pending.numel() else None)
+        n_staged = int(staged.sum())
+        slots = self.table.stage_of[pages[staged]].long()
+        rows = ((slots[:, None] * self.H + torch.arange(self.H)) * self.P + offs[staged][:, None]).reshape(-1)
+        return dict(loc=loc, sel=None if bool(sel.all()) else sel.to(dev),
+                    staged=None if n_staged == 0 else (True if n_staged == staged.numel() else staged.to(dev)),
+                    rows=rows.to(dev), full=placed, pending=pending if pending.numel() else None)
 
     def _place(self, full: torch.Tensor) -> list:
         """Assign each newly full page a physical page; returns ``[(tier, pages, phys), ...]``."""
@@ -274,6 +355,35 @@ class SphKVStore:
         self._view(tier, layer, "v_codes")[phys] = vc.codes
         self._view(tier, layer, "v_scale")[phys] = vc.scale
         self._view(tier, layer, "v_zero")[phys] = vc.zero
+
+    # -- copy-on-write of a shared page's prefix ----------------------------------------------------
+    def copy_page_prefix(self, src_page: int, dst_page: int, count: int) -> None:
+        """Copy the first ``count`` tokens (``0 < count < P``) of logical page ``src_page`` into the fresh
+        logical page ``dst_page``, all layers, as a dense staging page (partial-page prefix reuse: a
+        request whose cached prefix ends inside a shared page continues in its own copy, so the shared
+        page is never written). The source's staging copy is taken when it has one, else its codes are
+        decoded (those tokens are re-coded with the rest of ``dst_page`` when it fills)."""
+        if not 0 < count < self.P:
+            raise ValueError(f"count={count} must be in 1..{self.P - 1}")
+        t = self.table
+        if int(t.stage_of[dst_page]) >= 0 or int(t.tier_of[dst_page]) >= 0 or bool(t.written[dst_page].any()):
+            raise PageTableError(f"copy target page {dst_page} is not a fresh page")
+        src_slot, tier = int(t.stage_of[src_page]), int(t.tier_of[src_page])
+        if src_slot < 0 and tier < 0:
+            raise PageTableError(f"copy source page {src_page} is neither staged nor coded (read after free?)")
+        t.stage(torch.tensor([dst_page]))
+        dst = int(t.stage_of[dst_page])
+        if src_slot >= 0:
+            self.k_stage[:, dst, :, :count] = self.k_stage[:, src_slot, :, :count]
+            self.v_stage[:, dst, :, :count] = self.v_stage[:, src_slot, :, :count]
+        else:
+            phys = t.phys_of[src_page].long().reshape(1).to(self.device)
+            for layer in range(self.num_layers):
+                kd, vd = self._decode(layer, tier, phys)                        # [1, H, P, d] float32
+                self.k_stage[layer, dst, :, :count] = kd[0, :, :count].to(self.dtype)
+                self.v_stage[layer, dst, :, :count] = vd[0, :, :count].to(self.dtype)
+        t.mark_written(torch.full((count,), dst_page, dtype=torch.int64), torch.arange(count))
+        self.counters["pages_copied_on_write"] += 1
 
     # -- demotion ------------------------------------------------------------------------------------
     def _demote_coldest(self, tier: int, num_pages: int) -> int:

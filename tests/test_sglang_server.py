@@ -118,6 +118,39 @@ def test_flush_cache_returns_every_page(server):
     assert stats["free_phys_pages"] == stats["phys_pages"]
 
 
+def test_prefix_ending_inside_a_cached_page_is_reused(server, model_path):
+    """Partial-page prefix reuse: a prompt sharing 230 tokens with a cached one (3 pages + 38 tokens of
+    the 4th at page size 64) reports 230 cached tokens, not 192; the 38 tokens come from a copy of the
+    shared page, and the answer matches the same prompt served without any cache."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ids = tok(SYSTEM, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 300
+    first, second = ids[:300], ids[:230] + tok(" Which destination is the warmest?", add_special_tokens=False)["input_ids"]
+
+    def gen(input_ids):
+        r = requests.post(server.url + "/generate", timeout=300, json={
+            "input_ids": input_ids, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        r.raise_for_status()
+        return r.json()["meta_info"]
+
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
+    cold = gen(second)
+    assert cold["cached_tokens"] == 0
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
+    gen(first)
+    before = _stats(server.url)
+    warm = gen(second)
+    after = _stats(server.url)
+    assert warm["cached_tokens"] == 230, warm["cached_tokens"]
+    assert after["partial_page_tokens"] - before["partial_page_tokens"] == 230 - 192
+    assert after["pages_copied_on_write"] - before["pages_copied_on_write"] == 1
+    (lp_c, id_c, _), (lp_w, id_w, _) = cold["output_token_logprobs"][0], warm["output_token_logprobs"][0]
+    assert id_c == id_w and abs(lp_c - lp_w) < 0.05, (cold["output_token_logprobs"], warm["output_token_logprobs"])
+
+
 def test_sphkv8_greedy_matches_dense(server, model_path, tmp_path):
     """Greedy tokens of the high-precision preset against a dense bf16 server (torch_native).
 

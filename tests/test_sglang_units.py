@@ -351,3 +351,73 @@ def test_sharers_read_the_same_pages(sglang_stack):
     e2 = float((got_other - k_other[:2 * P].bfloat16().float()).norm() / k_other[:2 * P].norm())
     assert e2 < 0.15, e2
 
+
+
+def test_partial_page_prefix_is_copied_not_shared(sglang_stack):
+    """A key that shares 2 pages + m tokens of a cached sequence gets 2P + m cached tokens: the tree-owned
+    part stays page-aligned, the m tokens are copied (decoded from the coded page) into a fresh page of
+    the request's own, new tokens continue there, and the shared page is never written."""
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    s = sglang_stack
+    m = 5
+    seq = list(range(500, 500 + 3 * P))
+    _, slots = _insert(s, seq, seed=7)
+    k_written, v_written = _kv(3 * P, seed=7)
+    src_page = int(slots[2 * P]) // P
+    src_codes = s.store._view(0, 0, "k_codes")[s.store.table.phys_of[src_page].long()].clone()
+    req = SimpleNamespace(rid="r1")
+    key = RadixKey(array("q", seq[:2 * P + m] + [7] * 9))
+    res = s.cache.match_prefix(MatchPrefixParams(key=key, req=req))
+    assert res.device_prefix_len == 2 * P + m and res.cache_protected_len == 2 * P
+    # a match without a request (scheduling probes) stays page-aligned
+    assert s.cache.match_prefix(MatchPrefixParams(key=key)).device_prefix_len == 2 * P
+    res = s.cache.match_prefix(MatchPrefixParams(key=key, req=req))       # a re-match replaces the offer
+    req.prefix_len, req.last_node = res.device_prefix_len, res.last_device_node
+    free0 = s.alloc.available_size()
+    idx = s.cache.prefix_device_indices(req)
+    assert idx.numel() == 2 * P + m and torch.equal(idx[:2 * P].long(), slots[:2 * P].long())
+    dst_page = int(idx[2 * P]) // P
+    assert dst_page != src_page and s.alloc.available_size() == free0 - P
+    assert torch.equal(idx[2 * P:].long(), torch.arange(dst_page * P, dst_page * P + m))
+    assert s.store.counters["pages_copied_on_write"] == 1
+    assert s.cache.retention_stats()["partial_page_tokens"] == m
+    slot = int(s.store.table.stage_of[dst_page])
+    assert slot >= 0 and s.store.table.written[dst_page].tolist() == [True] * m + [False] * (P - m)
+    for layer in range(2):
+        got = s.store.k_stage[layer, slot, :, :m].float().transpose(0, 1)                 # [m, H, d]
+        want = k_written[2 * P:2 * P + m].bfloat16().float()
+        err = float((got - want).norm() / want.norm())
+        assert err < 0.15, err                                # decoded sphkv-4 keys of the shared page
+        vgot = s.store.v_stage[layer, slot, :, :m].float().transpose(0, 1)
+        verr = float((vgot - v_written[2 * P:2 * P + m].bfloat16().float()).norm() / v_written[2 * P:2 * P + m].norm())
+        assert verr < 0.15, verr
+    # the request's new tokens continue in its copy; the shared page is untouched
+    k, v = _kv(P - m, seed=8)
+    new_slots = torch.arange(dst_page * P + m, dst_page * P + P)
+    for layer in range(2):
+        s.pool.set_kv_buffer(SimpleNamespace(layer_id=layer), new_slots, k.bfloat16(), v.bfloat16())
+    assert int(s.store.table.tier_of[dst_page]) >= 0                   # the copy filled up and was coded
+    assert torch.equal(s.store._view(0, 0, "k_codes")[s.store.table.phys_of[src_page].long()], src_codes)
+    s.alloc.free(torch.arange(dst_page * P, dst_page * P + P))
+    s.store.table.check()
+    # an offer without room in staging is not made
+    s.store.table.free_stage.clear()
+    assert s.cache.match_prefix(MatchPrefixParams(key=key, req=req)).device_prefix_len == 2 * P
+
+
+def test_serving_results_merge_keeps_other_modes(tmp_path):
+    """run.py rewrites only its own modes' rows of serving-quick.json; another module's rows survive in place."""
+    import json
+
+    from benchmarks.serving.run import merge_records
+
+    path = tmp_path / "serving-quick.json"
+    path.write_text(json.dumps([{"mode": "dense", "x": 1}, {"mode": "sphkv-rdr", "x": 2}, {"mode": "sphkv", "x": 3}]))
+    merged = merge_records(path, [{"mode": "sphkv", "x": 30}, {"mode": "dense", "x": 10}, {"mode": "new", "x": 4}])
+    assert [(r["mode"], r["x"]) for r in merged] == [("dense", 10), ("sphkv-rdr", 2), ("sphkv", 30), ("new", 4)]
+    assert json.loads(path.read_text()) == merged
+    path.write_text(json.dumps({"mode": "dense"}))
+    with pytest.raises(ValueError, match="serving-quick.json"):
+        merge_records(path, [])

@@ -109,8 +109,17 @@ def _run_seam(device, backend):
     k, v = _kv(new.numel(), g)
     for layer in range(L):
         st.write(layer, new.to(device), k.to(device), v.to(device))
-    # decode steps, the way the backend does them: bookkeeping, write, plan, run
+    # decode steps, the way the backend does them: bookkeeping, write, plan, run; a second wrapper runs
+    # the static-shape, host-sync-free plan (padded rows, preallocated buffers) and must agree
     lens = torch.tensor([41, 52, 22])
+    w_static = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=st.wrapper_tiers, backend=backend)
+    max_pages = rows.shape[1] // P
+    rows_dev = rows.to(device)
+    bufs = {k: torch.zeros(n, dtype=dt, device=device) for k, n, dt in (
+        ("indptr", 3 * H + 1, torch.int32), ("indices", 3 * H * max_pages, torch.int32),
+        ("page_lens", 3 * H * max_pages, torch.int32), ("page_tiers", 3 * H * max_pages, torch.int64),
+        ("pages", 3 * H * max_pages, torch.int64))}
+    ptrs = {k: t.data_ptr() for k, t in bufs.items()}
     for step in range(3):
         loc = torch.stack([rows[b, lens[b]] for b in range(3)])
         st.begin_forward(loc.to(device))
@@ -118,6 +127,20 @@ def _run_seam(device, backend):
         pp = st.plan_pages(rows, lens)
         w.plan(torch.arange(4), pp["indptr"], pp["indices"], pp["page_tiers"], None, H * G, H, D, P,
                page_lens=pp["page_lens"], device=device)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")                # any host sync in the plan raises
+        try:
+            ps = st.plan_pages_static(rows_dev, lens.to(device), max_pages, out=bufs)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        assert {k: t.data_ptr() for k, t in ps.items()} == ptrs                  # fixed addresses
+        assert ps["page_lens"].sum().item() == int(lens.sum()) * H
+        real = ps["page_lens"] > 0
+        assert ps["page_tiers"][real].tolist() == pp["page_tiers"].tolist()     # same entries, same order
+        assert ps["indices"][real].tolist() == pp["indices"].tolist()
+        w_static.plan(torch.arange(4), ps["indptr"], ps["indices"], ps["page_tiers"], None, H * G, H, D, P,
+                      page_lens=ps["page_lens"], device=device)
         k, v = _kv(3, g)
         for layer in range(L):
             st.write(layer, loc.to(device), k.to(device), v.to(device))
@@ -125,6 +148,8 @@ def _run_seam(device, backend):
             out = w.run(q.to(device), st.layer_cache(layer), sm_scale=scale)
             ref = _oracle(st, layer, q, rows, lens.tolist(), [0, 1, 2, 3], scale)
             torch.testing.assert_close(out.double().cpu(), ref, **_tol(device))
+            out_s = w_static.run(q.to(device), st.layer_cache(layer), sm_scale=scale)
+            torch.testing.assert_close(out_s, out, atol=1e-5, rtol=1e-5)
     st.table.check()
 
 

@@ -230,15 +230,17 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
             b = bench_serving(srv.url, model, w, "random-ids", logdir / f"{mode}-bench-random-ids.jsonl")
             rec.update(bench_output_tok_s=b["output_throughput"], bench_mean_itl_ms=b["mean_itl_ms"],
                        bench_mean_ttft_ms=b["mean_ttft_ms"], bench_completed=b["completed"])
+        if "generated-shared-prefix" in datasets:
+            requests.post(srv.url + "/flush_cache", timeout=60)
+            b = bench_serving(srv.url, model, w, "generated-shared-prefix", logdir / f"{mode}-bench-gsp.jsonl")
+            rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
+                       bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
         if bench_only:
+            rec["loadavg_1min"] = [os.getloadavg()[0]]
             return rec
         rec.update(quality(srv.url, ctx, cont))
         rec["single_stream_tok_s"] = single_stream(srv.url, w.stream_tokens)
         requests.post(srv.url + "/flush_cache", timeout=60)
-        if "generated-shared-prefix" in datasets:
-            b = bench_serving(srv.url, model, w, "generated-shared-prefix", logdir / f"{mode}-bench-gsp.jsonl")
-            rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
-                       bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
         cpu0, load0 = srv.cpu_seconds(), os.getloadavg()[0]
         rec.update(workload(srv.url, tok, system, users, w))
         rec["workload_server_cpu_s"] = srv.cpu_seconds() - cpu0
@@ -261,21 +263,40 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("max_total_num_tokens", "tokens in the same KV memory"), ("throughput_tok_s", "output tokens / s"),
-            ("bench_output_tok_s", "bench_serving random-ids tok/s"),
-            ("bench_prefix_output_tok_s", "bench_serving shared-prefix tok/s"),
-            ("prefix_hit_rate", "prefix hit rate"), ("ttft_mean_s", "mean TTFT (s)"),
-            ("total_tok_per_server_cpu_s", "tokens / server CPU-s"), ("single_stream_tok_s", "one stream, tokens / s"),
-            ("cont_logprob_mean", "continuation mean logprob")]
+    keys = [(k, PLOT_TITLES[k]) for k in PLOT_KEYS]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
+    colors = ["#888888", "#2a7ab0", "#c0504d", "#9bbb59", "#8064a2"]
     for ax, (k, title) in zip(axes, keys):
         vals = [r[k] for r in records]
-        ax.bar([r["mode"] for r in records], vals, color=["#888888", "#2a7ab0"][:len(records)])
+        ax.bar([r["mode"] for r in records], vals, color=colors[:len(records)])
         ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+PLOT_TITLES = dict([("max_total_num_tokens", "tokens in the same KV memory"), ("throughput_tok_s", "output tokens / s"),
+            ("bench_output_tok_s", "bench_serving random-ids tok/s"),
+            ("bench_prefix_output_tok_s", "bench_serving shared-prefix tok/s"),
+            ("prefix_hit_rate", "prefix hit rate"), ("ttft_mean_s", "mean TTFT (s)"),
+            ("total_tok_per_server_cpu_s", "tokens / server CPU-s"), ("single_stream_tok_s", "one stream, tokens / s"),
+            ("cont_logprob_mean", "continuation mean logprob")])
+PLOT_KEYS = tuple(PLOT_TITLES)
+
+
+def merge_records(path: Path, records: list[dict]) -> list[dict]:
+    """Read-modify-write of a results file keyed by ``mode``: rows of ``records`` replace the rows of
+    the same mode already in ``path``; rows of other modes (another module's, e.g. ``sphkv-rdr``) are
+    kept in their place. Returns the merged list (also written to ``path``)."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    if not isinstance(old, list) or not all(isinstance(r, dict) and "mode" in r for r in old):
+        raise ValueError(f"{path}: expected a JSON list of records with a 'mode' field")
+    new = {r["mode"]: r for r in records}
+    merged = [new.pop(r["mode"], r) for r in old] + list(new.values())
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -310,7 +331,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for m in args.modes.split(","):
         records.append(run_mode(m, w, args.model, inputs, kv_bytes, logdir, bench_only=args.bench_only,
                                 datasets=tuple(args.datasets.split(","))))
-        out.write_text(json.dumps(records, indent=2) + "\n")            # partial results survive a later failure
+        merge_records(out, records)                                    # partial results survive a later failure
     by = {r["mode"]: r for r in records}
     if "dense" in by and "sphkv" in by and not args.bench_only:
         d, s = by["dense"], by["sphkv"]
@@ -326,9 +347,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         r["workload"] = asdict(w)
         r["device"] = "cpu" if not Path("/dev/nvidia0").exists() else "cuda"
     total = time.perf_counter() - t0
-    out.write_text(json.dumps(records, indent=2) + "\n")
+    merged = merge_records(out, records)
     if not args.bench_only:
-        plot(records, out.with_suffix(".png"))
+        plot([r for r in merged if all(k in r for k in PLOT_KEYS)], out.with_suffix(".png"))
     print(f"wrote {out}" + ("" if args.bench_only else f" and {out.with_suffix('.png')}") + f" in {total:.0f} s")
     if "sphkv" in by and "vs_dense" in by["sphkv"]:
         print("sphkv vs dense:", json.dumps(by["sphkv"]["vs_dense"]))
