@@ -187,7 +187,7 @@ class RDRPolicy(NodePolicy):
             raise ValueError(f"distortion={d} must be in [0, 1] and nondecreasing along tiers (drop = 1)")
         self.page_bytes, self.distortion = tuple(pb), tuple(d)
         self.stats = dict(rdr_plans=0, rdr_pages_planned=0, rdr_last_objective=0.0, rdr_last_source="",
-                          rdr_uniform_wins=0)
+                          rdr_exact_wins=0, rdr_uniform_wins=0)
 
     def _tier_of_node(self, node) -> int:
         pages = node_pages(node, self.page_size)
@@ -224,7 +224,8 @@ class RDRPolicy(NodePolicy):
         self.stats["rdr_plans"] += 1
         self.stats["rdr_last_objective"] = plan.objective
         self.stats["rdr_last_source"] = plan.source
-        self.stats["rdr_uniform_wins"] += int(plan.source != "rdr")
+        self.stats["rdr_exact_wins"] += int(plan.source == "exact")
+        self.stats["rdr_uniform_wins"] += int(plan.source.startswith("uniform"))
         moved = (plan.tiers >= 1).nonzero().flatten().tolist()
         # the cheapest per page first, so the store's cut at num_pages keeps the plan's order
         moved.sort(key=lambda i: float(reuse[i]) * (d[tier + 1] - d[tier]))
