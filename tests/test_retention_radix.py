@@ -12,14 +12,7 @@ import pytest
 import torch
 
 from sphkv_sglang.config import SphKVServeConfig
-
-P = 8
-
-
-def _kv(n, heads=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(n, heads, 64, generator=g) * 2 + torch.randn(64, generator=g)
-    return k, torch.randn(n, heads, 64, generator=g)
+from test_sglang_units import P, _insert   # the same page size and insert helper as the radix unit tests
 
 
 def _stack(retention):
@@ -36,20 +29,6 @@ def _stack(retention):
     cache = SphKVRadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
                                             token_to_kv_pool_allocator=alloc, page_size=P))
     return SimpleNamespace(pool=pool, alloc=alloc, cache=cache, store=pool.store)
-
-
-def _insert(stack, token_ids, seed):
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
-    from sglang.srt.mem_cache.radix_cache import RadixKey
-
-    n = len(token_ids)
-    slots = stack.alloc.alloc(n)
-    assert slots is not None
-    k, v = _kv(n, seed=seed)
-    for layer in range(2):
-        stack.pool.set_kv_buffer(SimpleNamespace(layer_id=layer), slots, k.bfloat16(), v.bfloat16())
-    res = stack.cache.insert(InsertParams(key=RadixKey(array("q", token_ids)), value=slots))
-    return res.last_device_node, slots
 
 
 def test_registry_selects_policy_and_rejects_unknown():
