@@ -168,15 +168,25 @@ def _sphkv_state(url: str) -> dict:
     return {"max_total_num_tokens": state["memory_usage"]["token_capacity"], "sphkv": state.get("sphkv") or {}}
 
 
-def run(w: RetentionWorkload, model: Path, logdir: Path, policies=POLICIES) -> list[dict]:
-    """Dense reference, then one bound-budget sphkv server per policy; returns one record per policy."""
+def run(w: RetentionWorkload, model: Path, logdir: Path, policies=POLICIES, out: Path | None = None) -> list[dict]:
+    """Dense reference, then one bound-budget sphkv server per policy; returns one record per policy.
+
+    The dense reference is kept in ``logdir/retention-dense.json`` (keyed by the workload) and reused by
+    a later run with the same workload; with ``out`` each policy's row is merged in as soon as it is done.
+    """
     tok, system, users, conts = build_inputs(w, model)
     common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report",
               "--watchdog-timeout", "3600"]
-    with ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
-                       log_path=logdir / "retention-dense.log") as srv:
-        ref = chat(srv.url, tok, system, users, w, None)
-        ref_cont = continuation(srv.url, ref["history_ids"], conts, ref["answers"])
+    cache = logdir / "retention-dense.json"
+    saved = json.loads(cache.read_text()) if cache.is_file() else None
+    if saved is not None and saved.get("workload") == asdict(w):
+        ref, ref_cont = saved["ref"], saved["cont"]
+    else:
+        with ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
+                           log_path=logdir / "retention-dense.log") as srv:
+            ref = chat(srv.url, tok, system, users, w, None)
+            ref_cont = continuation(srv.url, ref["history_ids"], conts, ref["answers"])
+        cache.write_text(json.dumps({"workload": asdict(w), "ref": ref, "cont": ref_cont}))
     print(f"[dense] hit rate {ref['prefix_hit_rate']:.3f}, cont logprob {ref_cont['cont_logprob_mean']:.4f}",
           flush=True)
     records = []
@@ -204,6 +214,8 @@ def run(w: RetentionWorkload, model: Path, logdir: Path, policies=POLICIES) -> l
                                                for k, v in rec.items() if k not in ("workload", "cont_logprob_per_conv")),
               flush=True)
         records.append(rec)
+        if out is not None:
+            merge_into(out, [rec])
     return records
 
 
@@ -234,8 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logdir = out.parent / (out.stem + "-logs")
     logdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    records = run(w, args.model, logdir, tuple(args.policies.split(",")))
-    merge_into(out, records)
+    records = run(w, args.model, logdir, tuple(args.policies.split(",")), out=out)
     print(f"wrote {len(records)} rows into {out} in {time.perf_counter() - t0:.0f} s")
     return records
 
