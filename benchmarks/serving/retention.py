@@ -2,20 +2,20 @@
 """Bound-budget serving run: radix-node retention ``heuristic`` vs ``rdr`` on real SGLang servers.
 
 ``python -m benchmarks.serving.retention [--quick]`` (in ``make serving-quick``). A dense reference
-server (a pool large enough to keep everything) answers a multi-turn chat workload first; then one
-sphkv server per retention policy, each with the same small KV budget (``budget`` bytes, so demotion
-and eviction decide what stays), replays it:
+server (a pool large enough to keep everything) and one sphkv server per retention policy, each with
+the same small KV budget (``budget`` bytes, so demotion and eviction decide what stays), run the same
+multi-turn chat workload side by side:
 
 * ``conversations`` chats of ``turns`` turns sharing one ``system_tokens`` system prompt (essay text),
   essay passages of ``user_tokens`` as user turns, interleaved turn-major with ``concurrency`` requests
-  in flight; every mode's history carries the **dense** answers (teacher forcing), so all modes send
-  the same prompts and the numbers compare like for like;
+  in flight; every history carries fixed assistant turns (:func:`ack`), so all modes send the same
+  prompts and the numbers compare like for like;
 * ``answer_agreement``: fraction of greedy answers identical to the dense server's
   (``answer_token_agreement``: mean fraction of leading answer tokens equal to dense's);
 * ``prefix_hit_rate``: cached prompt tokens / prompt tokens over the workload (SGLang's cache report);
 * ``cont_logprob_mean``: after the workload, for each conversation, the mean log-probability of the next
-  ``continuation_tokens`` tokens of essay text appended to its history, read through whatever the cache
-  kept of that history (``cont_cached_tokens`` of ``cont_prompt_tokens`` were served from it);
+  ``continuation_tokens`` tokens of essay text appended to its last prompt and fixed assistant turn, read
+  through whatever the cache kept of that history (``cont_cached_tokens`` of ``cont_prompt_tokens`` were served from it);
   ``cont_logprob_dense`` the dense server's value on the same inputs.
 
 Records are keyed by ``mode`` (``sphkv-heuristic``, ``sphkv-rdr``) and read-modify-written into
@@ -66,11 +66,11 @@ class RetentionWorkload:
                 raise ValueError(f"{name}={v!r} must be an int > 0")
 
 
-# 20 MiB on SmolLM2-135M: 4 dense staging pages (5.6 MiB), then ~2.9K logical tokens of which the
-# sphkv-4 tier holds ~1.8K; the workload's ~2.8K distinct tokens overflow the top tier (demotion) and,
-# with the continuation probes, the pool (eviction), so retention decides.
-QUICK = RetentionWorkload(conversations=4, turns=3, system_tokens=384, user_tokens=160, answer_tokens=8,
-                          continuation_tokens=32, budget=20 << 20)
+# 14 MiB on SmolLM2-135M: 4 dense staging pages (5.6 MiB), then ~1.7K logical tokens of which the
+# sphkv-4 tier holds ~1K; the workload's ~1.6K distinct tokens (plus the continuation probes) overflow
+# the top tier (demotion) and come near the pool's size (eviction), so retention decides.
+QUICK = RetentionWorkload(conversations=3, turns=3, system_tokens=256, user_tokens=128, answer_tokens=6,
+                          continuation_tokens=24, budget=14 << 20)
 FULL = RetentionWorkload()
 
 
@@ -101,8 +101,14 @@ def _post(url: str, payload: dict, timeout: float = 1800) -> dict:
     return r.json()
 
 
-def chat(url: str, tok, system: str, users, w: RetentionWorkload, reference: list | None) -> dict:
-    """The multi-turn workload; ``reference`` (dense answers ``[c][t]`` token ids) forces the histories."""
+def ack(c: int, t: int) -> str:
+    """The fixed assistant turn every mode's history carries for conversation ``c``, turn ``t``."""
+    return f"I have read passage {c}.{t} and will keep it in mind."
+
+
+def chat(url: str, tok, system: str, users, w: RetentionWorkload) -> dict:
+    """The multi-turn workload. Histories carry fixed assistant turns (:func:`ack`), so every mode sends
+    the same prompts whatever it answers; the greedy answers are returned for comparison."""
     requests.post(url + "/flush_cache", timeout=60)
     conv = len(users)
     answers = [[None] * w.turns for _ in range(conv)]
@@ -111,8 +117,7 @@ def chat(url: str, tok, system: str, users, w: RetentionWorkload, reference: lis
     def prompt_ids(c: int, t: int) -> list[int]:
         msgs = [{"role": "system", "content": system}]
         for s in range(t):
-            hist = reference[c][s] if reference is not None else answers[c][s]
-            msgs += [{"role": "user", "content": users[c][s]}, {"role": "assistant", "content": tok.decode(hist)}]
+            msgs += [{"role": "user", "content": users[c][s]}, {"role": "assistant", "content": ack(c, s)}]
         msgs.append({"role": "user", "content": users[c][t]})
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
@@ -136,12 +141,11 @@ def chat(url: str, tok, system: str, users, w: RetentionWorkload, reference: lis
             "history_ids": [prompt_ids(c, w.turns - 1) for c in range(conv)]}
 
 
-def continuation(url: str, history_ids: list[list[int]], conts: list[list[int]], answers) -> dict:
-    """Mean logprob of each conversation's continuation tokens after its last prompt + answer."""
+def continuation(url: str, prefixes: list[list[int]], conts: list[list[int]]) -> dict:
+    """Mean logprob of each conversation's continuation tokens ``conts[c]`` after ``prefixes[c]``."""
     lps, cached, prompt = [], 0, 0
-    for hist, cont, ans in zip(history_ids, conts, answers):
-        prefix = list(hist) + list(ans[-1])
-        out = _post(url, {"input_ids": prefix + list(cont), "return_logprob": True,
+    for prefix, cont in zip(prefixes, conts):
+        out = _post(url, {"input_ids": list(prefix) + list(cont), "return_logprob": True,
                           "logprob_start_len": len(prefix), "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
         vals = [x[0] for x in out["meta_info"]["input_token_logprobs"] if x[0] is not None][-len(cont):]
         lps.append(statistics.fmean(vals))
@@ -168,54 +172,62 @@ def _sphkv_state(url: str) -> dict:
     return {"max_total_num_tokens": state["memory_usage"]["token_capacity"], "sphkv": state.get("sphkv") or {}}
 
 
-def run(w: RetentionWorkload, model: Path, logdir: Path, policies=POLICIES, out: Path | None = None) -> list[dict]:
-    """Dense reference, then one bound-budget sphkv server per policy; returns one record per policy.
-
-    The dense reference is kept in ``logdir/retention-dense.json`` (keyed by the workload) and reused by
-    a later run with the same workload; with ``out`` each policy's row is merged in as soon as it is done.
-    """
-    tok, system, users, conts = build_inputs(w, model)
+def _serve(mode: str, w: RetentionWorkload, model: Path, logdir: Path, inputs) -> dict:
+    """Start the server of ``mode`` (``dense`` or a retention policy), run the workload and the probes."""
+    tok, system, users, conts = inputs
     common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report",
               "--watchdog-timeout", "3600"]
-    cache = logdir / "retention-dense.json"
-    saved = json.loads(cache.read_text()) if cache.is_file() else None
-    if saved is not None and saved.get("workload") == asdict(w):
-        ref, ref_cont = saved["ref"], saved["cont"]
+    if mode == "dense":
+        srv = ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
+                            log_path=logdir / "retention-dense.log")
     else:
-        with ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
-                           log_path=logdir / "retention-dense.log") as srv:
-            ref = chat(srv.url, tok, system, users, w, None)
-            ref_cont = continuation(srv.url, ref["history_ids"], conts, ref["answers"])
-        cache.write_text(json.dumps({"workload": asdict(w), "ref": ref, "cont": ref_cont}))
-    print(f"[dense] hit rate {ref['prefix_hit_rate']:.3f}, cont logprob {ref_cont['cont_logprob_mean']:.4f}",
+        srv = ServerProcess(model, args=["--sphkv-preset", w.preset, "--sphkv-budget", str(w.budget),
+                                         "--sphkv-config", json.dumps({"retention": mode}), *common],
+                            log_path=logdir / f"retention-{mode}.log")
+    with srv:
+        start = _sphkv_state(srv.url)
+        res = chat(srv.url, tok, system, users, w)
+        prefixes = [list(h) + tok(ack(c, w.turns - 1), add_special_tokens=False)["input_ids"]
+                    for c, h in enumerate(res["history_ids"])]
+        res.update(continuation(srv.url, prefixes, conts))
+        res["state"] = _sphkv_state(srv.url)
+        res["start_s"] = srv.start_seconds
+        res["max_total_num_tokens"] = start["max_total_num_tokens"]
+    print(f"[{mode}] done: hit rate {res['prefix_hit_rate']:.3f}, cont logprob {res['cont_logprob_mean']:.4f}",
           flush=True)
+    return res
+
+
+def run(w: RetentionWorkload, model: Path, logdir: Path, policies=POLICIES, out: Path | None = None) -> list[dict]:
+    """The dense reference and one bound-budget sphkv server per policy, side by side (every mode sends
+    the same prompts, so none waits for another); returns one record per policy, merged into ``out``."""
+    inputs = build_inputs(w, model)
+    modes = ["dense", *policies]
+    with ThreadPoolExecutor(len(modes)) as ex:
+        futs = {m: ex.submit(_serve, m, w, model, logdir, inputs) for m in modes}
+        res = {m: f.result() for m, f in futs.items()}
+    ref = res["dense"]
     records = []
     for pol in policies:
-        cfg = json.dumps({"retention": pol})
-        args = ["--sphkv-preset", w.preset, "--sphkv-budget", str(w.budget), "--sphkv-config", cfg, *common]
-        with ServerProcess(model, args=args, log_path=logdir / f"retention-{pol}.log") as srv:
-            start = _sphkv_state(srv.url)
-            res = chat(srv.url, tok, system, users, w, ref["answers"])
-            cont = continuation(srv.url, ref["history_ids"], conts, ref["answers"])
-            end = _sphkv_state(srv.url)
-        st = end["sphkv"]
+        r = res[pol]
+        st = r["state"]["sphkv"]
         rec = {"mode": f"sphkv-{pol}", "retention": pol, "kv_budget_bytes": w.budget,
-               "max_total_num_tokens": start["max_total_num_tokens"], "start_s": srv.start_seconds,
-               **{k: v for k, v in res.items() if k not in ("answers", "history_ids")},
-               **_agreement(res["answers"], ref["answers"]), **cont,
-               "cont_logprob_dense": ref_cont["cont_logprob_mean"], "dense_prefix_hit_rate": ref["prefix_hit_rate"],
+               "max_total_num_tokens": r["max_total_num_tokens"], "start_s": r["start_s"],
+               **{k: v for k, v in r.items() if k not in ("answers", "history_ids", "state", "start_s",
+                                                          "max_total_num_tokens")},
+               **_agreement(r["answers"], ref["answers"]),
+               "cont_logprob_dense": ref["cont_logprob_mean"], "dense_prefix_hit_rate": ref["prefix_hit_rate"],
                "pages_demoted": st.get("pages_demoted"), "demoted_nodes": st.get("demoted_nodes"),
                "evicted_tokens": st.get("evicted_tokens"), "bytes_per_tier": st.get("bytes_per_tier"),
                "tiers": st.get("tiers"), "rdr_plans": st.get("rdr_plans"),
                "rdr_exact_wins": st.get("rdr_exact_wins"), "rdr_uniform_wins": st.get("rdr_uniform_wins"),
-               "workload": asdict(w),
-               "loadavg_1min": os.getloadavg()[0]}
+               "workload": asdict(w), "loadavg_1min": os.getloadavg()[0]}
         print(f"[{rec['mode']}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in rec.items() if k not in ("workload", "cont_logprob_per_conv")),
               flush=True)
         records.append(rec)
-        if out is not None:
-            merge_into(out, [rec])
+    if out is not None:
+        merge_into(out, records)
     return records
 
 
