@@ -43,7 +43,7 @@ def test_rdr_plans_demotion_under_a_bound_budget(model_path, tmp_path):
             "--sphkv-config", '{"retention": "rdr"}', "--watchdog-timeout", "3600"]
     with ServerProcess(model_path, args=args, log_path=tmp_path / "server.log") as srv:
         st0 = _sphkv(srv.url)
-        assert st0["retention"] == "rdr" and st0["rdr_plans"] == 0 and sum(st0["bytes_per_tier"]) == 0
+        assert st0["retention"] == "rdr" and st0["rdr_plans"] == 0
         for p in prompts:
             _gen(srv.url, {"input_ids": p, "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
         st = _sphkv(srv.url)
