@@ -192,7 +192,7 @@ def retention_cell(label: str, col: str) -> list[float]:
         return [rec[f] for k, f in dense.items() if label.startswith(k)]
     rec = next(r for r in rows if r["mode"] == col.strip("`"))
     field = next(v for k, v in RETENTION_ROWS.items() if label.startswith(k))
-    return [rec[field] or 0]
+    return [] if field == "rdr_plans" and rec["retention"] != "rdr" else [rec[field] or 0]
 
 
 @dataclass(frozen=True)
