@@ -62,6 +62,7 @@ quality: env
 
 serving-quick: env
 	$(PY) -m benchmarks.serving.run --quick
+	$(PY) -m benchmarks.serving.retention --quick
 
 load-quick: env
 	$(PY) -m benchmarks.serving.load --quick

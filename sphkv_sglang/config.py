@@ -27,7 +27,7 @@ __all__ = ["SphKVServeConfig", "ENV_VAR", "parse_bytes", "RETENTION_POLICIES_HIN
 ENV_VAR = "SGLANG_SPHKV"
 _PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 _NONFINITE = ("raise", "zero")
-RETENTION_POLICIES_HINT = ("reuse", "lru")       # kept in sync with retention.POLICIES (tested)
+RETENTION_POLICIES_HINT = ("heuristic", "rdr", "reuse", "lru")   # kept in sync with retention.POLICIES (tested)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10 ** 6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30}
 
@@ -71,7 +71,9 @@ class SphKVServeConfig:
     max_running_requests : SGLang's ``--max-running-requests`` when the user gives none.
     staging_pages : dense pages for the page each running request is filling; ``None`` means
         ``max_running_requests + 2``.
-    retention : node utility policy of the radix cache, one of ``retention.POLICIES``.
+    retention : node retention policy of the radix cache, one of ``retention.POLICIES``: ``heuristic``
+        (alias ``reuse``: demote/evict the lowest reuse × mass first), ``rdr`` (rate-distortion plan
+        over unlocked nodes, :func:`sphkv.retention.plan_nodes`), ``lru``.
     track_mass : accumulate per-page attention mass (RDR's utility signal) during attention.
     rotation_seed : passed to every tier's :class:`sphkv.SphKVConfig`.
     nonfinite : what a NaN/Inf key or value row written to the pool does, passed to every tier's
@@ -96,7 +98,7 @@ class SphKVServeConfig:
     page_size: int = 64
     max_running_requests: int = 32
     staging_pages: int | None = None
-    retention: str = "reuse"
+    retention: str = "heuristic"
     track_mass: bool = True
     rotation_seed: int = 0
     nonfinite: str = "zero"

@@ -33,7 +33,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
-from .retention import make_policy, node_pages
+from .retention import make_policy, node_pages, tier_distortion
 
 __all__ = ["SphKVRadixCache", "create_sphkv_radix_cache"]
 
@@ -56,8 +56,16 @@ class SphKVRadixCache(RadixCache):
         super().__init__(params)
         pool = self.token_to_kv_pool_allocator.get_kvcache()
         self.store = pool.store
-        self.eviction_strategy = make_policy(pool.sphkv_config.retention, page_size=self.page_size,
-                                             mass_of=lambda pages: self.store.page_mass[pages])
+        cfg, dims = pool.sphkv_config, dict(num_layers=pool.layer_num, num_kv_heads=pool.head_num,
+                                            head_dim=pool.head_dim)
+        self.page_bytes = tuple(cfg.page_bytes(t, **dims) for t in cfg.tiers)
+        extra = {}
+        if cfg.retention == "rdr":
+            extra = dict(page_bytes=self.page_bytes,
+                         distortion=tier_distortion(cfg.tiers, head_dim=pool.head_dim, page_size=self.page_size))
+        self.eviction_strategy = make_policy(cfg.retention, page_size=self.page_size,
+                                             mass_of=lambda pages: self.store.page_mass[pages],
+                                             tier_of=lambda pages: self.store.table.tier_of[pages], **extra)
         self.store.demotion_source = self.demotion_candidates
         self.demoted_nodes = 0
         self.evicted_tokens = 0
@@ -142,7 +150,8 @@ class SphKVRadixCache(RadixCache):
         return result
 
     def demotion_candidates(self, tier: int, num_pages: int) -> list[int]:
-        """Up to ``num_pages`` logical pages of ``tier`` from unlocked nodes, lowest utility first."""
+        """Up to ``num_pages`` logical pages of ``tier`` from unlocked nodes, as the retention policy
+        chooses (``heuristic``: lowest utility first; ``rdr``: :func:`sphkv.retention.plan_nodes`)."""
         nodes = []
         stack = list(self.root_node.children.values())
         while stack:
@@ -150,23 +159,23 @@ class SphKVRadixCache(RadixCache):
             stack.extend(node.children.values())
             if node.lock_ref == 0 and not node.evicted:
                 nodes.append(node)
-        nodes.sort(key=self.eviction_strategy.get_priority)
         out: list[int] = []
-        for node in nodes:
-            pages = node_pages(node, self.page_size)
-            pages = pages[self.store.table.tier_of[pages] == tier]
-            if pages.numel():
-                self.demoted_nodes += 1
-                out.extend(pages.tolist())
+        for _, pages in self.eviction_strategy.demotion_pages(nodes, tier, num_pages):
+            self.demoted_nodes += 1
+            out.extend(pages)
             if len(out) >= num_pages:
                 break
         return out[:num_pages]
 
     def retention_stats(self) -> dict:
+        """Tree sizes, demotion/eviction counts, coded bytes held per tier and the policy's counters."""
+        coded = self.store.table.counts()["coded"]
         return dict(evictable_tokens=self.evictable_size(), protected_tokens=self.protected_size(),
                     tree_tokens=self.total_size(), demoted_nodes=self.demoted_nodes,
                     evicted_tokens=self.evicted_tokens, partial_page_hits=self.partial_hits,
-                    partial_page_tokens=self.partial_tokens)
+                    partial_page_tokens=self.partial_tokens, retention=self.eviction_strategy.name,
+                    bytes_per_tier=[int(c) * b for c, b in zip(coded, self.page_bytes)],
+                    **self.eviction_strategy.stats)
 
 
 def create_sphkv_radix_cache(ctx) -> SphKVRadixCache:

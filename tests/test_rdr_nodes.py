@@ -76,3 +76,26 @@ def test_reuse_orders_precision_and_errors():
     with pytest.raises(ValueError, match="never evicted"):
         plan_nodes(nb, d, torch.ones(4), 5000, locked=torch.tensor([True, False, False, False]),
                    current=torch.tensor([3, 0, 0, 0]))
+
+
+def test_exact_on_page_counted_bytes():
+    """Bytes that are whole pages (a common unit): the knapsack DP makes the plan the exact optimum,
+    locked nodes included; with the DP switched off (max_states=0) the heuristic is not always exact."""
+    gaps = 0
+    for seed in range(12):
+        g = torch.Generator().manual_seed(100 + seed)
+        pages = torch.randint(1, 7, (5,), generator=g)
+        nb = pages[:, None] * torch.tensor([96, 64, 40])[None, :] * 30          # [5, 3], page bytes × pages
+        d = pages[:, None].to(torch.float64) * torch.tensor([0.01, 0.1, 0.4, 1.0], dtype=torch.float64)
+        reuse = torch.rand(5, generator=g, dtype=torch.float64) * 5
+        locked = torch.tensor([False, False, False, False, seed % 3 == 0])
+        current = torch.zeros(5, dtype=torch.int64)
+        budget = int(torch.randint(int(nb[:, 2].sum()) // 2, int(nb[:, 0].sum()), (1,), generator=g))
+        budget = max(budget, used(torch.where(locked, current, torch.full_like(current, 3)), nb))
+        p = plan_nodes(nb, d, reuse, budget, locked=locked, current=current)
+        best = min(objective(torch.tensor(c), d, reuse) for c in itertools.product(range(4), repeat=5)
+                   if used(torch.tensor(c), nb) <= budget and all(c[i] == 0 for i in range(5) if locked[i]))
+        assert p.objective == pytest.approx(best, rel=1e-12, abs=1e-12), seed
+        assert p.stored_bytes <= budget and torch.equal(p.tiers[locked], current[locked])
+        gaps += plan_nodes(nb, d, reuse, budget, locked=locked, current=current, max_states=0).objective > best + 1e-9
+    assert gaps >= 1, "these cases no longer separate the DP from the heuristic; pick harder ones"

@@ -176,6 +176,25 @@ def bench_serving_cell(label: str, col: str) -> list[float]:
     return want
 
 
+RETENTION_ROWS = {   # README "Bound-budget retention" table: label prefix -> field of the sphkv-<policy> row
+    "prefix hit rate": "prefix_hit_rate", "continuation mean logprob": "cont_logprob_mean",
+    "answers identical to dense": "answer_agreement", "answer tokens agreeing": "answer_token_agreement",
+    "pages demoted": "pages_demoted", "tokens evicted": "evicted_tokens", "RDR plans": "rdr_plans",
+}
+
+
+def retention_cell(label: str, col: str) -> list[float]:
+    """Columns ``dense`` (the reference values stored in each row) and ``sphkv-<policy>``."""
+    rows = load("serving-quick.json")
+    if col.startswith("dense"):
+        rec = next(r for r in rows if r["mode"] == "sphkv-heuristic")
+        dense = {"prefix hit rate": "dense_prefix_hit_rate", "continuation mean logprob": "cont_logprob_dense"}
+        return [rec[f] for k, f in dense.items() if label.startswith(k)]
+    rec = next(r for r in rows if r["mode"] == col.strip("`"))
+    field = next(v for k, v in RETENTION_ROWS.items() if label.startswith(k))
+    return [] if field == "rdr_plans" and rec["retention"] != "rdr" else [rec[field] or 0]
+
+
 @dataclass(frozen=True)
 class TableSpec:
     heading: str                        # substring of the heading above the table
@@ -216,6 +235,7 @@ TABLES = [
     TableSpec("bench_serving` through the new served path", "serving-bench-quick.json", bench_serving_cell),
     TableSpec("Measured (SmolLM2-135M-Instruct, CPU engine", "serving-quick.json", plugin_serving_cell,
               readme="sphkv_sglang/README.md"),
+    TableSpec("Bound-budget retention", "serving-quick.json", retention_cell),
 ]
 
 

@@ -28,7 +28,7 @@ P = 8   # small pages keep the CPU tests fast
     (dict(page_size=12), "page_size=12 is not supported; allowed: (8, 16, 32, 64, 128, 256)"),
     (dict(demote_to=("sphkv-9",)), "demote_to entry 'sphkv-9'"),
     (dict(tier_fractions=(0.5, 0.6)), "tier_fractions"),
-    (dict(retention="mru"), "allowed: ('reuse', 'lru')"),
+    (dict(retention="mru"), "allowed: ('heuristic', 'rdr', 'reuse', 'lru')"),
 ])
 def test_config_rejects_bad_values_naming_field(kwargs, needle):
     with pytest.raises(ValueError, match=None) as e:

@@ -13,7 +13,9 @@ Solver: Lagrangian (each unlocked node takes ``argmin reuse·D + λ·bytes``, ``
 greedy repair on exact bytes (demote the move with the least distortion added per byte saved while over
 budget; promote the most distortion removed per byte while one fits) from both sides of the final ``λ``,
 and the uniform guard: the answer
-is never worse than holding every unlocked node at one tier ``t`` (each ``t`` that fits).
+is never worse than holding every unlocked node at one tier ``t`` (each ``t`` that fits). When the byte
+counts share a unit that makes the problem small (e.g. bytes counted in pages), an exact multiple-choice
+knapsack DP runs as well and the better answer wins.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ class NodePlan:
     budget_bytes: int
     objective: float
     num_tiers: int
-    source: str                 # "rdr" or "uniform:<t>"
+    source: str                 # "rdr", "exact" or "uniform:<t>"
 
     def evicted(self) -> torch.Tensor:
         return self.tiers == self.num_tiers
@@ -73,7 +75,8 @@ def _check(node_bytes, distortion, reuse, locked, current):
     return nb, d, r, lk, cur
 
 
-def plan_nodes(node_bytes, distortion, reuse, budget_bytes: int, *, locked=None, current=None) -> NodePlan:
+def plan_nodes(node_bytes, distortion, reuse, budget_bytes: int, *, locked=None, current=None,
+               max_states: int = 2_000_000) -> NodePlan:
     """Tier (or evict) every unlocked node under ``budget_bytes``; see the module docstring.
 
     Parameters
@@ -83,6 +86,9 @@ def plan_nodes(node_bytes, distortion, reuse, budget_bytes: int, *, locked=None,
     reuse : ``[K]`` float ≥ 0 — expected future reuse (weights the distortion).
     locked : ``[K]`` bool — nodes a running request reads: kept at ``current`` (never evicted).
     current : ``[K]`` int — current tiers (default 0).
+    max_states : when ``free nodes × (tiers + 1) × budget / g`` ≤ this (``g`` the gcd of every byte
+        count), an exact dynamic program over the budget in units of ``g`` also runs and its answer is
+        taken when better (``source == "exact"``); e.g. budgets counted in pages.
 
     Raises
     ------
@@ -139,6 +145,12 @@ def plan_nodes(node_bytes, distortion, reuse, budget_bytes: int, *, locked=None,
         obj = total(cand)[1]
         if obj < best_obj - 1e-12 * max(abs(best_obj), 1.0):
             best, best_obj, source = cand, obj, f"uniform:{u}"
+    exact = _exact(nbe, cost, free, budget - locked_bytes, max_states)
+    if exact is not None:
+        cand = torch.where(lk, cur, exact)
+        obj = total(cand)[1]
+        if total(cand)[0] <= budget and obj < best_obj - 1e-12 * max(abs(best_obj), 1.0):
+            best, best_obj, source = cand, obj, "exact"
     stored, obj = total(best)
     assert stored <= budget and bool((best[lk] == cur[lk]).all())
     return NodePlan(best, stored, budget, obj, t, source)
@@ -173,3 +185,45 @@ def _repair(tiers, nbe, cost, free, budget, t):
         j = int(score.argmax())
         tiers[j] = prv[j]
         used += int(db[j])
+
+
+def _exact(nbe, cost, free, capacity, max_states):
+    """Exact multiple-choice knapsack over the free nodes (``None`` when too large): tiers ``[K]``."""
+    import functools
+
+    idx = free.nonzero().flatten()
+    if capacity < 0 or idx.numel() == 0:
+        return None
+    vals = [int(x) for x in nbe[idx].flatten().tolist() if x > 0] + ([capacity] if capacity > 0 else [])
+    g = functools.reduce(math.gcd, vals, 0) or 1
+    cap = capacity // g
+    k, t1 = idx.numel(), nbe.shape[1]
+    if k * t1 * (cap + 1) > max_states:
+        return None
+    w = (nbe[idx] // g).tolist()
+    c = cost[idx]
+    dp = torch.zeros(cap + 1, dtype=torch.float64)                  # dp[j]: min cost with ≤ j units used
+    choice = torch.zeros(k, cap + 1, dtype=torch.int64)
+    inf = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+    for i in range(k):
+        best = inf.clone()
+        arg = torch.zeros(cap + 1, dtype=torch.int64)
+        for t in range(t1):
+            wt = w[i][t]
+            if wt > cap:
+                continue
+            cand = inf.clone()
+            cand[wt:] = dp[: cap + 1 - wt] + c[i, t]
+            better = cand < best
+            best = torch.where(better, cand, best)
+            arg = torch.where(better, torch.full_like(arg, t), arg)
+        dp, choice[i] = best, arg
+    if not math.isfinite(float(dp[cap])):
+        return None
+    tiers = torch.zeros(nbe.shape[0], dtype=torch.int64)
+    j = cap
+    for i in range(k - 1, -1, -1):
+        t = int(choice[i, j])
+        tiers[idx[i]] = t
+        j -= w[i][t]
+    return tiers
