@@ -145,6 +145,21 @@ class ContextTask:
             layer_out = rec.close() if rec else []
         return logits, layer_out
 
+    @torch.no_grad()
+    def model_nll(self, attn_implementation: str = "sdpa") -> float:
+        """The model's own continuation NLL: its own attention (``attn_implementation``, float32 K/V, every
+        mask transformers builds for it: causal, sliding window, ...) over the ``N + S`` tokens in one
+        forward without a cache, scored on the same ``S`` targets as :meth:`run`. The ``full`` row is
+        checked against it (the sphkv attention over the full bf16 cache must reproduce it)."""
+        own = self.model.config._attn_implementation
+        self.model.set_attn_implementation(attn_implementation)
+        try:
+            ids = self.ids[None, :-1]
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=self.s).logits[0].float()
+        finally:
+            self.model.set_attn_implementation(own)
+        return float(F.cross_entropy(logits, self.ids[self.n + 1:]))
+
     def run(self, method: Method) -> TaskResult:
         prefix = method.build(self.ctx)
         cont = self.ids[self.n:]
