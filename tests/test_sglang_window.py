@@ -56,50 +56,53 @@ def backend():
     return SphKVAttnBackend(runner)
 
 
-def _token_kv(store, layer, slot, h):
-    """float64 K/V ``[d]`` of one stored token, independent of :func:`dense_tokens`."""
-    page, off = slot // P, slot % P
-    st = int(store.table.stage_of[page])
-    if st >= 0:
-        return store.k_stage[layer, st, h, off].double(), store.v_stage[layer, st, h, off].double()
-    t, phys = int(store.table.tier_of[page]), int(store.table.phys_of[page])
-    assert t >= 0, f"page {page} neither staged nor coded"
-    arena: TierPool = store.arenas[t][layer]
-    kc, vc, mean = arena.read(torch.tensor([phys * H + h]), torch.tensor([P]))
-    k = (arena.kcodec.decode_rotated(kc).double() + mean.double()) @ arena.kcodec.rotation.double()
-    return k[off], arena.vquant.decode(vc).double()[off]
+def _stored_kv(store, layer, slots, n):
+    """float64 K/V ``[H, n, d]`` of a request's first ``n`` stored tokens, page by page, independent of
+    :func:`dense_tokens` (staging pages as stored; coded pages through ``TierPool.read`` + the codecs)."""
+    ks, vs = [], []
+    for i in range(0, n, P):
+        page, cnt = int(slots[i]) // P, min(P, n - i)
+        st = int(store.table.stage_of[page])
+        if st >= 0:
+            ks.append(store.k_stage[layer, st, :, :cnt].double())
+            vs.append(store.v_stage[layer, st, :, :cnt].double())
+            continue
+        t, phys = int(store.table.tier_of[page]), int(store.table.phys_of[page])
+        assert t >= 0, f"page {page} neither staged nor coded"
+        arena: TierPool = store.arenas[t][layer]
+        kc, vc, mean = arena.read(torch.arange(phys * H, phys * H + H), torch.full((H,), cnt))
+        k = (arena.kcodec.decode_rotated(kc).double() + mean.double()) @ arena.kcodec.rotation.double()
+        ks.append(k.reshape(H, cnt, D))
+        vs.append(arena.vquant.decode(vc).double().reshape(H, cnt, D))
+    if not ks:
+        return torch.zeros(H, 0, D, dtype=torch.float64), torch.zeros(H, 0, D, dtype=torch.float64)
+    return torch.cat(ks, 1), torch.cat(vs, 1)
 
 
-def _oracle(store, layer, rows, q, q_pos, new_kv, prefix_len, window, cap=0.0):
+def _oracle(store, layer, slots, rows, q, q_pos, new_kv, prefix_len, window, cap=0.0):
     """Per query: softmax over keys ``j`` with ``0 <= i - j <= window`` (None: causal, no window)."""
     out = torch.zeros(q.shape, dtype=torch.float64)
+    kv = {}
+    for b in set(rows):
+        k0, v0 = _stored_kv(store, layer, slots[b], prefix_len[b])
+        kv[b] = (torch.cat([k0, new_kv[b][0].transpose(0, 1).double()], 1),
+                 torch.cat([v0, new_kv[b][1].transpose(0, 1).double()], 1))
     for i in range(q.shape[0]):
         b, pos = rows[i], int(q_pos[i])
         lo = 0 if window is None else max(0, pos - window)
-        for h in range(H):
-            ks, vs = [], []
-            for j in range(lo, pos + 1):
-                if j < prefix_len[b]:
-                    k, v = _token_kv(store, layer, int(backend_slots[b, j]), h)
-                else:
-                    k, v = new_kv[b][0][j - prefix_len[b], h].double(), new_kv[b][1][j - prefix_len[b], h].double()
-                ks.append(k)
-                vs.append(v)
-            s = q[i, h * G:(h + 1) * G].double() @ torch.stack(ks).T * D ** -0.5
-            if cap:
-                s = cap * torch.tanh(s / cap)
-            out[i, h * G:(h + 1) * G] = torch.softmax(s, -1) @ torch.stack(vs)
+        k, v = kv[b][0][:, lo:pos + 1], kv[b][1][:, lo:pos + 1]                 # [H, m, d]
+        qq = q[i].double().reshape(H, G, D)
+        s = qq @ k.transpose(1, 2) * D ** -0.5                                    # [H, G, m]
+        if cap:
+            s = cap * torch.tanh(s / cap)
+        out[i] = (torch.softmax(s, -1) @ v).reshape(H * G, D)
     return out
-
-
-backend_slots: torch.Tensor = None
 
 
 def _forward(backend, layers, q_lens, prefix_lens, g, decode=False):
     """One forward of the batch; returns per layer (out, oracle, full-attention oracle) and the layout."""
-    global backend_slots
     rows_tok = backend.req_to_token_pool.req_to_token
-    backend_slots = rows_tok.long()
+    slots = rows_tok.long()
     seq = torch.tensor([p + n for p, n in zip(prefix_lens, q_lens)])
     loc = torch.cat([rows_tok[b, p:p + n].long() for b, (p, n) in enumerate(zip(prefix_lens, q_lens))])
     fb = SimpleNamespace(forward_mode=_Mode(decode), batch_size=len(q_lens), out_cache_loc=loc,
@@ -122,8 +125,8 @@ def _forward(backend, layers, q_lens, prefix_lens, g, decode=False):
         # by this forward stay staged until its last layer has written)
         st, cap = backend.store, float(layer.logit_cap)
         window = layer.sliding_window_size if layer.sliding_window_size > -1 else None
-        ref = _oracle(st, layer.layer_id, rows, q, q_pos, new_kv, list(prefix_lens), window, cap)
-        full = _oracle(st, layer.layer_id, rows, q, q_pos, new_kv, list(prefix_lens), None, cap)
+        ref = _oracle(st, layer.layer_id, slots, rows, q, q_pos, new_kv, list(prefix_lens), window, cap)
+        full = _oracle(st, layer.layer_id, slots, rows, q, q_pos, new_kv, list(prefix_lens), None, cap)
         fwd = backend.forward_decode if decode else backend.forward_extend
         out = fwd(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), layer, fb).float().reshape(n, H * G, D)
         results.append((out.double(), ref, full))
