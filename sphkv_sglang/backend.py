@@ -17,6 +17,9 @@ on CUDA.
   log-sum-exp; the K/V are written after reading, so a page completed in this forward is read densely
   by every layer of it. A batch without any cached prefix runs SDPA exactly as ``torch_native`` does.
 * Logit soft-capping (``layer.logit_cap``) is applied in both parts.
+* Sliding-window layers (``layer.sliding_window_size > -1``) read only their window:
+  :class:`~sphkv_sglang.window.SlidingWindowAttention` (a second plan per window + the head page, merged
+  by LSE; extend in query blocks).
 
 Optionally accumulates each page's attention mass in the pool (RDR's utility signal): every
 ``MASS_EVERY``-th decode forward runs through the decode wrapper with its key-mass epilogue (all
@@ -33,6 +36,8 @@ from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, BatchPrefill
 from flashinfer_ext.prefill import merge_state
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
+
+from .window import SlidingWindowAttention, is_sliding
 
 __all__ = ["SphKVAttnBackend"]
 
@@ -83,18 +88,21 @@ class SphKVAttnBackend(AttentionBackend):
         # A served CPU engine always takes the C++ CPU kernels: "auto" would pick the Triton interpreter
         # when TRITON_INTERPRET=1 leaks into the server's environment (a test harness sets it).
         backend = "auto" if torch.device(self.device).type == "cuda" else _cpu_backend()
+        self.wrapper_backend = backend
         self.wrapper = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=self.store.wrapper_tiers, backend=backend)
         self.mass_wrapper = BatchDecodeWithSphKVPagedKVCacheWrapper(
             torch.empty(1 << 20, dtype=torch.uint8, device=self.device), tiers=self.store.wrapper_tiers,
             backend=backend)
         self.forward_metadata: _BatchPlan | None = None
         self._decodes = 0
+        self.window = SlidingWindowAttention(self)
 
     # -- metadata --------------------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         """Plan the batch once: page lists from ``req_to_token`` / ``seq_lens`` (tensor ops, no per-request loop)."""
         fb = forward_batch
         st = self.store
+        self.window.reset(fb)
         if fb.forward_mode.is_decode_or_idle():
             if fb.batch_size == 0 or fb.out_cache_loc is None or fb.out_cache_loc.numel() == 0:
                 self.forward_metadata = _BatchPlan(decode=True, has_prefix=False)
@@ -136,6 +144,8 @@ class SphKVAttnBackend(AttentionBackend):
 
     def _forward(self, q, k, v, layer, forward_batch, save_kv_cache):
         self._check_layer(layer)
+        if is_sliding(layer):
+            return self.window.forward(q, k, v, layer, forward_batch, save_kv_cache)
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q3 = q.reshape(-1, hq, d)
         k3, v3 = k.reshape(-1, hkv, d), v.reshape(-1, hkv, layer.v_head_dim)
@@ -210,9 +220,9 @@ class SphKVAttnBackend(AttentionBackend):
     def _check_layer(layer) -> None:
         if layer.is_cross_attention:
             raise NotImplementedError("sphkv does not support cross-attention layers")
-        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
-            raise NotImplementedError(f"sphkv does not support sliding-window layers "
-                                      f"(layer {layer.layer_id}: window {layer.sliding_window_size})")
+        if is_sliding(layer) and layer.attn_type == AttentionType.ENCODER_ONLY:
+            raise NotImplementedError(f"sphkv does not support bidirectional sliding-window layers "
+                                      f"(layer {layer.layer_id}: window {layer.sliding_window_size}, encoder-only)")
 
     def support_triton(self):
         return False

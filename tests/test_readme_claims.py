@@ -102,26 +102,27 @@ def method_key(label: str) -> str:
     return {"fullbf16": "full"}.get(s, s)
 
 
-def quality_rows(name: str, label: str, corpus: str | None = None) -> dict[int, dict]:
+def quality_rows(name: str, label: str, corpus: str | None = None, model: str = "smollm2") -> dict[int, dict]:
     rows = {r["context"]: r for r in load(name) if r["method"] == method_key(label)
-            and (corpus is None or r.get("corpus", "essays") == corpus)}
+            and (corpus is None or r.get("corpus", "essays") == corpus) and r.get("model", "smollm2") == model}
     if not rows:
         raise KeyError(f"method {method_key(label)!r} (README row {label!r}) is not in {name}")
     return rows
 
 
-def quality_cell(name: str) -> Callable:
+def quality_cell(name: str, model: str = "smollm2") -> Callable:
     def cell(label: str, col: str) -> list[float]:
         m = re.match(r"(\w+) (\d)K$", col)
         if m and not col.startswith("ΔNLL"):              # "<corpus> 2K": ΔNLL, retrieval hits / cases
-            r = quality_rows(name, label, m.group(1))[int(m.group(2)) * 1024]
+            r = quality_rows(name, label, m.group(1), model)[int(m.group(2)) * 1024]
             return [r["nll_delta_pct"], round(r["retrieval_rate"] * r["retrieval_cases"]), r["retrieval_cases"]]
-        rows = quality_rows(name, label, "essays")
+        rows = quality_rows(name, label, "essays", model)
         ctx = sorted(rows)
         if col.startswith("bits"):
             if "corpus" not in rows[ctx[0]]:                 # one corpus: bits per context, in context order
                 return [rows[c]["bits_per_element"] for c in ctx]
-            return sorted({round(r["bits_per_element"], 2) for r in load(name) if r["method"] == method_key(label)})
+            return sorted({round(r["bits_per_element"], 2) for r in load(name) if r["method"] == method_key(label)
+                           and r.get("model", "smollm2") == model})
 
         m = re.match(r"ΔNLL (\d)K", col)
         if m:

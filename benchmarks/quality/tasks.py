@@ -28,6 +28,7 @@ math for every method, the full bf16 cache included, so differences come from th
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,22 @@ class _AttnRecorder:
         return self.out
 
 
+def _with_positions(prefix: list[list]) -> list[list]:
+    """Segments a sliding layer can mask: each segment without ``positions`` gets its contiguous positions
+    (a layer's segments cover positions ``0..N-1`` in order; segments that carry positions keep them)."""
+    out = []
+    for segs in prefix:
+        off, layer = 0, []
+        for seg in segs:
+            n = seg.num_tokens
+            if seg.positions is None:
+                seg = dataclasses.replace(seg, positions=torch.arange(off, off + n)[None, None])
+            layer.append(seg)
+            off += n
+        out.append(layer)
+    return out
+
+
 class ContextTask:
     """Dense prefills of one context length and the scoring of any :class:`Method` against them."""
 
@@ -95,6 +112,8 @@ class ContextTask:
             raise ValueError(f"need {ctx_len + score_len + 1} tokens of text, have {ids.numel()}")
         self.model, self.tok, self.n, self.s, self.w = model, tokenizer, ctx_len, score_len, window
         self.stride = pool_stride
+        types = getattr(model.config, "layer_types", None) or []
+        self.sliding = "sliding_attention" in types          # a model with sliding-window layers (Gemma 3)
         self.ids = ids[: ctx_len + score_len + 1]
         self.ctx = self._prefill(self.ids[:ctx_len][None], None, 0)
         self.haystacks = [(h, self._prefill(h.ids[h.first:][None], self.ctx, h.first))
@@ -115,10 +134,28 @@ class ContextTask:
         else:
             segs = [[DenseSegment.build(k[..., :start, :], v[..., :start, :])]
                     for k, v in zip(prefix.keys, prefix.values)]
-            cache = SphKVCache.from_prefix(segs, start, policy=policy)
+            cache = SphKVCache.from_prefix(_with_positions(segs) if self.sliding else segs, start, policy=policy)
         pos = torch.arange(start, start + ids.shape[-1])[None]
+        new = {}
+        if self.sliding:          # a sliding layer drops what its window left behind: keep every layer whole
+            update = cache.update
+
+            def _update(k, v, layer_idx, *args, **kwargs):
+                new[layer_idx] = (k, v)
+                return update(k, v, layer_idx, *args, **kwargs)
+
+            cache.update = _update
         self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        kv = [tuple(x.to(torch.bfloat16) for x in layer.dense_kv()) for layer in cache.layers]   # the bf16 cache
+        if self.sliding:          # every position of every layer (prefix + this forward) is compressed
+            kv = []
+            for i in range(len(cache.layers)):
+                k, v = (x.to(torch.bfloat16) for x in new[i])
+                if prefix is not None and start:
+                    k = torch.cat([prefix.keys[i][..., :start, :], k], -2)
+                    v = torch.cat([prefix.values[i][..., :start, :], v], -2)
+                kv.append((k, v))
+        else:
+            kv = [tuple(x.to(torch.bfloat16) for x in layer.dense_kv()) for layer in cache.layers]   # the bf16 cache
         pp = self._pool_positions()
         own = pp[pp >= start]
         pooled = []
@@ -136,7 +173,8 @@ class ContextTask:
     # -- scoring -----------------------------------------------------------------------------------
     @torch.no_grad()
     def _forward(self, prefix: CompressedPrefix, ids: torch.Tensor, record: bool = False):
-        cache = SphKVCache.from_prefix(prefix.segments, prefix.num_positions)
+        segments = _with_positions(prefix.segments) if self.sliding else prefix.segments
+        cache = SphKVCache.from_prefix(segments, prefix.num_positions)
         pos = torch.arange(prefix.num_positions, prefix.num_positions + ids.numel())[None]
         rec = _AttnRecorder(self.model) if record else None
         try:
@@ -144,6 +182,21 @@ class ContextTask:
         finally:
             layer_out = rec.close() if rec else []
         return logits, layer_out
+
+    @torch.no_grad()
+    def model_nll(self, attn_implementation: str = "sdpa") -> float:
+        """The model's own continuation NLL: its own attention (``attn_implementation``, float32 K/V, every
+        mask transformers builds for it: causal, sliding window, ...) over the ``N + S`` tokens in one
+        forward without a cache, scored on the same ``S`` targets as :meth:`run`. The ``full`` row is
+        checked against it (the sphkv attention over the full bf16 cache must reproduce it)."""
+        own = self.model.config._attn_implementation
+        self.model.set_attn_implementation(attn_implementation)
+        try:
+            ids = self.ids[None, :-1]
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=self.s).logits[0].float()
+        finally:
+            self.model.set_attn_implementation(own)
+        return float(F.cross_entropy(logits, self.ids[self.n + 1:]))
 
     def run(self, method: Method) -> TaskResult:
         prefix = method.build(self.ctx)
