@@ -53,11 +53,14 @@ class _Rank:
         self.hkv, self.hq = HKV // tp, HQ // tp
         self.kv_heads = slice(rank * self.hkv, (rank + 1) * self.hkv)
         self.q_heads = slice(rank * self.hq, (rank + 1) * self.hq)
+        from sglang.srt.runtime_context import get_parallel
+
         self.pool = SphKVPool(num_pages * P, P, torch.float32, self.hkv, D, LAYERS, "cpu", False, sphkv_config=cfg)
-        runner = SimpleNamespace(token_to_kv_pool=self.pool, device="cpu", tp_size=tp,
+        runner = SimpleNamespace(token_to_kv_pool=self.pool, device="cpu",
                                  req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
-                                 model_config=SimpleNamespace(num_attention_heads=HQ))
-        self.backend = SphKVAttnBackend(runner)
+                                 model_config=SimpleNamespace(get_max_num_attention_heads=lambda: HQ))
+        with get_parallel().override(attn_tp_size=tp):      # what SGLang publishes in a tp-`tp` scheduler
+            self.backend = SphKVAttnBackend(runner)
 
     def layer(self, i: int):
         from sglang.srt.layers.radix_attention import AttentionType
