@@ -51,6 +51,8 @@ def _server_specs() -> dict:
         "sphkv_server": dict(args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB"]),
         # the dense bf16 reference of the greedy parity test
         "dense_server": dict(sphkv=False, args=["--max-total-tokens", "16384"]),
+        # the sphkv-8 server's configuration on two data-parallel ranks: tests/test_scaleout.py
+        "dp2_server": dict(args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB", "--dp-size", "2"]),
         # a 512-token pool with freed-page poisoning: tests/test_reliability_server.py
         "reliability_server": dict(args=server_args(SHORT), env={"SPHKV_DEBUG_POISON": "1"}),
     }
@@ -98,7 +100,7 @@ def pytest_sessionfinish(session, exitstatus):
     _stop_servers()
 
 
-_SERVER_NAMES = ("sphkv_server", "reliability_server", "dense_server")
+_SERVER_NAMES = ("sphkv_server", "reliability_server", "dense_server", "dp2_server")
 
 
 def _server_fixture(name: str):
@@ -115,3 +117,4 @@ def _server_fixture(name: str):
 sphkv_server = _server_fixture("sphkv_server")
 dense_server = _server_fixture("dense_server")
 reliability_server = _server_fixture("reliability_server")
+dp2_server = _server_fixture("dp2_server")

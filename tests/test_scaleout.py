@@ -193,3 +193,46 @@ def test_tp2_greedy_and_logits_equal_tp1(served):
     assert len(set(gen1[0])) > 2 and gen1[0] != gen1[1]           # a real, non-degenerate continuation
     # not bit-identical: SDPA / the CPU kernels round differently for 2 and 4 heads (measured max |Δ| ~1e-6)
     torch.testing.assert_close(lg2, lg1, rtol=1e-5, atol=1e-5)
+
+
+# -- data parallelism: SGLang's CPU engine runs --dp-size 2 -------------------------------------------------
+def test_cpu_bind_groups_split_the_cores_among_ranks():
+    from sphkv_sglang.launch_server import cpu_bind_groups
+
+    assert cpu_bind_groups(2, [1, 0]) == "0|1"
+    assert cpu_bind_groups(2, list(range(8))) == "0-3|4-7"
+    assert cpu_bind_groups(3, list(range(8))) == "0-2|3-5|6-7"
+    assert cpu_bind_groups(4, [0, 1]) == "0|1|0|1"                 # more ranks than cores: shared
+    assert cpu_bind_groups(1, [0, 2, 4]) == "0,2,4"
+    with pytest.raises(ValueError, match="ranks=0"):
+        cpu_bind_groups(0, [0])
+
+
+DP_PROMPT = "The capital of France is Paris. " + "The history of the city is long and complicated. " * 12 + \
+    "In one word, the capital of France is"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_dp2_serves_the_same_greedy_output_as_dp1(dp2_server, sphkv_server):
+    """``--sphkv --dp-size 2`` on the CPU engine: two scheduler processes, each with its own sphkv pool;
+    SGLang's round-robin sends one request to each rank. Both give the dp-1 server's greedy tokens for
+    a prompt that spans a coded page, and both ranks' pools coded and read pages."""
+    import requests
+
+    def gen(url):
+        r = requests.post(url + "/generate", timeout=600, json={
+            "text": DP_PROMPT, "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
+        r.raise_for_status()
+        return r.json()
+
+    want = gen(sphkv_server.url)
+    got = [gen(dp2_server.url) for _ in range(2)]
+    assert {g["meta_info"]["dp_rank"] for g in got} == {0, 1}
+    for g in got:
+        assert g["output_ids"] == want["output_ids"], (g["text"], want["text"])
+        assert g["meta_info"]["prompt_tokens"] > 64                       # at least one full (coded) page
+    states = requests.get(dp2_server.url + "/get_server_info", timeout=60).json()["internal_states"]
+    assert len(states) == 2
+    for st in states:
+        assert st["sphkv"]["pages_coded"][0] >= 1 and st["sphkv"]["coded_pages_read"] >= 1, st["sphkv"]
