@@ -42,7 +42,8 @@ def model_path() -> Path:
 # Each server a collected test asks for (by fixture name) is launched in the background as soon as
 # collection ends, so its 1-2 min start-up overlaps the CPU-only tests that run first (pytest uses one
 # core); the fixture waits for /health when the first test needs it. One server per configuration for
-# the whole session; all are stopped when the session ends.
+# the whole session, shared by every module that asks for it; each is stopped after the last test that
+# uses it (a full server holds ~2.8 GB), and any left at the end of the session.
 def _server_specs() -> dict:
     from benchmarks.serving.load import SHORT, server_args
 
@@ -83,8 +84,14 @@ def _stop_servers() -> None:
 atexit.register(_stop_servers)
 
 
+_LAST_USER: dict = {}     # server name -> nodeid of the last collected test that uses it
+
+
 def pytest_collection_finish(session):
-    wanted = {n for item in session.items for n in getattr(item, "fixturenames", ())} & set(_SERVER_NAMES)
+    for item in session.items:
+        for name in set(getattr(item, "fixturenames", ())) & set(_SERVER_NAMES):
+            _LAST_USER[name] = item.nodeid
+    wanted = set(_LAST_USER)
     if not wanted or session.config.option.collectonly or not (_model_dir() / "config.json").is_file():
         return                                            # the fixtures prepare the model, then launch
     try:
@@ -94,6 +101,14 @@ def pytest_collection_finish(session):
     for name in _SERVER_NAMES:                            # launched in this order
         if name in wanted:
             _launch(name)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop a server once the last test that uses it is done (frees its memory for the rest of the run)."""
+    for name, last in _LAST_USER.items():
+        if last == item.nodeid and name in _SERVERS:
+            _SERVERS.pop(name).stop()
 
 
 def pytest_sessionfinish(session, exitstatus):
