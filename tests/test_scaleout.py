@@ -236,3 +236,18 @@ def test_dp2_serves_the_same_greedy_output_as_dp1(dp2_server, sphkv_server):
     assert len(states) == 2
     for st in states:
         assert st["sphkv"]["pages_coded"][0] >= 1 and st["sphkv"]["coded_pages_read"] >= 1, st["sphkv"]
+
+
+def test_tp_head_split_is_checked_in_the_launcher(model_path):
+    """On a GPU machine (the CPU engine refuses tp > 1 first), a tp that cannot split the heads is named
+    in the launcher instead of failing an assert in the scheduler; SmolLM2-135M has 9 / 3 heads."""
+    from sphkv_sglang.cli import SphKVArgumentError, check_model, tp_head_split_error
+
+    assert tp_head_split_error(9, 3, 1) is None and tp_head_split_error(9, 3, 3) is None
+    assert tp_head_split_error(8, 2, 4) is None                         # KV heads replicated on 2 ranks each
+    assert tp_head_split_error(32, 8, 2) is None
+    assert tp_head_split_error(8, 2, 3).endswith("allowed: --tp-size in (1, 2, 4, 8)")
+    with pytest.raises(SphKVArgumentError, match=r"--tp-size 2 cannot split the model's 9 attention heads / 3 KV "
+                                                 r"heads across ranks; allowed: --tp-size in \(1, 3, 9\)"):
+        check_model(SphKVServeConfig(), str(model_path), tp_size=2)
+    check_model(SphKVServeConfig(), str(model_path), tp_size=3)
