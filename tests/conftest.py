@@ -115,7 +115,7 @@ def pytest_sessionfinish(session, exitstatus):
     _stop_servers()
 
 
-_SERVER_NAMES = ("sphkv_server", "reliability_server", "dense_server", "dp2_server")
+_SERVER_NAMES = ("reliability_server", "sphkv_server", "dp2_server", "dense_server")   # launch order: first needed first
 
 
 def _server_fixture(name: str):
