@@ -82,8 +82,11 @@ class SphKVAttnBackend(AttentionBackend):
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = pool
         self.store = pool.store
-        tp = max(1, int(getattr(model_runner, "tp_size", 1) or 1))
-        self.num_q_heads = model_runner.model_config.num_attention_heads // tp
+        # Query heads of this rank, as SGLang's own backends count them: SGLang 0.5.23's ModelRunner has no
+        # ``tp_size`` attribute (reading it gave 1 on every rank: all heads planned on a tp-2 rank).
+        from sglang.srt.runtime_context import get_parallel
+
+        self.num_q_heads = model_runner.model_config.get_max_num_attention_heads() // get_parallel().attn_tp_size
         self.track_mass = pool.sphkv_config.track_mass
         # A served CPU engine always takes the C++ CPU kernels: "auto" would pick the Triton interpreter
         # when TRITON_INTERPRET=1 leaks into the server's environment (a test harness sets it).

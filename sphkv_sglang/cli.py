@@ -171,11 +171,34 @@ def minimum_budget(cfg: SphKVServeConfig, dims: dict) -> int:
     return cfg.staging_bytes(**dims) + 2 * math.ceil(cfg.cell_size(**dims)) * cfg.page_size
 
 
+def tp_head_split_error(num_heads: int, num_kv_heads: int, tp_size: int) -> str | None:
+    """Why ``tp_size`` ranks cannot split ``num_heads`` query / ``num_kv_heads`` KV heads (SGLang's
+    models assert it in the scheduler), else ``None``. Allowed: ``tp`` divides the query heads, and
+    divides the KV heads or is a multiple of them (KV heads are then replicated)."""
+    if tp_size <= 1:
+        return None
+    kv_ok = num_kv_heads % tp_size == 0 if num_kv_heads >= tp_size else tp_size % num_kv_heads == 0
+    if num_heads % tp_size == 0 and kv_ok:
+        return None
+    allowed = [t for t in range(1, num_heads + 1) if num_heads % t == 0 and
+               (num_kv_heads % t == 0 if num_kv_heads >= t else t % num_kv_heads == 0)]
+    return (f"--tp-size {tp_size} cannot split the model's {num_heads} attention heads / {num_kv_heads} KV heads "
+            f"across ranks; allowed: --tp-size in {tuple(allowed)}")
+
+
 def check_model(cfg: SphKVServeConfig, model_path: str, tp_size: int = 1) -> None:
-    """Fail early (in the launcher) when the model's head_dim or the budget cannot work."""
+    """Fail early (in the launcher) when the model's head_dim, its head split over ``tp_size`` ranks or
+    the budget cannot work."""
     dims = model_dims(model_path, tp_size)
     if dims is None:
         return
+    with open(os.path.join(str(model_path), "config.json")) as f:
+        hf = json.load(f)
+    hf = hf.get("text_config", hf)
+    why = tp_head_split_error(hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                              int(tp_size or 1))
+    if why:
+        raise SphKVArgumentError(f"--sphkv: model {model_path}: {why}")
     try:
         cfg.codec_config(cfg.preset, dims["head_dim"])
     except ValueError as e:

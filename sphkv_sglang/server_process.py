@@ -49,12 +49,35 @@ class ServerProcess:
                     "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
+        self._ready = False
+        self._t0 = 0.0
 
     def start(self, timeout: float = 900.0) -> "ServerProcess":
+        """Launch the server and wait until ``/health`` answers 200 (:meth:`launch` + :meth:`wait_ready`)."""
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "ServerProcess":
+        """Start the server process and return at once (a test session starts its servers early, in the
+        background, while other tests run; :meth:`wait_ready` blocks until it serves)."""
+        if self.proc is not None:
+            return self
         out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=REPO_ROOT, start_new_session=True)
+        if out is not subprocess.DEVNULL:
+            out.close()                                  # the child holds its own descriptor
+        return self
+
+    def wait_ready(self, timeout: float = 900.0) -> "ServerProcess":
+        """Block until ``/health`` answers 200; ``start_seconds`` = seconds from :meth:`launch` to then.
+        Raises ``RuntimeError`` (with the log path) if the server exits, ``TimeoutError`` after
+        ``timeout`` seconds from now (the server is then stopped)."""
+        if self.proc is None:
+            raise RuntimeError("wait_ready() before launch()")
+        if self._ready:
+            return self
+        t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with status {self.proc.returncode} during start-up; "
@@ -62,11 +85,12 @@ class ServerProcess:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
-                        self.start_seconds = time.monotonic() - t0
+                        self.start_seconds = time.monotonic() - self._t0
+                        self._ready = True
                         return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
-            time.sleep(1.0)
+            time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"server not healthy after {timeout:.0f} s; log: {self.log_path}")
 
@@ -91,6 +115,7 @@ class ServerProcess:
         except ProcessLookupError:
             pass
         self.proc = None
+        self._ready = False
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds used so far by the server and all its child processes."""

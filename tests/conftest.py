@@ -8,8 +8,10 @@ import glob
 if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import atexit  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -34,3 +36,100 @@ def model_path() -> Path:
     if not (path / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "sphkv_hf.prepare_model"], check=True, cwd=ROOT)
     return path
+
+
+# -- real SGLang servers shared by the whole session ------------------------------------------------------
+# Each server a collected test asks for (by fixture name) is launched in the background as soon as
+# collection ends, so its 1-2 min start-up overlaps the CPU-only tests that run first (pytest uses one
+# core); the fixture waits for /health when the first test needs it. One server per configuration for
+# the whole session, shared by every module that asks for it; each is stopped after the last test that
+# uses it (a full server holds ~2.8 GB), and any left at the end of the session.
+def _server_specs() -> dict:
+    from benchmarks.serving.load import SHORT, server_args
+
+    return {
+        # sphkv-8, 256 MiB: tests/test_sglang_server.py (generate/chat, multi-turn, fork, flush, parity)
+        "sphkv_server": dict(args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB"]),
+        # the dense bf16 reference of the greedy parity test
+        "dense_server": dict(sphkv=False, args=["--max-total-tokens", "16384"]),
+        # the sphkv-8 server's configuration on two data-parallel ranks: tests/test_scaleout.py
+        "dp2_server": dict(args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB", "--dp-size", "2"]),
+        # a 512-token pool with freed-page poisoning: tests/test_reliability_server.py
+        "reliability_server": dict(args=server_args(SHORT), env={"SPHKV_DEBUG_POISON": "1"}),
+    }
+
+
+_SERVERS: dict = {}
+
+
+def _model_dir() -> Path:
+    return Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
+
+
+def _launch(name: str):
+    from sphkv_sglang.server_process import ServerProcess
+
+    if name not in _SERVERS:
+        logs = Path(tempfile.mkdtemp(prefix="sphkv-test-servers-"))
+        spec = _server_specs()[name]
+        _SERVERS[name] = ServerProcess(_model_dir(), log_path=logs / f"{name}.log", **spec).launch()
+    return _SERVERS[name]
+
+
+def _stop_servers() -> None:
+    while _SERVERS:
+        _SERVERS.popitem()[1].stop()
+
+
+atexit.register(_stop_servers)
+
+
+_LAST_USER: dict = {}     # server name -> nodeid of the last collected test that uses it
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        for name in set(getattr(item, "fixturenames", ())) & set(_SERVER_NAMES):
+            _LAST_USER[name] = item.nodeid
+    wanted = set(_LAST_USER)
+    if not wanted or session.config.option.collectonly or not (_model_dir() / "config.json").is_file():
+        return                                            # the fixtures prepare the model, then launch
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        return
+    for name in _SERVER_NAMES:                            # launched in this order
+        if name in wanted:
+            _launch(name)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Stop a server once the last test that uses it is done (frees its memory for the rest of the run)."""
+    for name, last in _LAST_USER.items():
+        if last == item.nodeid and name in _SERVERS:
+            _SERVERS.pop(name).stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _stop_servers()
+
+
+_SERVER_NAMES = ("reliability_server", "sphkv_server", "dp2_server", "dense_server")   # launch order: first needed first
+
+
+def _server_fixture(name: str):
+    @pytest.fixture(scope="session", name=name)
+    def fixture(model_path):
+        pytest.importorskip("sglang")
+        srv = _launch(name)
+        yield srv.wait_ready()
+        srv.stop()
+        _SERVERS.pop(name, None)
+    return fixture
+
+
+sphkv_server = _server_fixture("sphkv_server")
+dense_server = _server_fixture("dense_server")
+reliability_server = _server_fixture("reliability_server")
+dp2_server = _server_fixture("dp2_server")

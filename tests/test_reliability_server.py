@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Reliability against one real sphkv server (issue 7): a small pool (``--max-total-tokens 2048``,
-32 logical pages), freed-page poisoning on (``SPHKV_DEBUG_POISON=1``), shared by the module.
+32 logical pages), freed-page poisoning on (``SPHKV_DEBUG_POISON=1``), shared by the module (the
+session's ``reliability_server``, launched in the background by ``tests/conftest.py``).
 
 * a request longer than the pool is rejected by SGLang with a clear message while others are served;
 * greedy and seeded sampling are reproducible from the same server state;
@@ -23,18 +24,16 @@ import pytest
 requests = pytest.importorskip("requests")
 pytest.importorskip("sglang")
 
-from benchmarks.serving.load import SHORT, SYSTEM, leaked, pool_stats, run_load, server_args  # noqa: E402
-from sphkv_sglang.server_process import ServerProcess  # noqa: E402
+from benchmarks.serving.load import SHORT, SYSTEM, leaked, pool_stats, run_load  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
-    log = tmp_path_factory.mktemp("sphkv-reliability") / "server.log"
-    with ServerProcess(model_path, args=server_args(SHORT), log_path=log, env={"SPHKV_DEBUG_POISON": "1"}) as srv:
-        yield srv
+def server(reliability_server):
+    """The session's small-pool server (``tests/conftest.py``: ``server_args(SHORT)``, poisoning on)."""
+    return reliability_server
 
 
 def _gen(url, payload, timeout=120):

@@ -2,23 +2,23 @@
 """Real SGLang servers on 127.0.0.1 with the sphkv plugin (SmolLM2-135M-Instruct, CPU engine here).
 
 One sphkv server (the high-precision preset ``sphkv-8``, 256 MiB KV budget) is shared by the
-module; the parity test compares it with a dense server it starts. (The default preset runs in
-``make serve`` and the serving benchmark.) Every server runs in its own process group and is
-stopped by its fixture/context manager.
+module; the parity test compares it with a dense server. Both are the session's servers
+(``tests/conftest.py``: launched in the background when collection ends, so their start-up overlaps
+the CPU-only tests). (The default preset runs in ``make serve`` and the serving benchmark.) Every
+server runs in its own process group and is stopped when the session ends.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("sglang")
-
-from sphkv_sglang.server_process import ServerProcess  # noqa: E402
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,11 +28,9 @@ SYSTEM = ("You are a concise assistant for a travel agency. " +
 
 
 @pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
-    log = tmp_path_factory.mktemp("sphkv-server") / "server.log"
-    args = ["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB"]     # cache report: the launcher default
-    with ServerProcess(model_path, args=args, log_path=log) as srv:
-        yield srv
+def server(sphkv_server):
+    """The session's sphkv-8 server (``tests/conftest.py``; cache report: the launcher default)."""
+    return sphkv_server
 
 
 def _generate(url, text, n=24, **extra):
@@ -151,7 +149,7 @@ def test_prefix_ending_inside_a_cached_page_is_reused(server, model_path):
     assert id_c == id_w and abs(lp_c - lp_w) < 0.05, (cold["output_token_logprobs"], warm["output_token_logprobs"])
 
 
-def test_sphkv8_greedy_matches_dense(server, model_path, tmp_path):
+def test_sphkv8_greedy_matches_dense(server, dense_server):
     """Greedy tokens of the high-precision preset against a dense bf16 server (torch_native).
 
     Without a coded page the sphkv attention is bit-identical to torch_native, so prompts shorter
@@ -167,10 +165,10 @@ def test_sphkv8_greedy_matches_dense(server, model_path, tmp_path):
             ("A long essay about machine learning and its uses. " * 20) + "Conclusion:",
             SYSTEM + "\nUser: Where is destination 7?\nAssistant:"]
     requests.post(server.url + "/flush_cache", timeout=60)
-    sph = [_generate(server.url, p, n=32, return_logprob=True, top_logprobs_num=5) for p in short + long]
-    with ServerProcess(model_path, sphkv=False, args=["--max-total-tokens", "16384"],
-                       log_path=tmp_path / "dense.log") as dense_server:
-        dense = [_generate(dense_server.url, p, n=32)["output_ids"] for p in short + long]
+    with ThreadPoolExecutor(1) as ex:     # the two servers work at once; each gets one request at a time
+        fut = ex.submit(lambda: [_generate(dense_server.url, p, n=32)["output_ids"] for p in short + long])
+        sph = [_generate(server.url, p, n=32, return_logprob=True, top_logprobs_num=5) for p in short + long]
+        dense = fut.result()
     # Decode reads even the dense staged page through the C++ float32 kernel (not torch_native's SDPA),
     # so short prompts are held to the same near-tie criterion as long ones.
     identical = 0
@@ -201,7 +199,8 @@ def test_bad_configuration_fails_at_startup(model_path):
                *flags]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
-    for flags, needle in BAD_FLAGS:
-        r = launch(flags)
+    with ThreadPoolExecutor(len(BAD_FLAGS)) as ex:          # independent launcher processes, side by side
+        results = list(ex.map(launch, [flags for flags, _ in BAD_FLAGS]))
+    for (flags, needle), r in zip(BAD_FLAGS, results):
         assert r.returncode == 2, (flags, r.stderr[-2000:])
         assert needle in r.stderr, (flags, r.stderr[-2000:])
