@@ -52,8 +52,11 @@ def backend():
     for r, first in enumerate((1, 15, 29)):           # request r owns pages first .. first + 9
         req_to_token[r, :10 * P] = torch.arange(first * P, (first + 10) * P)
     runner = SimpleNamespace(token_to_kv_pool=pool, device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
-                             model_config=SimpleNamespace(num_attention_heads=H * G), tp_size=1)
-    return SphKVAttnBackend(runner)
+                             model_config=SimpleNamespace(num_attention_heads=H * G, get_max_num_attention_heads=lambda: H * G))
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(attn_tp_size=1):      # what a tp-1 scheduler publishes
+        return SphKVAttnBackend(runner)
 
 
 def _stored_kv(store, layer, slots, n):
