@@ -301,7 +301,7 @@ def merge_records(path: Path, records: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small workload, under 10 minutes on 2 CPU cores")
+    ap.add_argument("--quick", action="store_true", help="the QUICK workload (on 2 idle CPU cores the dense mode alone ran over 29 min on 2026-12-02)")
     ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--modes", default="dense,sphkv")
