@@ -36,6 +36,8 @@ import requests
 
 from sphkv_sglang.server_process import ServerProcess
 
+from .run import _post, merge_records
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
@@ -95,12 +97,6 @@ def build_inputs(w: RetentionWorkload, model: Path):
     return tok, system, users, conts
 
 
-def _post(url: str, payload: dict, timeout: float = 1800) -> dict:
-    r = requests.post(url + "/generate", json=payload, timeout=timeout)
-    r.raise_for_status()
-    return r.json()
-
-
 def ack(c: int, t: int) -> str:
     """The fixed assistant turn every mode's history carries for conversation ``c``, turn ``t``."""
     return f"I have read passage {c}.{t} and will keep it in mind."
@@ -124,7 +120,7 @@ def chat(url: str, tok, system: str, users, w: RetentionWorkload) -> dict:
 
     def one(c: int, t: int) -> dict:
         ids = list(prompt_ids(c, t))
-        out = _post(url, {"input_ids": ids, "sampling_params": {"max_new_tokens": w.answer_tokens,
+        out = _post(url, timeout=1800, payload={"input_ids": ids, "sampling_params": {"max_new_tokens": w.answer_tokens,
                                                                 "temperature": 0, "ignore_eos": True}})
         answers[c][t] = out["output_ids"]
         m = out["meta_info"]
@@ -145,7 +141,7 @@ def continuation(url: str, prefixes: list[list[int]], conts: list[list[int]]) ->
     """Mean logprob of each conversation's continuation tokens ``conts[c]`` after ``prefixes[c]``."""
     lps, cached, prompt = [], 0, 0
     for prefix, cont in zip(prefixes, conts):
-        out = _post(url, {"input_ids": list(prefix) + list(cont), "return_logprob": True,
+        out = _post(url, timeout=1800, payload={"input_ids": list(prefix) + list(cont), "return_logprob": True,
                           "logprob_start_len": len(prefix), "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
         vals = [x[0] for x in out["meta_info"]["input_token_logprobs"] if x[0] is not None][-len(cont):]
         lps.append(statistics.fmean(vals))
@@ -227,17 +223,8 @@ def run(w: RetentionWorkload, model: Path, logdir: Path, policies=POLICIES, out:
               flush=True)
         records.append(rec)
     if out is not None:
-        merge_into(out, records)
+        merge_records(out, records)
     return records
-
-
-def merge_into(path: Path, records: list[dict]) -> list[dict]:
-    """Replace rows of ``path`` (a JSON list) with the same ``mode``; keep the others; write it back."""
-    rows = json.loads(path.read_text()) if path.is_file() else []
-    modes = {r["mode"] for r in records}
-    rows = [r for r in rows if r.get("mode") not in modes] + records
-    path.write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
