@@ -10,7 +10,8 @@ import torch
 
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier, TierSet
-from sphkv_kernels.decode import LOG2E, _warn_once, interpreting, rowwise_scratch_elems, rowwise_supported
+from sphkv_kernels.decode import (DEFAULT_CODED_KERNEL, LOG2E, _warn_once, default_tab16, interpreting,
+                                  rowwise_row_table_elems, rowwise_scratch_elems, rowwise_supported)
 from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import DecodeSchedule, entry_page_lens, schedule_decode
 
@@ -20,6 +21,9 @@ from .ops import NAMESPACE, absent, config_key
 __all__ = ["BatchDecodeWithSphKVPagedKVCacheWrapper", "resolve_backend"]
 
 _VARIANT_KEYS = ("kernel", "maxnreg", "tab16", "lut16", "asm_values", "prefetch")
+# ``kernel_options["row_tables"]`` (default 1): with the row-wise kernel on the GPU, one launch per coded tier rotates
+# the queries and builds each (request, kv head)'s level-1 table once (``coded_row_tables``), shared by the row's
+# work items; 0 restores the per-work-item tables and the torch query rotation (the previous path, for timing)
 CODED_PROGRAMS_PER_SM = 8          # split-K target with a coded tier present (row-wise kernel: 2-warp programs)
 
 _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
@@ -134,7 +138,9 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             :data:`CODED_PROGRAMS_PER_SM` when a coded tier is present, 2 for dense-only batches, as
             measured on an H100 — NOTES.md), and for coded tiers ``kernel`` (``"rowwise"``/``"tile"``),
             ``maxnreg``, ``tab16``, ``lut16``, ``asm_values``, ``prefetch`` (see
-            :func:`sphkv_kernels.decode.coded_decode_partial`).
+            :func:`sphkv_kernels.decode.coded_decode_partial`), ``row_tables`` (1, the default: per-row
+            level-1 tables and the query rotation in one launch per coded tier, :func:`sphkv_kernels.decode.
+            coded_row_tables`; 0: per-work-item tables, the query rotated by ``torch.matmul``).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -214,9 +220,29 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                 rts.append(lay.on(device)["key_rotation_t"])
                 qrot_bufs.append(torch.empty(batch, num_qo_heads, head_dim, dtype=torch.float32, device=device))
                 qrot_of[t] = len(rot_keys) - 1
-        # the row-wise coded kernel's per-work-item level-1 tables (one buffer, sized for the largest tier)
+        # the row-wise coded kernel's level-1 tables: one per row and coded tier, built together with the rotated
+        # queries by one launch per tier (row_tables), or one per work item inside the kernel (one shared buffer)
+        kopt = dict(kernel_options or {})
+        variant = {k: v for k, v in kopt.items() if k in _VARIANT_KEYS}
+        use_tables = (backend == "triton" and bool(int(kopt.get("row_tables", 1)))
+                      and variant.get("kernel", "auto") in ("auto", "rowwise")
+                      and (variant.get("kernel") == "rowwise" or DEFAULT_CODED_KERNEL == "rowwise"))
+        tables, variants, tab16s = {}, {}, {}
+        for t in present:
+            lay = self._layouts[t]
+            if lay is None:
+                continue
+            if use_tables and tier_backend[t] == "triton" and rowwise_supported(lay, group):
+                tab16s[t] = tab16 = bool(variant.get("tab16", default_tab16()))
+                tables[t] = torch.empty(rowwise_row_table_elems(lay, group, rows), dtype=torch.float32, device=device)
+                variants[t] = json.dumps(dict(variant, row_tables=True, tab16=tab16), sort_keys=True)
+            else:
+                variants[t] = json.dumps(variant, sort_keys=True) if variant else ""
+        # rotations no row-table launch writes: torch.matmul in run()
+        torch_rot = sorted({qrot_of[t] for t in qrot_of if t not in tables})
         need = max([rowwise_scratch_elems(self._layouts[t], group, sched.tiers[t].num_items) for t in present
-                    if self._layouts[t] is not None and rowwise_supported(self._layouts[t], group)] + [0])
+                    if t not in tables and self._layouts[t] is not None
+                    and rowwise_supported(self._layouts[t], group)] + [0])
         scratch = torch.empty(need, dtype=torch.float32, device=device) if need and backend == "triton" else None
         logits = {}
         if key_mass:
@@ -234,8 +260,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             logits=logits, q_data_type=q_data_type, nnz=int(indices.numel()),
             row_of_entry=row_of_entry.to(device), page_lens=page_lens.to(torch.int64).to(device),
             kopts=tuple(int((kernel_options or {}).get(k, 0)) for k in ("block_n", "num_warps", "num_stages")),
-            variant=json.dumps({k: v for k, v in (kernel_options or {}).items() if k in _VARIANT_KEYS}, sort_keys=True)
-            if any(k in _VARIANT_KEYS for k in (kernel_options or {})) else "",
+            variants=variants, tables=tables, tab16s=tab16s, torch_rot=torch_rot,
             scratch=scratch if scratch is not None else absent(device), none=absent(device),
             mass_lse=torch.empty(batch, num_qo_heads, dtype=torch.float32, device=device) if key_mass else None)
 
@@ -283,12 +308,15 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                 lse = pl["mass_lse"]
         if return_lse and lse is None:
             lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-        if pl["rts"]:
-            pl["qf"].copy_(q)
-            for rt, buf in zip(pl["rts"], pl["qrot_bufs"]):
-                torch.matmul(pl["qf"], rt, out=buf)
-        po, plse = pl["part_o"], pl["part_lse"]
         ns = getattr(torch.ops, NAMESPACE)
+        for t, tab in pl["tables"].items():   # rotated queries + per-row level-1 tables, one launch per coded tier
+            ns.coded_row_tables(q, pl["qrot_bufs"][pl["qrot_of"][t]], tab, self._config_keys[t], pl["num_kv_heads"],
+                                scale, pl["tab16s"][t], "triton")
+        if pl["torch_rot"]:
+            pl["qf"].copy_(q)
+            for i in pl["torch_rot"]:
+                torch.matmul(pl["qf"], pl["rts"][i], out=pl["qrot_bufs"][i])
+        po, plse = pl["part_o"], pl["part_lse"]
         for t in pl["present"]:
             tw = sched.tiers[t]
             lg = pl["logits"].get(t, pl["none"]) if key_mass_out is not None else pl["none"]
@@ -301,7 +329,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                 ns.coded_decode_partial(pl["qrot_bufs"][pl["qrot_of"][t]], *(c[n] for n in _CODED_NAMES),
                                         tw.work, tw.page_ids, tw.page_lens, po, plse, lg, self._config_keys[t],
                                         pl["num_kv_heads"], scale, pl["tier_backend"][t], *pl["kopts"],
-                                        pl["scratch"], pl["variant"])
+                                        pl["tables"].get(t, pl["scratch"]), pl["variants"][t])
         ns.merge_partials(po, plse, sched.slot_ptr, pl["rotations"], out, lse if lse is not None else pl["none"],
                           pl["num_kv_heads"],
                           pl["rotate_mask"], pl["merge_backend"])

@@ -88,6 +88,19 @@ def _(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids
     return None
 
 
+@torch.library.custom_op(f"{NAMESPACE}::coded_row_tables", mutates_args=("q_rot", "tables"))
+def coded_row_tables(q: torch.Tensor, q_rot: torch.Tensor, tables: torch.Tensor, config: str, num_kv_heads: int,
+                     sm_scale: float, tab16: bool, backend: str) -> None:
+    """Rotated queries and per-row level-1 tables of a coded tier (:func:`sphkv_kernels.decode.coded_row_tables`)."""
+    fn = _pick(backend, _dec.coded_row_tables, _dec.coded_row_tables_reference)
+    fn(q, q_rot, tables, layout=layout_of(config), num_kv_heads=num_kv_heads, sm_scale=sm_scale, tab16=tab16)
+
+
+@coded_row_tables.register_fake
+def _(q, q_rot, tables, config, num_kv_heads, sm_scale, tab16, backend):
+    return None
+
+
 @torch.library.custom_op(f"{NAMESPACE}::dense_decode_partial", mutates_args=("part_o", "part_lse", "logits"))
 def dense_decode_partial(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, work: torch.Tensor,
                          page_ids: torch.Tensor, page_lens: torch.Tensor, part_o: torch.Tensor,

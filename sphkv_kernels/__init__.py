@@ -14,6 +14,7 @@ on CPU tensors when ``TRITON_INTERPRET=1`` is set before Triton is first importe
 """
 from .decode import (coded_decode_partial as coded_decode_partial,
                      coded_decode_partial_reference as coded_decode_partial_reference,
+                     coded_row_tables as coded_row_tables, coded_row_tables_reference as coded_row_tables_reference,
                      dense_decode_partial as dense_decode_partial,
                      dense_decode_partial_reference as dense_decode_partial_reference,
                      interpreting as interpreting, merge_partials as merge_partials,
@@ -24,6 +25,7 @@ from .schedule import (DecodeSchedule as DecodeSchedule, TierWork as TierWork,
                        entry_page_lens as entry_page_lens, schedule_decode as schedule_decode)
 
 __all__ = ["CodedLayout", "DecodeSchedule", "TierWork", "schedule_decode", "entry_page_lens",
-           "coded_decode_partial", "coded_decode_partial_reference", "dense_decode_partial",
+           "coded_decode_partial", "coded_decode_partial_reference", "coded_row_tables",
+           "coded_row_tables_reference", "dense_decode_partial",
            "dense_decode_partial_reference", "merge_partials", "merge_partials_reference",
            "encode_pages", "encode_pages_reference", "interpreting"]

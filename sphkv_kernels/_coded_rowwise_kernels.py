@@ -195,6 +195,61 @@ def _planes(byt, VBITS: tl.constexpr, VE: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _write_level1_table(qrow, gq, gmask_q, lut_ptr, tab, qk_scale, N1: tl.constexpr, C1: tl.constexpr,
+                        GP: tl.constexpr, LT1: tl.constexpr):
+    """Store ``T[i, c, g] = qk_scale (q[g, 2i] cos θ_c + q[g, 2i+1] sin θ_c)`` ``[N1, C1, GP]`` at ``tab`` (its dtype)
+    from the rotated query rows ``qrow`` ``[GP]`` (float32 pointers; rows ``g >= GROUP`` masked to 0), 16 pairs at a
+    time (a whole ``[N1, C1, GP]`` tile would not fit in registers at head_dim 256)."""
+    IB: tl.constexpr = 16 if N1 > 16 else N1
+    ib = tl.arange(0, IB)
+    cc = tl.arange(0, C1)
+    cos1 = tl.load(lut_ptr + (LT1 + cc) * 2).to(tl.float32)
+    sin1 = tl.load(lut_ptr + (LT1 + cc) * 2 + 1).to(tl.float32)
+    for i0 in tl.static_range(0, N1, IB):
+        ii = i0 + ib
+        qe = tl.load(qrow[None, :] + 2 * ii[:, None], mask=gmask_q[None, :], other=0.0) * qk_scale      # [IB, GP]
+        qo = tl.load(qrow[None, :] + 2 * ii[:, None] + 1, mask=gmask_q[None, :], other=0.0) * qk_scale
+        t1 = qe[:, None, :] * cos1[None, :, None] + qo[:, None, :] * sin1[None, :, None]              # [IB, C1, GP]
+        tl.store(tab + (ii[:, None, None] * C1 + cc[None, :, None]) * GP + gq[None, None, :],
+                 t1.to(tab.dtype.element_ty))
+
+
+@triton.jit
+def _row_tables_kernel(q_ptr, stride_qb, stride_qh, rt_ptr, qr_ptr, stride_rb, stride_rh, lut_ptr, tab_ptr,
+                       num_kv_heads, qk_scale,
+                       HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, G_PAD: tl.constexpr,
+                       LB1: tl.constexpr, LT1: tl.constexpr, TAB16: tl.constexpr, BJ: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """One program per row ``(request, kv head)``: the rotated queries ``q_rot = q @ R.T`` of the row's ``GROUP``
+    query heads (written to ``qr_ptr``, float32) and the row's level-1 table (:func:`_write_level1_table`) at
+    ``tab_ptr + row * N1 * C1 * GP``, read by every work item of the row (``ROW_TABLE``)."""
+    row = tl.program_id(0)
+    b = (row // num_kv_heads).to(tl.int64)
+    kvh = row % num_kv_heads
+    N1: tl.constexpr = HEAD_DIM // 2
+    C1: tl.constexpr = 1 << LB1
+    g16 = tl.arange(0, G_PAD)
+    gm16 = g16 < GROUP
+    dd = tl.arange(0, HEAD_DIM)
+    heads16 = (kvh * GROUP + g16).to(tl.int64)
+    q = tl.load(q_ptr + b * stride_qb + heads16[:, None] * stride_qh + dd[None, :], mask=gm16[:, None],
+                other=0.0).to(tl.float32)                                                       # [G_PAD, d]
+    jj = tl.arange(0, BJ)
+    for j0 in tl.static_range(0, HEAD_DIM, BJ):
+        rt = tl.load(rt_ptr + dd[:, None] * HEAD_DIM + (j0 + jj)[None, :])                      # [d, BJ] of R.T
+        qr = tl.dot(q, rt, input_precision=DOT_PREC)                                            # [G_PAD, BJ]
+        tl.store(qr_ptr + b * stride_rb + heads16[:, None] * stride_rh + (j0 + jj)[None, :], qr, mask=gm16[:, None])
+    tl.debug_barrier()                        # the block's q_rot stores are visible to the block's loads below
+    gq = tl.arange(0, GP)
+    qrow = qr_ptr + b * stride_rb + (kvh * GROUP + gq).to(tl.int64) * stride_rh
+    if TAB16:
+        tab = tab_ptr.to(tl.pointer_type(tl.float16)) + row.to(tl.int64) * (N1 * C1 * GP)
+    else:
+        tab = tab_ptr + row.to(tl.int64) * (N1 * C1 * GP)
+    _write_level1_table(qrow, gq, gq < GROUP, lut_ptr, tab, qk_scale, N1, C1, GP, LT1)
+
+
+@triton.jit
 def _coded_decode_rowwise_kernel(
     q_ptr, stride_qb, stride_qh,
     kc_ptr, kr_ptr, km_ptr, vc_ptr, vs_ptr, vz_ptr, lut_ptr, lutn_ptr, tab_ptr,
@@ -212,7 +267,7 @@ def _coded_decode_rowwise_kernel(
     KW: tl.constexpr, VBITS: tl.constexpr, VE: tl.constexpr, VGROUP: tl.constexpr, VB: tl.constexpr,
     NVG: tl.constexpr, HAS_MEAN: tl.constexpr, F16_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr,
     ASM_VALUES: tl.constexpr, PAIRED_WORDS: tl.constexpr, TAB16: tl.constexpr, LUT16: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, ROW_TABLE: tl.constexpr,
     PROFILE: tl.constexpr,
 ):
     wid = tl.program_id(0)
@@ -232,20 +287,18 @@ def _coded_decode_rowwise_kernel(
     gmask_q = gq < GROUP
     qrow = q_ptr + b.to(tl.int64) * stride_qb + (kvh * GROUP + gq).to(tl.int64) * stride_qh     # [GP]
 
-    # ---- level-1 table of this work item: T[i, c, g] (qk_scale folded in) ----------------------------
-    if TAB16:
-        tab = tab_ptr.to(tl.pointer_type(tl.float16)) + wid.to(tl.int64) * (N1 * C1 * GP)
+    # ---- level-1 table: this row's (built once per row by _row_tables_kernel) or this work item's ---------
+    if ROW_TABLE:
+        tix = row.to(tl.int64)
     else:
-        tab = tab_ptr + wid.to(tl.int64) * (N1 * C1 * GP)
-    ii = tl.arange(0, N1)
-    cc = tl.arange(0, C1)
-    qe = tl.load(qrow[None, :] + 2 * ii[:, None], mask=gmask_q[None, :], other=0.0) * qk_scale      # [N1, GP]
-    qo = tl.load(qrow[None, :] + 2 * ii[:, None] + 1, mask=gmask_q[None, :], other=0.0) * qk_scale
-    cos1 = tl.load(lut_ptr + (LT1 + cc) * 2).to(tl.float32)
-    sin1 = tl.load(lut_ptr + (LT1 + cc) * 2 + 1).to(tl.float32)
-    t1 = qe[:, None, :] * cos1[None, :, None] + qo[:, None, :] * sin1[None, :, None]              # [N1, C1, GP]
-    tl.store(tab + (ii[:, None, None] * C1 + cc[None, :, None]) * GP + gq[None, None, :], t1.to(tab.dtype.element_ty))
-    tl.debug_barrier()
+        tix = wid.to(tl.int64)
+    if TAB16:
+        tab = tab_ptr.to(tl.pointer_type(tl.float16)) + tix * (N1 * C1 * GP)
+    else:
+        tab = tab_ptr + tix * (N1 * C1 * GP)
+    if not ROW_TABLE:
+        _write_level1_table(qrow, gq, gmask_q, lut_ptr, tab, qk_scale, N1, C1, GP, LT1)
+        tl.debug_barrier()
 
     if HAS_MEAN:
         dd = tl.arange(0, HEAD_DIM)

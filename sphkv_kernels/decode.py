@@ -31,7 +31,8 @@ from sphkv.values import ValueCode
 
 from .layout import CodedLayout
 
-__all__ = ["coded_decode_partial", "coded_decode_partial_reference", "dense_decode_partial",
+__all__ = ["coded_decode_partial", "coded_decode_partial_reference", "coded_row_tables", "coded_row_tables_reference",
+           "rowwise_row_table_elems", "dense_decode_partial",
            "dense_decode_partial_reference", "merge_partials", "merge_partials_reference",
            "interpreting", "LOG2E"]
 
@@ -107,6 +108,89 @@ def rowwise_scratch_elems(layout: CodedLayout, group: int, num_items: int) -> in
     return num_items * (layout.head_dim // 2) * (1 << layout.level_bits[0]) * _pow2(group)
 
 
+def rowwise_row_table_elems(layout: CodedLayout, group: int, num_rows: int) -> int:
+    """float32 elements of the per-row level-1 tables (:func:`coded_row_tables`) of ``num_rows`` rows."""
+    return rowwise_scratch_elems(layout, group, num_rows)
+
+
+def default_tab16() -> bool:
+    """Whether the row-wise kernel's level-1 tables are float16 by default: on GPU (float16 dots) yes, under the
+    interpreter no (float32 throughout, for exact comparisons; ``SPHKV_FORCE_F16=1`` forces float16)."""
+    return (not interpreting()) or os.environ.get("SPHKV_FORCE_F16") == "1"
+
+
+def _check_row_tables(q, q_rot, tables, layout, num_kv_heads):
+    assert q.dim() == 3 and q.stride(-1) == 1, f"q must be [B, Hq, d] with a contiguous last dim, got {tuple(q.shape)}"
+    b, hq, d = q.shape
+    if hq % num_kv_heads:
+        raise ValueError(f"num_qo_heads={hq} is not a multiple of num_kv_heads={num_kv_heads}")
+    if d != layout.head_dim:
+        raise ValueError(f"q has head_dim {d}; the layout {layout.head_dim}")
+    assert q_rot.shape == q.shape and q_rot.dtype == torch.float32 and q_rot.stride(-1) == 1, \
+        f"q_rot must be [{b}, {hq}, {d}] float32, got {tuple(q_rot.shape)} {q_rot.dtype}"
+    g = hq // num_kv_heads
+    need = rowwise_row_table_elems(layout, g, b * num_kv_heads)
+    assert tables.dtype == torch.float32 and tables.is_contiguous() and tables.numel() >= need, \
+        f"tables must be a contiguous float32 buffer of >= {need} elements, got {tables.numel()} {tables.dtype}"
+    for t in (q_rot, tables):
+        assert t.device == q.device, "all tensors must be on q's device"
+    return b, hq, d, g
+
+
+def coded_row_tables(q, q_rot, tables, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
+                     tab16: bool | None = None) -> None:
+    """Rotated queries and the row-wise kernel's level-1 table of every row, once per decode step (Triton).
+
+    One program per row ``r = request * num_kv_heads + kv_head``: ``q_rot[b, h] = q[b, h] @ R.T`` (``R`` =
+    ``layout.key_rotation``; tensor-core dot at tf32x3 on GPU, IEEE float32 under the interpreter) and
+    ``T_r[i, c, g] = qk_scale (q_rot[g, 2i] cos θ_c + q_rot[g, 2i+1] sin θ_c)`` (``qk_scale = sm_scale · log2 e``,
+    ``θ_c`` the level-1 angle of code ``c``, ``g < GP`` the row's query heads padded to a power of two, rows
+    ``g >= G`` zero) stored as ``[num_rows, d / 2, 2**level_bits[0], GP]`` at the start of ``tables`` (float16
+    when ``tab16``, default :func:`default_tab16`, else float32). :func:`coded_decode_partial` with
+    ``row_tables=True`` reads them: every work item of a row shares its table instead of building its own.
+
+    Parameters
+    ----------
+    q : ``[B, Hq, d]`` (bf16/fp16/fp32, last dim contiguous) — the queries.
+    q_rot : ``[B, Hq, d]`` float32 — receives the rotated queries.
+    tables : float32 buffer of at least :func:`rowwise_row_table_elems` elements (reinterpreted as float16
+        when ``tab16``).
+    """
+    from ._coded_rowwise_kernels import _row_tables_kernel
+
+    b, hq, d, g = _check_row_tables(q, q_rot, tables, layout, num_kv_heads)
+    if b == 0:
+        return
+    if layout.level_bits[0] > 5:
+        raise ValueError(f"level_bits[0]={layout.level_bits[0]}: the row tables cover level-1 widths <= 5 bits")
+    tab16 = default_tab16() if tab16 is None else bool(tab16)
+    consts = layout.on(q.device)
+    _row_tables_kernel[(b * num_kv_heads,)](
+        q, q.stride(0), q.stride(1), consts["key_rotation_t"], q_rot, q_rot.stride(0), q_rot.stride(1),
+        consts["lut"], tables, num_kv_heads, float(sm_scale) * LOG2E,
+        HEAD_DIM=d, GROUP=g, GP=_pow2(g), G_PAD=_g_pad(g), LB1=layout.level_bits[0], LT1=layout.lut_offsets[0],
+        TAB16=tab16, BJ=max(16, min(64, 4096 // d)), DOT_PREC="ieee" if interpreting() else "tf32x3", num_warps=4)
+
+
+def coded_row_tables_reference(q, q_rot, tables, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
+                               tab16: bool | None = None) -> None:
+    """Pure-PyTorch :func:`coded_row_tables` (same outputs, same table format)."""
+    b, hq, d, g = _check_row_tables(q, q_rot, tables, layout, num_kv_heads)
+    tab16 = default_tab16() if tab16 is None else bool(tab16)
+    consts = layout.on(q.device)
+    q_rot.copy_(q.to(torch.float32) @ consts["key_rotation_t"])
+    gp, c1 = _pow2(g), 1 << layout.level_bits[0]
+    qr = q_rot.view(b * num_kv_heads, g, d // 2, 2)
+    cs = consts["lut"][layout.lut_offsets[0]:layout.lut_offsets[0] + c1]                     # [C1, 2]
+    t = torch.einsum("rgij,cj->ricg", qr, cs) * (sm_scale * LOG2E)                            # [rows, N1, C1, G]
+    t = torch.nn.functional.pad(t, (0, gp - g))
+    n = t.numel()
+    if tab16:
+        tables.view(torch.float16)[:n].copy_(t.reshape(-1))
+    else:
+        tables[:n].copy_(t.reshape(-1))
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -117,7 +201,7 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
                          num_stages: int | None = None, byte_lut: bool = True, profile: int = 0,
                          kernel: str = "auto", scratch: torch.Tensor | None = None, tab16: bool | None = None,
                          lut16: bool | None = None, asm_values: bool = True, maxnreg: int | None = None,
-                         prefetch: bool = False):
+                         prefetch: bool = False, row_tables: bool = False):
     """Split-K partial attention over one coded tier's pages (Triton).
 
     Returns the compiled Triton kernel (diagnostics: ``n_regs``, ``n_spills``, ``metadata.shared``),
@@ -149,6 +233,9 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     logits : optional ``[n * P, G]`` float32 — receives the log2-domain scaled logits of valid tokens.
     scratch : optional float32 buffer of at least :func:`rowwise_scratch_elems` elements (row-wise
         kernel; allocated per call when absent).
+    row_tables : the row-wise kernel reads each row's level-1 table from ``scratch`` as written by
+        :func:`coded_row_tables` (same ``tab16``) instead of building one per work item (the other kernels
+        ignore it).
 
     Examples
     --------
@@ -231,9 +318,14 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
         assert p % block_n == 0 and block_n >= 16, f"block_n={block_n} must divide page_size={p} and be >= 16"
         tab16 = f16_dot if tab16 is None else bool(tab16)
         lut16 = f16_dot if lut16 is None else bool(lut16)
-        need = rowwise_scratch_elems(layout, g, w)
-        if scratch is None or scratch.numel() < need:
-            scratch = torch.empty(need, dtype=torch.float32, device=q_rot.device)
+        if row_tables:
+            need = rowwise_row_table_elems(layout, g, b * num_kv_heads)
+            if scratch is None or scratch.numel() < need:
+                raise ValueError(f"row_tables=True needs scratch holding coded_row_tables' {need} elements")
+        else:
+            need = rowwise_scratch_elems(layout, g, w)
+            if scratch is None or scratch.numel() < need:
+                scratch = torch.empty(need, dtype=torch.float32, device=q_rot.device)
         assert scratch.dtype == torch.float32 and scratch.is_contiguous() and scratch.device == q_rot.device
         return _coded_decode_rowwise_kernel[(w,)](
             q_rot, q_rot.stride(0), q_rot.stride(1),
@@ -246,7 +338,7 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
             HAS_MEAN=layout.has_mean, F16_DOT=f16_dot, STORE_LOGITS=logits is not None,
             ASM_VALUES=bool(asm_values) and f16_dot and not interpreting(),
             PAIRED_WORDS=kb % 8 == 0 and k_codes.data_ptr() % 8 == 0, TAB16=bool(tab16), LUT16=bool(lut16),
-            PREFETCH=bool(prefetch),
+            PREFETCH=bool(prefetch), ROW_TABLE=bool(row_tables),
             PROFILE=int(profile), num_warps=num_warps or max(1, block_n // 64), num_stages=num_stages or 1, **extra)
 
     from ._decode_kernels import _coded_decode_kernel

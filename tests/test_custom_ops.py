@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, SphKVPageEncoder
-from flashinfer_ext.ops import NAMESPACE
+from flashinfer_ext.ops import NAMESPACE, config_key
 from sphkv import SphKVConfig
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier, TierSet
@@ -60,6 +60,10 @@ def recorded():
     rec = _Recorder()
     with rec:
         out, lse = w.run(q, cache.pools, return_lse=True, key_mass_out=mass)
+        # the per-row query rotation + level-1 tables (the wrapper calls it with the Triton backend only)
+        ops = getattr(torch.ops, NAMESPACE)
+        ops.coded_row_tables(q, torch.empty(2, 6, 64), torch.empty(2 * 2 * 32 * 16 * 4), config_key(tier.config), 2,
+                             0.125, False, "reference")
         SphKVPageEncoder(tier, backend="reference").encode(
             torch.randn(2, 16, 64), torch.randn(2, 16, 64), torch.tensor([0, 2], dtype=torch.int32),
             torch.tensor([16, 5], dtype=torch.int32), pool)

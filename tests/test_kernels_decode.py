@@ -133,6 +133,54 @@ def test_coded_kernels_and_variants(device, kernel, opts, preset, head_dim, grou
     torch.testing.assert_close(kg[written], rg[written], **tol)
 
 
+@pytest.mark.parametrize("preset,head_dim,group,qdtype", [("sphkv-4", 128, 4, torch.bfloat16),
+                                                           ("sphkv-4", 64, 3, torch.float32)])
+def test_row_tables_match_reference_and_per_item_tables(device, preset, head_dim, group, qdtype):
+    """coded_row_tables (rotated queries + one level-1 table per row) equals its reference, and the row-wise kernel
+    reading those tables (row_tables=True) equals the kernel building one table per work item."""
+    from sphkv_kernels import coded_decode_partial as kern
+    from sphkv_kernels import coded_row_tables, coded_row_tables_reference
+    from sphkv_kernels.decode import default_tab16, rowwise_row_table_elems
+
+    tier = _coded(preset, head_dim, 64)
+    hkv, b = 2, 3
+    cache = random_paged_cache([tier], seq_lens=[100, 40, 65], num_kv_heads=hkv, head_dim=head_dim, page_size=64,
+                               device=device, seed=group)
+    lay = CodedLayout.from_pool(cache.pools[0])
+    q = (torch.randn(b, hkv * group, head_dim, device=device) * 2).to(qdtype)
+    n = rowwise_row_table_elems(lay, group, b * hkv)
+    outs = []
+    for fn in (coded_row_tables, coded_row_tables_reference):
+        qr = torch.full((b, hkv * group, head_dim), float("nan"), device=device)
+        tab = torch.full((n + 7,), float("nan"), device=device)
+        fn(q, qr, tab, layout=lay, num_kv_heads=hkv, sm_scale=head_dim ** -0.5)
+        outs.append((qr, tab))
+    (kq, kt), (rq, rt) = outs
+    torch.testing.assert_close(kq, rq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kq, q.float() @ lay.on(device)["key_rotation_t"], atol=1e-4, rtol=1e-4)
+    f16 = default_tab16()
+    m = n * (2 if f16 else 1)
+    kv, rv = (kt.view(torch.float16)[:m].float(), rt.view(torch.float16)[:m].float()) if f16 else (kt[:n], rt[:n])
+    torch.testing.assert_close(kv, rv, atol=2e-3, rtol=2e-3)
+    assert torch.isnan(kt[-7:]).all(), "wrote past the tables"
+    sched = schedule_decode(cache.indptr, cache.page_tiers, cache.indices, cache.page_lens, num_tiers=1,
+                            pages_per_split=1, device=device)
+    tw = sched.tiers[0]
+    res = []
+    for kw in (dict(row_tables=True, scratch=kt), {}):
+        po = torch.empty(sched.num_slots, group, head_dim, device=device)
+        pl = torch.empty(sched.num_slots, group, device=device)
+        poison(po, pl)
+        kern(kq, *cache.pools[0].tensors().values(), tw.work, tw.page_ids, tw.page_lens, po, pl, layout=lay,
+             num_kv_heads=hkv, sm_scale=head_dim ** -0.5, kernel="rowwise", tab16=f16, **kw)
+        res.append((po, pl))
+    torch.testing.assert_close(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res[0][1], res[1][1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="row_tables=True needs scratch"):
+        kern(kq, *cache.pools[0].tensors().values(), tw.work, tw.page_ids, tw.page_lens, po, pl, layout=lay,
+             num_kv_heads=hkv, sm_scale=head_dim ** -0.5, kernel="rowwise", row_tables=True, scratch=kt[:5])
+
+
 def test_rowwise_kernel_rejects_unsupported_layouts(device):
     from sphkv_kernels import coded_decode_partial as kern
     from sphkv_kernels.decode import rowwise_supported

@@ -274,6 +274,12 @@ def breakdown(w, pool, q, hkv: int, d: int, out) -> dict:
     qrot = (q.float() @ lay.on("cuda")["key_rotation_t"]).contiguous()
     res = dict(ada_programs=tw.num_items, ada_slots_per_row=round(sched.num_slots / sched.num_rows, 1))
     kw = dict(layout=lay, num_kv_heads=hkv, sm_scale=d ** -0.5, scratch=pl["scratch"])
+    if 0 in pl["tables"]:                            # per-row tables: time their launch, then the kernel reading them
+        from sphkv_kernels import coded_row_tables
+        tkw = dict(layout=lay, num_kv_heads=hkv, sm_scale=d ** -0.5, tab16=pl["tab16s"][0])
+        res["ada_tables_us"] = round(_time_us(lambda: coded_row_tables(q, qrot, pl["tables"][0], **tkw),
+                                              rep_ms=100)[0], 2)
+        kw.update(scratch=pl["tables"][0], row_tables=True, tab16=pl["tab16s"][0])
     args = (qrot, *pool.tensors().values(), tw.work, tw.page_ids, tw.page_lens, pl["part_o"], pl["part_lse"])
     res["ada_kernel_us"] = round(_time_us(lambda: coded_decode_partial(*args, **kw), rep_ms=100)[0], 2)
     margs = (pl["part_o"], pl["part_lse"], sched.slot_ptr, pl["rotations"], out)
@@ -303,6 +309,16 @@ def measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy) -> dict:
         row["ada_kernel"] = (opts or {}).get("kernel", DEFAULT_CODED_KERNEL)
         row["ada_options"] = dict(opts or {})
         row["ada_bytes"] = kv_bytes + qo_bytes
+        for cmp in args.compare:                  # the same shape under other launch options, same process
+            key = json.dumps(cmp, sort_keys=True)
+            try:
+                wc, pc, _ = ada_case(batch, ctx, tier, args.page_size, kernel_options=dict(opts or {}, **cmp),
+                                     hq=hq, hkv=hkv, d=d)
+                row.setdefault("ada_us_compare", {})[key] = round(_time_us(lambda: wc.run(q, [pc], out=out_a))[0], 2)
+                del wc, pc
+            except Exception as exc:  # noqa: BLE001 - a comparison must not lose the row
+                row.setdefault("ada_us_compare", {})[key] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            print(f"  {key}: {row['ada_us_compare'][key]} us (row: {row['ada_us']})", flush=True)
         if batch <= args.breakdown_max_batch:
             try:
                 row.update(breakdown(w, pool, q, hkv, d, out_a))
@@ -491,6 +507,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profiles", default=None, help="comma-separated diagnostic profiles for the tune step ('' none)")
     ap.add_argument("--splits", type=int, nargs="*", default=None, help="programs per SM tried by the tune step")
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--compare", type=json.loads, default=[],
+                    help="JSON list of launch options also timed at every shape (row key ada_us_compare), "
+                         "e.g. '[{\"row_tables\": 0}]'")
     ap.add_argument("--breakdown-max-batch", type=int, default=8,
                     help="rows up to this batch also time the coded kernel and the merge alone")
     ap.add_argument("--no-extra-shapes", dest="extra_shapes", action="store_false",
