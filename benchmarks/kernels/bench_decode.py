@@ -309,7 +309,7 @@ def measure_row(dev, batch, ctx, hq, hkv, d, args, opts, copy) -> dict:
         row["ada_kernel"] = (opts or {}).get("kernel", DEFAULT_CODED_KERNEL)
         row["ada_options"] = dict(opts or {})
         row["ada_bytes"] = kv_bytes + qo_bytes
-        for cmp in args.compare:                  # the same shape under other launch options, same process
+        for cmp in (args.compare if batch * ctx <= args.compare_max_tokens else ()):   # other launch options
             key = json.dumps(cmp, sort_keys=True)
             try:
                 wc, pc, _ = ada_case(batch, ctx, tier, args.page_size, kernel_options=dict(opts or {}, **cmp),
@@ -506,6 +506,8 @@ def main(argv=None) -> int:
     ap.add_argument("--options", default=None, help="JSON launch options for the sweep (overrides the tuned ones)")
     ap.add_argument("--profiles", default=None, help="comma-separated diagnostic profiles for the tune step ('' none)")
     ap.add_argument("--splits", type=int, nargs="*", default=None, help="programs per SM tried by the tune step")
+    ap.add_argument("--compare-max-tokens", type=int, default=32 * 32768,
+                    help="--compare only at shapes with batch x context up to this")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--compare", type=json.loads, default=[],
                     help="JSON list of launch options also timed at every shape (row key ada_us_compare), "
