@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 SITE := $(CURDIR)/.cache/site
 export PYTHONPATH := $(CURDIR):$(SITE)
 
-.PHONY: env models-env stub test serve model model-gemma3 quality-quick quality serving-quick load-quick develop
+.PHONY: env models-env test-env stub test serve model model-gemma3 quality-quick quality serving-quick load-quick develop
 
 $(STAMP):  # keyed by the hash in its path: a fresh clone reuses it
 	@echo "[sphkv] building environment at $(VENV) (one time, ~4 min)"
@@ -28,8 +28,20 @@ env: $(STAMP)
 	@rm -rf $(VENV)/lib/python*/site-packages/spherical_kv-*.dist-info
 	@$(PY) scripts/dist_info.py $(SITE)
 
-test: env
-	$(PY) -m pytest -q tests
+# pytest-xdist (requirements-test.txt) goes into the same venv under its own stamp, keyed by that file's hash.
+TEST_HASH := $(shell sha256sum requirements-test.txt | cut -c1-12)
+TEST_STAMP := $(VENV)/.sphkv-test-$(TEST_HASH)
+$(TEST_STAMP): | $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps -r requirements-test.txt
+	touch $(TEST_STAMP)
+
+test-env: env $(TEST_STAMP)
+
+# One worker per core (TEST_WORKERS=0: no workers, all in this process); whole modules go to one worker, so a
+# module's fixtures (servers included) start once. tests/conftest.py puts the server modules first.
+TEST_WORKERS ?= $(shell nproc)
+test: test-env
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 model: env
 	$(PY) -m sphkv_hf.prepare_model

@@ -20,7 +20,21 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Modules measured slowest first (stop-16 CI, seconds): with `make test`'s xdist workers (`--dist loadfile`)
+# a module runs on one worker, in collection order, so the long server modules start at once on both cores
+# and the short CPU modules fill in behind them instead of leaving one core idle at the end.
+_SLOW_MODULES_FIRST = ("test_sglang_server", "test_reliability_server", "test_scaleout",
+                       "test_retention_server", "test_hf_harness", "test_kernels_decode", "test_hf_model")
+
+
+def _module_rank(item) -> int:
+    name = item.path.stem
+    return _SLOW_MODULES_FIRST.index(name) if name in _SLOW_MODULES_FIRST else len(_SLOW_MODULES_FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_module_rank)                          # stable: the order inside a module is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
@@ -32,9 +46,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     """The served SmolLM2-135M-Instruct folder (``$SPHKV_MODEL``, else prepared once under ``.cache/models``)."""
+    import fcntl
+
     path = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
     if not (path / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "sphkv_hf.prepare_model"], check=True, cwd=ROOT)
+        lock = ROOT / ".cache" / "prepare-model.lock"          # xdist workers convert it once, not twice
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            if not (path / "config.json").is_file():
+                subprocess.run([sys.executable, "-m", "sphkv_hf.prepare_model"], check=True, cwd=ROOT)
     return path
 
 
@@ -87,9 +108,27 @@ atexit.register(_stop_servers)
 _LAST_USER: dict = {}     # server name -> nodeid of the last collected test that uses it
 
 
+_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+_MODULE_SERVERS: dict = {}  # module path -> server names its tests ask for (xdist workers)
+
+
+def _servers_of(item) -> set:
+    return set(getattr(item, "fixturenames", ())) & set(_SERVER_NAMES)
+
+
 def pytest_collection_finish(session):
+    if _XDIST:
+        # A worker does not know which modules it will be sent: it launches a module's servers when the
+        # module's first test starts (all of them at once, so they start side by side) and stops them after
+        # the module's last test that uses each one. A server shared by modules on two workers runs twice.
+        for item in session.items:
+            names = _servers_of(item)
+            _MODULE_SERVERS.setdefault(item.path, set()).update(names)
+            for name in names:
+                _LAST_USER[(item.path, name)] = item.nodeid
+        return
     for item in session.items:
-        for name in set(getattr(item, "fixturenames", ())) & set(_SERVER_NAMES):
+        for name in _servers_of(item):
             _LAST_USER[name] = item.nodeid
     wanted = set(_LAST_USER)
     if not wanted or session.config.option.collectonly or not (_model_dir() / "config.json").is_file():
@@ -103,10 +142,28 @@ def pytest_collection_finish(session):
             _launch(name)
 
 
+_STARTED_MODULES: set = set()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if not _XDIST or item.path in _STARTED_MODULES or not (_model_dir() / "config.json").is_file():
+        return
+    _STARTED_MODULES.add(item.path)
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        return
+    for name in _SERVER_NAMES:
+        if name in _MODULE_SERVERS.get(item.path, ()):
+            _launch(name)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """Stop a server once the last test that uses it is done (frees its memory for the rest of the run)."""
-    for name, last in _LAST_USER.items():
+    for key, last in _LAST_USER.items():
+        name = key[1] if _XDIST else key
         if last == item.nodeid and name in _SERVERS:
             _SERVERS.pop(name).stop()
 
@@ -118,8 +175,14 @@ def pytest_sessionfinish(session, exitstatus):
 _SERVER_NAMES = ("reliability_server", "sphkv_server", "dp2_server", "dense_server")   # launch order: first needed first
 
 
+def _server_scope(fixture_name, config) -> str:
+    # Under xdist a worker stops a module's servers when the module ends (see pytest_collection_finish),
+    # so a later module on the same worker must get a fresh one, not a cached handle to a stopped server.
+    return "module" if _XDIST else "session"
+
+
 def _server_fixture(name: str):
-    @pytest.fixture(scope="session", name=name)
+    @pytest.fixture(scope=_server_scope, name=name)
     def fixture(model_path):
         pytest.importorskip("sglang")
         srv = _launch(name)
