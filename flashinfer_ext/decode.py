@@ -21,9 +21,12 @@ from .ops import NAMESPACE, absent, config_key
 __all__ = ["BatchDecodeWithSphKVPagedKVCacheWrapper", "resolve_backend"]
 
 _VARIANT_KEYS = ("kernel", "maxnreg", "tab16", "lut16", "asm_values", "prefetch")
-# ``kernel_options["row_tables"]`` (default 1): with the row-wise kernel on the GPU, one launch per coded tier rotates
-# the queries and builds each (request, kv head)'s level-1 table once (``coded_row_tables``), shared by the row's
-# work items; 0 restores the per-work-item tables and the torch query rotation (the previous path, for timing)
+# ``kernel_options["row_tables"]``: with the row-wise kernel on the GPU, one launch per coded tier rotates the queries
+# and builds each (request, kv head)'s level-1 table once (``coded_row_tables``), shared by the row's work items;
+# 0 keeps the per-work-item tables and the torch query rotation. Default: on from this head_dim up — H200, 2026-12-02
+# (NOTES.md): d = 128 every shape faster (8 x 32K 317.8 -> 298.9 us, 1 x 8K 51.8 -> 43.3 us), d = 64 slower
+# (8 x 32K 177.9 -> 209.2 us: the kernel reading a shared table compiled slower there)
+ROW_TABLES_MIN_HEAD_DIM = 128
 CODED_PROGRAMS_PER_SM = 8          # split-K target with a coded tier present (row-wise kernel: 2-warp programs)
 
 _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
@@ -138,9 +141,10 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             :data:`CODED_PROGRAMS_PER_SM` when a coded tier is present, 2 for dense-only batches, as
             measured on an H100 — NOTES.md), and for coded tiers ``kernel`` (``"rowwise"``/``"tile"``),
             ``maxnreg``, ``tab16``, ``lut16``, ``asm_values``, ``prefetch`` (see
-            :func:`sphkv_kernels.decode.coded_decode_partial`), ``row_tables`` (1, the default: per-row
-            level-1 tables and the query rotation in one launch per coded tier, :func:`sphkv_kernels.decode.
-            coded_row_tables`; 0: per-work-item tables, the query rotated by ``torch.matmul``).
+            :func:`sphkv_kernels.decode.coded_decode_partial`), ``row_tables`` (1: per-row level-1 tables
+            and the query rotation in one launch per coded tier, :func:`sphkv_kernels.decode.coded_row_tables`; 0:
+            per-work-item tables, the query rotated by ``torch.matmul``; default 1 from head_dim
+            :data:`ROW_TABLES_MIN_HEAD_DIM` up, as measured on an H200).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -224,7 +228,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         # queries by one launch per tier (row_tables), or one per work item inside the kernel (one shared buffer)
         kopt = dict(kernel_options or {})
         variant = {k: v for k, v in kopt.items() if k in _VARIANT_KEYS}
-        use_tables = (backend == "triton" and bool(int(kopt.get("row_tables", 1)))
+        use_tables = (backend == "triton" and bool(int(kopt.get("row_tables", head_dim >= ROW_TABLES_MIN_HEAD_DIM)))
                       and variant.get("kernel", "auto") in ("auto", "rowwise")
                       and (variant.get("kernel") == "rowwise" or DEFAULT_CODED_KERNEL == "rowwise"))
         tables, variants, tab16s = {}, {}, {}

@@ -217,36 +217,47 @@ def _write_level1_table(qrow, gq, gmask_q, lut_ptr, tab, qk_scale, N1: tl.conste
 @triton.jit
 def _row_tables_kernel(q_ptr, stride_qb, stride_qh, rt_ptr, qr_ptr, stride_rb, stride_rh, lut_ptr, tab_ptr,
                        num_kv_heads, qk_scale,
-                       HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr, G_PAD: tl.constexpr,
-                       LB1: tl.constexpr, LT1: tl.constexpr, TAB16: tl.constexpr, BJ: tl.constexpr,
-                       DOT_PREC: tl.constexpr):
-    """One program per row ``(request, kv head)``: the rotated queries ``q_rot = q @ R.T`` of the row's ``GROUP``
-    query heads (written to ``qr_ptr``, float32) and the row's level-1 table (:func:`_write_level1_table`) at
-    ``tab_ptr + row * N1 * C1 * GP``, read by every work item of the row (``ROW_TABLE``)."""
+                       HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+                       LB1: tl.constexpr, LT1: tl.constexpr, TAB16: tl.constexpr, IB: tl.constexpr):
+    """Program ``(row, block)``: for the ``IB`` coordinate pairs ``i`` of ``block`` and the row's ``GROUP`` query heads,
+    the rotated query columns ``q_rot[:, 2i]``, ``q_rot[:, 2i+1]`` (``q @ R.T`` by float32 FMAs over 32-wide chunks of
+    ``d``; written to ``qr_ptr``, float32) and the row's level-1 table entries ``T[i, c, g] = qk_scale (q_rot[g, 2i]
+    cos θ_c + q_rot[g, 2i+1] sin θ_c)`` at ``tab_ptr + row * N1 * C1 * GP`` (layout ``[N1, C1, GP]``, rows
+    ``g >= GROUP`` zero), read by every work item of the row (the decode kernel's ``ROW_TABLE``). No barrier, no
+    reload: each program writes only what it computed."""
     row = tl.program_id(0)
+    blk = tl.program_id(1)
     b = (row // num_kv_heads).to(tl.int64)
     kvh = row % num_kv_heads
     N1: tl.constexpr = HEAD_DIM // 2
     C1: tl.constexpr = 1 << LB1
-    g16 = tl.arange(0, G_PAD)
-    gm16 = g16 < GROUP
-    dd = tl.arange(0, HEAD_DIM)
-    heads16 = (kvh * GROUP + g16).to(tl.int64)
-    q = tl.load(q_ptr + b * stride_qb + heads16[:, None] * stride_qh + dd[None, :], mask=gm16[:, None],
-                other=0.0).to(tl.float32)                                                       # [G_PAD, d]
-    jj = tl.arange(0, BJ)
-    for j0 in tl.static_range(0, HEAD_DIM, BJ):
-        rt = tl.load(rt_ptr + dd[:, None] * HEAD_DIM + (j0 + jj)[None, :])                      # [d, BJ] of R.T
-        qr = tl.dot(q, rt, input_precision=DOT_PREC)                                            # [G_PAD, BJ]
-        tl.store(qr_ptr + b * stride_rb + heads16[:, None] * stride_rh + (j0 + jj)[None, :], qr, mask=gm16[:, None])
-    tl.debug_barrier()                        # the block's q_rot stores are visible to the block's loads below
     gq = tl.arange(0, GP)
-    qrow = qr_ptr + b * stride_rb + (kvh * GROUP + gq).to(tl.int64) * stride_rh
+    gm = gq < GROUP
+    heads = (kvh * GROUP + gq).to(tl.int64)
+    ii = blk * IB + tl.arange(0, IB)                                                            # pair indices
+    KB: tl.constexpr = 32 if HEAD_DIM > 32 else HEAD_DIM
+    kk = tl.arange(0, KB)
+    qe = tl.zeros([GP, IB], tl.float32)
+    qo = tl.zeros([GP, IB], tl.float32)
+    for k0 in tl.static_range(0, HEAD_DIM, KB):     # q_rot columns 2i, 2i+1 = q @ R.T[:, 2i], exact float32 FMAs
+        qk = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + (k0 + kk)[None, :], mask=gm[:, None],
+                     other=0.0).to(tl.float32)                                                  # [GP, KB]
+        re = tl.load(rt_ptr + (k0 + kk)[:, None] * HEAD_DIM + 2 * ii[None, :])                  # [KB, IB]
+        ro = tl.load(rt_ptr + (k0 + kk)[:, None] * HEAD_DIM + 2 * ii[None, :] + 1)
+        qe += tl.sum(qk[:, :, None] * re[None, :, :], 1)
+        qo += tl.sum(qk[:, :, None] * ro[None, :, :], 1)
+    qrow = qr_ptr + b * stride_rb + heads[:, None] * stride_rh
+    tl.store(qrow + 2 * ii[None, :], qe, mask=gm[:, None])
+    tl.store(qrow + 2 * ii[None, :] + 1, qo, mask=gm[:, None])
+    cc = tl.arange(0, C1)
+    cos1 = tl.load(lut_ptr + (LT1 + cc) * 2)
+    sin1 = tl.load(lut_ptr + (LT1 + cc) * 2 + 1)
+    t = (qe[:, :, None] * cos1[None, None, :] + qo[:, :, None] * sin1[None, None, :]) * qk_scale   # [GP, IB, C1]
     if TAB16:
         tab = tab_ptr.to(tl.pointer_type(tl.float16)) + row.to(tl.int64) * (N1 * C1 * GP)
     else:
         tab = tab_ptr + row.to(tl.int64) * (N1 * C1 * GP)
-    _write_level1_table(qrow, gq, gq < GROUP, lut_ptr, tab, qk_scale, N1, C1, GP, LT1)
+    tl.store(tab + (ii[None, :, None] * C1 + cc[None, None, :]) * GP + gq[:, None, None], t.to(tab.dtype.element_ty))
 
 
 @triton.jit

@@ -141,8 +141,9 @@ def coded_row_tables(q, q_rot, tables, *, layout: CodedLayout, num_kv_heads: int
                      tab16: bool | None = None) -> None:
     """Rotated queries and the row-wise kernel's level-1 table of every row, once per decode step (Triton).
 
-    One program per row ``r = request * num_kv_heads + kv_head``: ``q_rot[b, h] = q[b, h] @ R.T`` (``R`` =
-    ``layout.key_rotation``; tensor-core dot at tf32x3 on GPU, IEEE float32 under the interpreter) and
+    Programs ``(row, block of 16 coordinate pairs)``, ``row = request * num_kv_heads + kv_head``: ``q_rot[b, h] =
+    q[b, h] @ R.T`` (``R`` =
+    ``layout.key_rotation``; float32 FMAs) and
     ``T_r[i, c, g] = qk_scale (q_rot[g, 2i] cos θ_c + q_rot[g, 2i+1] sin θ_c)`` (``qk_scale = sm_scale · log2 e``,
     ``θ_c`` the level-1 angle of code ``c``, ``g < GP`` the row's query heads padded to a power of two, rows
     ``g >= G`` zero) stored as ``[num_rows, d / 2, 2**level_bits[0], GP]`` at the start of ``tables`` (float16
@@ -165,11 +166,12 @@ def coded_row_tables(q, q_rot, tables, *, layout: CodedLayout, num_kv_heads: int
         raise ValueError(f"level_bits[0]={layout.level_bits[0]}: the row tables cover level-1 widths <= 5 bits")
     tab16 = default_tab16() if tab16 is None else bool(tab16)
     consts = layout.on(q.device)
-    _row_tables_kernel[(b * num_kv_heads,)](
+    ib = min(16, d // 2)
+    _row_tables_kernel[(b * num_kv_heads, d // 2 // ib)](
         q, q.stride(0), q.stride(1), consts["key_rotation_t"], q_rot, q_rot.stride(0), q_rot.stride(1),
         consts["lut"], tables, num_kv_heads, float(sm_scale) * LOG2E,
-        HEAD_DIM=d, GROUP=g, GP=_pow2(g), G_PAD=_g_pad(g), LB1=layout.level_bits[0], LT1=layout.lut_offsets[0],
-        TAB16=tab16, BJ=max(16, min(64, 4096 // d)), DOT_PREC="ieee" if interpreting() else "tf32x3", num_warps=4)
+        HEAD_DIM=d, GROUP=g, GP=_pow2(g), LB1=layout.level_bits[0], LT1=layout.lut_offsets[0],
+        TAB16=tab16, IB=ib, num_warps=4)
 
 
 def coded_row_tables_reference(q, q_rot, tables, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,

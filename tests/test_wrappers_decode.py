@@ -62,6 +62,24 @@ def test_decode_matches_oracle(device, backend, seq_lens, page_size, group):
     torch.testing.assert_close(lse.double().cpu(), ref_lse, **_tol(device, backend))
 
 
+@pytest.mark.parametrize("row_tables", [0, 1])
+def test_row_tables_path_matches_oracle(device, row_tables):
+    """Per-row level-1 tables (one launch per coded tier rotating the queries too) and the per-work-item path agree
+    with the oracle on a mixed batch: dense, sphkv-4 (row-wise kernel, table launch) and sphkv-2 (not row-wise at
+    head_dim 64: its queries are rotated by torch.matmul in the same run)."""
+    ts = TierSet.default(head_dim=64, page_size=16)
+    cache = random_paged_cache(ts.tiers, seq_lens=[54, 17, 40], num_kv_heads=2, head_dim=64, page_size=16,
+                               device=device, seed=11)
+    w = _wrapper(ts, device, "auto")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 6, 2, 64, 16,
+           page_lens=cache.page_lens, pages_per_split=2, kernel_options=dict(row_tables=row_tables))
+    assert bool(w._plan["tables"]) == bool(row_tables)
+    q = torch.randn(3, 6, 64, device=device)
+    out = w.run(q, cache.pools)
+    ref_out, _ = dense_oracle(q, cache, sm_scale=64 ** -0.5)
+    torch.testing.assert_close(out.double().cpu(), ref_out, **_tol(device, "auto"))
+
+
 def test_flashinfer_last_page_len_convention(device):
     """Without ``page_lens``, every entry is full except each row's last (``last_page_len``)."""
     ts = TierSet.default(head_dim=64, page_size=16)

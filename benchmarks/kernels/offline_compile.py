@@ -60,7 +60,7 @@ def rowwise() -> None:
            "work_ptr": "*i32", "page_ids_ptr": "*i32", "page_lens_ptr": "*i32", "po_ptr": "*fp32",
            "pl_ptr": "*fp32", "logit_ptr": "*fp32", "stride_qb": "i32", "stride_qh": "i32",
            "num_kv_heads": "i32", "qk_scale": "fp32"}
-    for d in (128,):
+    for d in (128,) if "--tables-only" not in sys.argv else ():
         lay = CodedLayout.from_config(SphKVConfig.from_name("sphkv-4", head_dim=d, page_size=64))
         vb = lay.value_code_bytes
         for row_table in (False, True):
@@ -75,8 +75,8 @@ def rowwise() -> None:
         sig = {"q_ptr": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "rt_ptr": "*fp32", "qr_ptr": "*fp32",
                "stride_rb": "i32", "stride_rh": "i32", "lut_ptr": "*fp32", "tab_ptr": "*fp32", "num_kv_heads": "i32",
                "qk_scale": "fp32"}
-        const = dict(HEAD_DIM=d, GROUP=4, GP=4, G_PAD=16, LB1=lay.level_bits[0], LT1=lay.lut_offsets[0], TAB16=True,
-                     BJ=max(16, min(64, 4096 // d)), DOT_PREC="tf32x3")
+        const = dict(HEAD_DIM=d, GROUP=4, GP=4, LB1=lay.level_bits[0], LT1=lay.lut_offsets[0], TAB16=True,
+                     IB=16)
         _compile(_row_tables_kernel, sig, const, 4, f"row tables d={d}")
 
 
