@@ -127,10 +127,12 @@ def _run_seam(device, backend):
         pp = st.plan_pages(rows, lens)
         w.plan(torch.arange(4), pp["indptr"], pp["indices"], pp["page_tiers"], None, H * G, H, D, P,
                page_lens=pp["page_lens"], device=device)
+        lens_dev = lens.to(device)                                 # the host-to-device copy is not the plan's
         if device == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")                # any host sync in the plan raises
         try:
-            ps = st.plan_pages_static(rows_dev, lens.to(device), max_pages, out=bufs)
+            ps = st.plan_pages_static(rows_dev, lens_dev, max_pages, out=bufs)
         finally:
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
