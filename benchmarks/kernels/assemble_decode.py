@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Assemble ``benchmarks/results/decode.json`` / ``decode.md`` from the committed raw results of the H200 calls.
 
-Session of 2026-12-02, two device calls (issue 10): call 1 wrote its rows as JSON (``decode_h200_run4.json``);
-call 2's sweep was killed by its own timeout while FlashInfer JIT-built its head_dim-256 module, so its JSON was
-never written and its rows are parsed from the printed table and breakdown lines of ``decode_h200_run5.log``.
-Derived fields (bytes moved, GB/s, speedups) are recomputed with the formulas of ``bench_decode.py``; the
-recomputed % of copy bandwidth is checked against the printed one. CPU only::
+Runs 6 and 7 (2026-12-02, second session): both wrote partial JSON (``decode_h200_run{6,7}.json``, the sweep's
+``decode.partial.json``); run 7's sweep was cut after timing ADA at its last shape, whose numbers are parsed from
+the log (:func:`_tail_shape`). :func:`main` says which row comes from where. (Runs 4-5 were assembled the same way by
+this script's previous version; :func:`parse_log` reads a printed table.) Derived fields are recomputed with the
+formulas of ``bench_decode.py``. CPU only::
 
     python benchmarks/kernels/assemble_decode.py
 """
@@ -80,28 +80,79 @@ def parse_log(path: Path, run: str) -> tuple[float, list[dict]]:
     return copy, rows
 
 
+LAST_ROW = re.compile(r"\(row: ([\d.]+)\)")
+
+
+def _derive(row: dict) -> dict:
+    """Recompute a row's speedups, GB/s and copy fraction (``bench_decode.measure_row``'s formulas)."""
+    ada = row["ada_us"]
+    for key, base in (("speedup_vs_bf16", "fi_bf16_us"), ("speedup_vs_bf16_tc", "fi_bf16_tc_us"),
+                      ("speedup_vs_fp8_tc", "fi_fp8_tc_us"), ("speedup_vs_triton_bf16", "triton_bf16_us"),
+                      ("speedup_vs_sdpa", "sdpa_us")):
+        row[key] = round(row[base] / ada, 3) if ada and row.get(base) else None
+    row["gb_s"] = round(row["ada_bytes"] / (ada * 1e-6) / 1e9, 1)
+    row["copy_fraction"] = round(row["gb_s"] / row["copy_gb_s"], 3)
+    return row
+
+
+def _tail_shape(log: Path) -> dict:
+    """The ADA time (the ``(row: X)`` of its ``--compare`` lines) and breakdown of the shape a sweep was timing when
+    its timeout killed it, before the FlashInfer baselines of that shape were printed."""
+    text = log.read_text().splitlines()
+    last_table = max(i for i, line in enumerate(text) if ROW.match(line))
+    tail = text[last_table + 1:]
+    ada = [float(m.group(1)) for line in tail if (m := LAST_ROW.search(line))]
+    bd = [ast.literal_eval(line.split("breakdown:", 1)[1].strip()) for line in tail if "breakdown:" in line]
+    cmp = {}
+    for line in tail:
+        if (m := re.match(r"^\s+(\{.*\}): ([\d.]+) us \(row: ", line)):
+            cmp[m.group(1)] = float(m.group(2))
+    return dict(ada_us=ada[-1], ada_us_compare=cmp, **(bd[-1] if bd else {}))
+
+
 def main() -> int:
-    run4 = json.loads((RES / "decode_h200_run4.json").read_text())
-    for r in run4["rows"]:
-        r["run"], r["source"] = "h200-run4", "decode_h200_run4.json"
-    copy5, rows5 = parse_log(RES / "decode_h200_run5.log", "h200-run5")
-    _, b1 = parse_log(RES / "decode_h200_run5_b1.log", "h200-run5")
-    rows = run4["rows"] + rows5
+    """decode.json from H200 runs 6 and 7 (2026-12-02, this session's calls 1 and 2; the per-row table launch).
+
+    run 7 (call 2, commit 7a138cc = the code in the tree): 1 x 8K/32K/128K, 8 x 32K, 32 x 32K with FlashInfer in the same
+    run; its sweep was cut by its timeout after timing ADA at 8 x 32K head_dim 64 (``_tail_shape``), before that
+    shape's baselines. run 6 (call 1, commit e89f843): the whole grid + GQA 8 + head_dim 64 with FlashInfer in the
+    same run; same decode kernel and the same defaults at head_dim 128, except the table launch's first version (one
+    4-warp program per row, tf32x3 dot; timed alone 12.7-13.2 us vs 12.9-15.4 us for the final one). Rows of run 6 are
+    used for the shapes run 7 did not time; the head_dim-64 row takes run 7's ADA time (default now without row tables)
+    and run 6's FlashInfer/Triton/SDPA times of the same shape (a different call on the same device)."""
+    r6 = json.loads((RES / "decode_h200_run6.json").read_text())["rows"]
+    r7 = json.loads((RES / "decode_h200_run7.json").read_text())["rows"]
+    shape = lambda r: (r["batch"], r["context"], r["num_qo_heads"], r["num_kv_heads"], r["head_dim"])  # noqa: E731
+    for r in r7:
+        r["run"], r["source"] = "h200-run7", "decode_h200_run7.json (commit 7a138cc, the code in the tree)"
+    done = {shape(r) for r in r7}
+    rows = list(r7)
+    tail = _tail_shape(RES / "decode_h200_run7.log")
+    for r in r6:
+        if shape(r) in done:
+            continue
+        r = dict(r)
+        if (r["head_dim"], r["batch"], r["context"]) == (64, 8, 32768):
+            r.update(run="h200-run7 (ADA) + h200-run6 (baselines)", ada_us_run6_row_tables=r["ada_us"], **tail,
+                     ada_options={}, source="ADA: decode_h200_run7.log (default: no row tables at head_dim 64); "
+                                            "FlashInfer/Triton/SDPA: decode_h200_run6.json (same shape, call 1)")
+            r.pop("ada_tables_us", None)
+            _derive(r)
+        else:
+            r.update(run="h200-run6", source="decode_h200_run6.json (commit e89f843: the first table launch)")
+        rows.append(r)
     key = lambda r: (r["num_qo_heads"] != 32 or r["head_dim"] != 128, r["batch"], r["context"])  # noqa: E731
     rows.sort(key=key)                                       # the 32/8/128 grid first (README lookup), then extras
-    res = dict(device=run4["device"], copy_gb_s=run4["copy_gb_s"], torch=run4["torch"], triton=run4["triton"],
+    res = dict(device="NVIDIA H200", copy_gb_s=rows[0]["copy_gb_s"], torch="2.11.0+cu130", triton="3.6.0",
                tuned={"best": {}}, rows=rows, encode=[],
-               batch1_splits=[dict(programs_per_sm=pps, **{k: v for k, v in r.items() if k.startswith("ada_")})
-                              for pps, r in zip((4, 16), b1)],
-               not_measured=["8 x 32K 32/8/256: call 2's sweep timed out while FlashInfer JIT-built its head_dim-256 "
-                             "decode module (and ADA's merge at d = 256 runs the PyTorch reference on CUDA); "
-                             "device budget spent"],
-               note="Rows from two H200 calls of 2026-12-02 (run4: JSON; run5: parsed from the printed log, see "
+               not_measured=["8 x 32K 32/8/256: run 6's sweep timed out in it (the merge at d = 256 runs the PyTorch "
+                             "reference on CUDA; FlashInfer JIT-builds a head_dim-256 module); device budget spent"],
+               note="Rows from two H200 calls of 2026-12-02 (runs 6 and 7; each row names its run and source; see "
                     "benchmarks/kernels/assemble_decode.py) with the row-wise ADA kernel at its defaults (block 64, "
-                    "1 warp, float16 tables, 8 programs/SM) and the blocked merge; FlashInfer 0.7.2.post1 JIT-built "
-                    "on the device. ada_kernel_us / ada_merge_*_us: the coded kernel and the merge timed alone "
-                    "(batch <= 8). batch1_splits: 1 x 32K at 4 and 16 programs per SM (FlashInfer not timed). "
-                    "Device-to-device copy per run: run4 %.0f GB/s, run5 %.0f GB/s." % (run4["copy_gb_s"], copy5))
+                    "1 warp, float16 tables, 8 programs/SM, per-row level-1 tables from head_dim 128) and the blocked "
+                    "merge (64 slots per step); FlashInfer 0.7.2.post1 JIT-built on the device. ada_us_compare: the "
+                    "same shape with other kernel_options in the same run; ada_tables_us / ada_kernel_us / "
+                    "ada_merge_*_us: the table launch, the coded kernel and the merge timed alone (batch <= 8).")
     (RES / "decode.json").write_text(json.dumps(res, indent=1) + "\n")
     write_markdown(res, RES / "decode.md")
     print(f"{len(rows)} rows -> {RES / 'decode.json'}")
