@@ -7,9 +7,10 @@ log2-domain partial states, the ``G_PAD``-row tensor-core dots) are those of
 
 How the logits are formed (the design's angular recurrence, top-down):
 
-* per work item, a table ``T[i, c, g] = q_rot[g, 2i] cos θ_c + q_rot[g, 2i+1] sin θ_c`` (scaled by
-  ``qk_scale``) over the level-1 codes ``c`` of every coordinate pair ``i`` is written once to a scratch
-  buffer (``[N1, C1, GP]`` float32, 16 KB at d = 128, 4-bit level 1, GP = 4: it stays in L1);
+* a table ``T[i, c, g] = q_rot[g, 2i] cos θ_c + q_rot[g, 2i+1] sin θ_c`` (scaled by ``qk_scale``) over the
+  level-1 codes ``c`` of every coordinate pair ``i`` (``[N1, C1, GP]``, 8 KB in float16 at d = 128, 4-bit level 1,
+  GP = 4: it stays in L1) — once per row by :func:`_row_tables_kernel` (which also writes ``q_rot``), read by every
+  work item of the row (``ROW_TABLE``), or else once per work item in a scratch buffer;
 * every token is handled by one thread: its packed code (``KW`` 32-bit words, loaded once) is read with
   constant shifts (field offsets are compile-time constants of the tier), the polar tree is walked
   depth-first with one prefix product per level (``w_i`` = product of the cos/sin of the pair's
