@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack_bits, packed_bytes, unpack_bits
+from .packing import packed_bytes
 from .tiers import PAGE_META_BYTES, Tier, TierSet
+from .values import dequantize_groups, quantize_groups
 
 __all__ = ["GridTier", "GridQuantizer", "GridTierPool", "grid_tierset", "GRID_BITS"]
 
@@ -88,19 +89,12 @@ class GridQuantizer:
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` ``[..., d]`` → (codes ``[..., code_bytes]`` uint8, scale ``[...]`` fp16, zero ``[...]`` fp16)."""
-        x = x.to(torch.float32)
-        lo, hi = x.amin(-1), x.amax(-1)
-        levels = (1 << self.bits) - 1
-        scale = ((hi - lo) / levels).to(torch.float16)
-        zero = lo.to(torch.float16)
-        s = scale.to(torch.float32).clamp_min(1e-8)[..., None]
-        q = torch.round((x - zero.to(torch.float32)[..., None]) / s).clamp(0, levels)
-        return pack_bits(q.to(torch.int64), self.widths), scale, zero
+        codes, scale, zero = quantize_groups(x.to(torch.float32), self.bits, self.head_dim, self.widths)
+        return codes, scale[..., 0], zero[..., 0]                        # one group: the whole head
 
     def decode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode` → ``[..., d]`` float32."""
-        q = unpack_bits(codes, self.widths).to(torch.float32)
-        return zero.to(torch.float32)[..., None] + q * scale.to(torch.float32)[..., None]
+        return dequantize_groups(codes, scale[..., None], zero[..., None], self.widths)
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` ``[..., d]`` → float32."""
