@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from flashinfer_ext import BatchPrefillWithSphKVPagedKVCacheWrapper
-from flashinfer_ext.prefill import merge_state
+from sphkv.attention import dense_attention, merge_state
 
 from .page_table import PageTableError
 
@@ -89,7 +89,7 @@ def dense_tokens(store, layer: int, slots: torch.Tensor, start: int, end: int) -
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                      window: int, scale: float, cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense sliding-window attention (the float32 reference the kernels' states are merged with).
+    """Dense sliding-window attention (:func:`sphkv.attention.dense_attention` under the window's mask).
 
     ``q`` ``[n, Hq, d]``, ``k`` / ``v`` ``[Hkv, m, d]`` (GQA: ``Hq`` a multiple of ``Hkv``), ``q_pos`` ``[n]``,
     ``k_pos`` ``[m]`` absolute positions; key ``j`` is visible to query ``i`` iff
@@ -97,22 +97,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     ``o`` ``[n, Hq, dv]`` float32 (zeros where nothing is visible) and ``lse`` ``[n, Hq]`` float32
     (natural log; ``-inf`` where nothing is visible).
     """
-    hq, hkv = q.shape[1], k.shape[0]
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
-    g = hq // hkv
-    qf = q.float().transpose(0, 1)                                            # [Hq, n, d]
-    kf = k.float().repeat_interleave(g, 0)                                    # [Hq, m, d]
-    vf = v.float().repeat_interleave(g, 0)
-    sc = (qf @ kf.transpose(1, 2)) * scale                                    # [Hq, n, m]
-    if cap > 0:
-        sc = cap * torch.tanh(sc / cap)
-    dist = q_pos.to(sc.device)[:, None] - k_pos.to(sc.device)[None, :]
-    sc = sc.masked_fill(~((dist >= 0) & (dist <= window)), float("-inf"))
-    lse = torch.logsumexp(sc, -1)                                             # [Hq, n]
-    p = torch.exp(sc - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    o = (p @ vf).transpose(0, 1)                                              # [n, Hq, dv]
-    return o.contiguous(), lse.transpose(0, 1).contiguous()
+    dist = q_pos.to(q.device)[:, None] - k_pos.to(q.device)[None, :]
+    return dense_attention(q, k, v, scale=scale, visible=(dist >= 0) & (dist <= window), cap=cap)
 
 
 class SlidingWindowAttention:
