@@ -7,10 +7,9 @@
 * fill every physical page it frees (release, demotion, flush) with poison in every layer: key and
   value codes ``0xFF``, radii, page means, value scales and zero points NaN;
 * fill every staging slot it frees with NaN;
-* check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages`, and
-  every :meth:`SphKVStore.read_prefix`): a NaN radius, mean, scale or staged token means the page
-  table pointed at a freed page, and :class:`PoisonedReadError` is raised naming the layer and the
-  logical pages.
+* check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages`): a NaN
+  radius or staged token means the page table pointed at a freed page, and :class:`PoisonedReadError`
+  is raised naming the layer and the logical pages.
 
 It costs a few tensor fills per free and one NaN scan per read: for tests and load tests, not for
 production serving.
@@ -52,21 +51,6 @@ def _poison_stage(store, slots: list[int]) -> None:
         idx = torch.tensor(slots, dtype=torch.int64, device=store.k_stage.device)
         store.k_stage[:, idx] = float("nan")
         store.v_stage[:, idx] = float("nan")
-
-
-def _check_view(view, layer: int) -> None:
-    for seg in view.segments:
-        m = seg.pages.numel()
-        bad = torch.zeros(m, dtype=torch.bool)
-        for t in (seg.kcode.radius, seg.kcode.mean, seg.vcode.scale):        # [H, m*P, ...] or [H, m, d]
-            bad |= torch.isnan(t.float()).reshape(t.shape[0], m, -1).any(-1).any(0).cpu()
-        if bool(bad.any()):
-            raise PoisonedReadError(f"layer {layer}: coded page(s) {seg.pages[bad].tolist()[:8]} (tier {seg.tier}) "
-                                    "are poisoned: read after free")
-    if view.dense_k is not None and bool(torch.isnan(view.dense_k.float()).any()):
-        rows = torch.isnan(view.dense_k.float()).any(-1).any(0).cpu()
-        pages = sorted(set(view.dense_pages[rows].tolist()))[:8]
-        raise PoisonedReadError(f"layer {layer}: staged tokens of page(s) {pages} are poisoned: read after free")
 
 
 def _check_plan(store, plan: dict, slots_lens) -> None:
@@ -123,18 +107,10 @@ def enable_poison(store) -> None:
         store.k_stage.fill_(float("nan"))
         store.v_stage.fill_(float("nan"))
 
-    read_prefix = store.read_prefix
-
-    def checked_read(layer: int, slots: torch.Tensor):
-        view = read_prefix(layer, slots)
-        _check_view(view, layer)
-        return view
-
     table.free_phys_page = free_phys_page
     table.finish_pending = lambda pages: _freed_slots(finish_pending, pages)
     table.release = lambda pages: _freed_slots(release, pages)
     table.reset = poisoned_reset
-    store.read_prefix = checked_read
     plan_pages = store.plan_pages
 
     def checked_plan(slots, lens):

@@ -121,6 +121,12 @@ def _coded(st_, pages):
             for name in ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale")}
 
 
+def _read(st_, slots):
+    """The batch plan of one request reading ``slots`` (what the backend hands to attention)."""
+    slots = slots.to(torch.int64)
+    return st_.plan_pages(slots[None], torch.tensor([slots.numel()]))
+
+
 def test_serving_default_sanitizes_nonfinite():
     """What ``--sphkv`` alone gives (no nonfinite key anywhere) zeroes and counts a NaN row instead of
     raising: built through the launcher's own resolve path, then written to."""
@@ -130,8 +136,7 @@ def test_serving_default_sanitizes_nonfinite():
     k[3, 1, 5] = float("nan")
     st_.write(0, torch.arange(P, 2 * P), k, v)                 # must not raise
     assert st_.counters["nonfinite_rows"] == 1
-    view = st_.read_prefix(0, torch.arange(P, 2 * P))
-    assert all(bool(torch.isfinite(s.kcode.radius.float()).all()) for s in view.segments)
+    assert bool(torch.isfinite(_coded(st_, torch.tensor([1]))["k_radius"].float()).all())
 
 
 def test_nonfinite_rows_are_zeroed_counted_and_other_pages_untouched():
@@ -147,8 +152,8 @@ def test_nonfinite_rows_are_zeroed_counted_and_other_pages_untouched():
     assert dirty.counters["nonfinite_rows"] == 2 * 2 and clean.counters["nonfinite_rows"] == 0
     a, b = _coded(clean, torch.tensor([1, 2])), _coded(dirty, torch.tensor([1, 2]))
     assert all(torch.equal(a[n], b[n]) for n in a)       # pages 1, 2 bit-identical
-    view = dirty.read_prefix(1, loc)
-    assert all(bool(torch.isfinite(s.kcode.radius.float()).all()) for s in view.segments)
+    coded = _coded(dirty, torch.tensor([1, 2, 3]))
+    assert all(bool(torch.isfinite(coded[n].float()).all()) for n in ("k_radius", "k_mean", "v_scale"))
 
 
 def test_nonfinite_raise_names_layer_and_corrupts_nothing_else():
@@ -180,17 +185,17 @@ def test_poisoned_stale_page_read_fails_loudly():
     loc = torch.arange(P, 3 * P + 3)
     for layer in range(2):
         st_.write(layer, loc, k, v)
-    st_.read_prefix(0, loc)                               # live pages read fine
+    _read(st_, loc)                                       # live pages read fine
     tier, phys, stage = int(st_.table.tier_of[1]), int(st_.table.phys_of[1]), int(st_.table.stage_of[3])
     st_.release(torch.tensor([1, 3]))
     with pytest.raises(PageTableError, match="read after free"):
-        st_.read_prefix(0, loc)                           # the table itself refuses freed pages
+        _read(st_, loc)                                   # the table itself refuses freed pages
     st_.table.tier_of[1], st_.table.phys_of[1], st_.table.stage_of[3] = tier, phys, -1
-    with pytest.raises(PoisonedReadError, match=r"coded page\(s\) \[1\]"):
-        st_.read_prefix(0, loc[:2 * P])                   # a stale table entry hits poison
+    with pytest.raises(PoisonedReadError, match=r"page\(s\) \[1\] of the batch plan are poisoned"):
+        _read(st_, loc[:2 * P])                           # a stale table entry hits poison
     st_.table.tier_of[1], st_.table.stage_of[3] = -1, stage
-    with pytest.raises(PoisonedReadError, match="staged tokens"):
-        st_.read_prefix(1, torch.cat([loc[P:2 * P], loc[2 * P:]]))
+    with pytest.raises(PoisonedReadError, match=r"page\(s\) \[3\] of the batch plan are poisoned"):
+        _read(st_, torch.cat([loc[P:2 * P], loc[2 * P:]]))      # a stale staging slot hits poison
 
 
 # -- 2. hypothesis-driven sequences over SGLang's allocator + radix cache + the sphkv pool ----------------
@@ -302,9 +307,11 @@ def test_pool_invariants_under_random_sequences(ops):
             ms = [s.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", key[:P] + [c] * P))))
                   for c in (1, 2)]
             if ms[0].device_prefix_len:
-                views = [s.pool.read_prefix(b % 2, s.cache.path_device_indices(m.last_device_node)) for m in ms]
-                for x, y in zip(views[0].segments, views[1].segments):
-                    assert torch.equal(x.kcode.codes, y.kcode.codes) and torch.equal(x.vcode.codes, y.vcode.codes)
+                paths = [s.cache.path_device_indices(m.last_device_node) for m in ms]
+                n = min(x.numel() for x in paths)
+                plans = [_read(s.store, x[:n]) for x in paths]
+                for name in ("indices", "page_tiers", "page_lens", "pages"):      # the same pages, read alike
+                    assert torch.equal(plans[0][name], plans[1][name])
         elif op == "flush" and not locked and not running:
             s.cache.reset()
             s.alloc.clear()
@@ -314,7 +321,7 @@ def test_pool_invariants_under_random_sequences(ops):
             now_tiers, now = _snapshot(s, node)
             assert torch.equal(tiers, now_tiers), "a locked node was demoted"
             assert all(torch.equal(x, y) for x, y in zip(data, now)), "a locked node's bytes changed"
-            s.pool.read_prefix(0, s.cache.path_device_indices(node))   # never poisoned
+            _read(s.store, s.cache.path_device_indices(node))   # never poisoned
     for node, _ in locked:
         s.cache.dec_lock_ref(node)
     for slots in running:
