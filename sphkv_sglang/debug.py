@@ -20,13 +20,13 @@ import os
 
 import torch
 
+from sphkv.pages.arenas import poison_page
+
 from .page_table import PageTableError
 
 __all__ = ["enable_poison", "PoisonedReadError", "ENV_POISON", "poison_requested"]
 
 ENV_POISON = "SPHKV_DEBUG_POISON"
-_FLOAT_FIELDS = ("k_radius", "k_mean", "v_scale", "v_zero")
-_CODE_FIELDS = ("k_codes", "v_codes")
 
 
 class PoisonedReadError(PageTableError):
@@ -38,12 +38,11 @@ def poison_requested() -> bool:
     return os.environ.get(ENV_POISON, "") not in ("", "0")
 
 
-def _poison_phys(store, tier: int, phys: int) -> None:
+def _poison_phys(store, tier: int, phys: int | slice) -> None:
+    """Poison physical page(s) ``phys`` of ``tier`` in every layer (arena pages ``phys * H + head``)."""
+    rows = slice(None) if isinstance(phys, slice) else slice(phys * store.H, (phys + 1) * store.H)
     for layer in range(store.num_layers):
-        for name in _CODE_FIELDS:
-            store._view(tier, layer, name)[phys] = 0xFF
-        for name in _FLOAT_FIELDS:
-            store._view(tier, layer, name)[phys] = float("nan")
+        poison_page(store.arenas[tier][layer], rows)
 
 
 def _poison_stage(store, slots: list[int]) -> None:
@@ -82,34 +81,17 @@ def enable_poison(store) -> None:
         return
     store.poison_freed = True
     table = store.table
-    free_phys, finish_pending, release, reset = (table.free_phys_page, table.finish_pending, table.release,
-                                                 table.reset)
-
-    def free_phys_page(tier: int, phys: int) -> None:
-        _poison_phys(store, tier, phys)
-        free_phys(tier, phys)
-
-    def _freed_slots(fn, pages):
-        pages = pages.to("cpu", torch.int64)
-        valid = pages[(pages > 0) & (pages < table.num_pages)]
-        slots = [int(s) for s in table.stage_of[valid].tolist() if s >= 0]
-        fn(pages)
-        _poison_stage(store, [s for s in slots if s in set(table.free_stage)])
+    reset = table.reset
 
     def poisoned_reset() -> None:
         reset()
         for tier in range(len(store.phys_pages)):
-            for layer in range(store.num_layers):
-                for name in _CODE_FIELDS:
-                    store._view(tier, layer, name).fill_(0xFF)
-                for name in _FLOAT_FIELDS:
-                    store._view(tier, layer, name).fill_(float("nan"))
+            _poison_phys(store, tier, slice(None))
         store.k_stage.fill_(float("nan"))
         store.v_stage.fill_(float("nan"))
 
-    table.free_phys_page = free_phys_page
-    table.finish_pending = lambda pages: _freed_slots(finish_pending, pages)
-    table.release = lambda pages: _freed_slots(release, pages)
+    table.phys.on_free = lambda tier, phys: _poison_phys(store, tier, phys)
+    table.slots.on_free = lambda _, slot: _poison_stage(store, [slot])
     table.reset = poisoned_reset
     plan_pages = store.plan_pages
 
