@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .packing import packed_bytes
+from .pool import PageArena, token_slots
 from .tiers import PAGE_META_BYTES, Tier, TierSet
 from .values import dequantize_groups, quantize_groups
 
@@ -101,7 +102,7 @@ class GridQuantizer:
         return self.decode(*self.encode(x))
 
 
-class GridTierPool:
+class GridTierPool(PageArena):
     """Fixed-size page arena of one coded :class:`GridTier` (see the module docstring for the layout).
 
     Page 0 is never handed out by allocators (padding page), as for :class:`sphkv.pool.TierPool`.
@@ -122,18 +123,12 @@ class GridTierPool:
             raise ValueError(f"num_pages={num_pages!r} must be >= 1")
         self.tier, self.num_pages, self.head_dim, self.page_size = tier, num_pages, head_dim, page_size
         self.quant = GridQuantizer(tier.bits, head_dim=head_dim)
+        self.fields = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
         n, p, cb = num_pages, page_size, self.quant.code_bytes
         for side in ("k", "v"):
             setattr(self, f"{side}_codes", torch.zeros(n, p, cb, dtype=torch.uint8, device=device))
             setattr(self, f"{side}_scale", torch.zeros(n, p, dtype=torch.float16, device=device))
             setattr(self, f"{side}_zero", torch.zeros(n, p, dtype=torch.float16, device=device))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-        return {n: getattr(self, n) for n in names}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def write(self, page: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize ``k``, ``v`` ``[n, d]`` (``1 <= n <= page_size``) into page ``page`` (slots ``0..n-1``)."""
@@ -148,7 +143,7 @@ class GridTierPool:
 
     def read(self, pages: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages ``[n]`` with valid lengths ``[n]`` → dequantized ``(k, v)`` ``[Σ lens, d]`` float32."""
-        sel = torch.cat([torch.arange(int(l)) + int(pg) * self.page_size for pg, l in zip(pages, lens)])
+        sel = token_slots(pages, lens, self.page_size)
         out = []
         for side in ("k", "v"):
             c, s, z = (getattr(self, f"{side}_{f}").flatten(0, 1)[sel] for f in ("codes", "scale", "zero"))

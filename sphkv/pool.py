@@ -23,10 +23,30 @@ from .keys import AngleKeyCodec, KeyCode
 from .tiers import Tier
 from .values import GroupValueQuantizer, ValueCode
 
-__all__ = ["TierPool"]
+__all__ = ["TierPool", "PageArena", "token_slots"]
 
 
-class TierPool:
+def token_slots(pages: torch.Tensor, lens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Rows of the flattened ``[num_pages * P, ...]`` arena holding the first ``lens[i]`` tokens of each of
+    ``pages`` ``[n]``, in order → ``[Σ lens]`` int64 (CPU)."""
+    pages, lens = pages.to("cpu", torch.int64), lens.to("cpu", torch.int64)
+    start = torch.cumsum(lens, 0) - lens                                  # first token of each page in the run
+    return torch.repeat_interleave(pages * page_size - start, lens) + torch.arange(int(lens.sum()))
+
+
+class PageArena:
+    """Base of the page arenas: ``fields`` names the tensors, each ``[num_pages, ...]``."""
+
+    fields: tuple[str, ...] = ()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.fields}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+class TierPool(PageArena):
     """Fixed-size page arena of one :class:`Tier`."""
 
     def __init__(self, tier: Tier, num_pages: int, *, head_dim: int, page_size: int, device="cpu"):
@@ -34,6 +54,7 @@ class TierPool:
             raise ValueError(f"num_pages={num_pages!r} must be >= 1")
         self.tier, self.num_pages, self.head_dim, self.page_size = tier, num_pages, head_dim, page_size
         n, p, d = num_pages, page_size, head_dim
+        self.fields = ("k", "v") if tier.dense else ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
         if tier.dense:
             self.k = torch.zeros(n, p, d, dtype=torch.bfloat16, device=device)
             self.v = torch.zeros(n, p, d, dtype=torch.bfloat16, device=device)
@@ -46,13 +67,6 @@ class TierPool:
         self.v_codes = torch.zeros(n, p, self.vquant.code_bytes, dtype=torch.uint8, device=device)
         self.v_scale = torch.zeros(n, p, g, dtype=torch.float16, device=device)
         self.v_zero = torch.zeros(n, p, g, dtype=torch.float16, device=device)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("k", "v") if self.tier.dense else ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
-        return {n: getattr(self, n) for n in names}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def write(self, page: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Encode ``k``, ``v`` ``[n, d]`` (``1 <= n <= page_size``) into page ``page`` (slots ``0..n-1``)."""
@@ -74,11 +88,11 @@ class TierPool:
         Coded keys come back with one mean per token-page, so ``KeyCode.mean`` is ``None`` and the
         caller gets ``(KeyCode, ValueCode, mean_per_token [T, d])``.
         """
-        sel = torch.cat([torch.arange(int(l)) + int(pg) * self.page_size for pg, l in zip(pages, lens)])
+        sel = token_slots(pages, lens, self.page_size)
         flat = lambda t: t.flatten(0, 1)[sel.to(t.device)]  # noqa: E731
         if self.tier.dense:
             return flat(self.k), flat(self.v)
         kc = KeyCode(codes=flat(self.k_codes), radius=flat(self.k_radius), mean=None)
         vc = ValueCode(codes=flat(self.v_codes), scale=flat(self.v_scale), zero=flat(self.v_zero))
-        page_of = torch.repeat_interleave(pages.to(torch.int64), lens.to(torch.int64))
+        page_of = torch.repeat_interleave(pages.to("cpu", torch.int64), lens.to("cpu", torch.int64))
         return kc, vc, self.k_mean[page_of.to(self.k_mean.device)]

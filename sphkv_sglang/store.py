@@ -24,11 +24,12 @@ from typing import Callable
 
 import torch
 
-from sphkv.keys import AngleKeyCodec, KeyCode
+from sphkv.keys import AngleKeyCodec
+from sphkv.pages.arenas import TIER_KINDS
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier
 from sphkv.validation import check_finite
-from sphkv.values import GroupValueQuantizer, ValueCode
+from sphkv.values import GroupValueQuantizer
 
 from .config import SphKVServeConfig
 from .page_table import PageTable, PageTableError
@@ -37,6 +38,7 @@ __all__ = ["SphKVStore", "plan_phys_pages"]
 
 logger = logging.getLogger(__name__)
 
+_ADA = TIER_KINDS["ada"]        # how a coded arena is written and decoded (shared with sphkv.pages.PagedStore)
 DemotionSource = Callable[[int, int], list]      # (tier, num_pages) -> coldest demotable logical pages
 
 
@@ -320,16 +322,14 @@ class SphKVStore:
             self.counters["pages_coded"][tier] += 1
         return [(t, torch.tensor([p for p, _ in v]), torch.tensor([f for _, f in v])) for t, v in out.items()]
 
+    def _page_ids(self, phys: torch.Tensor) -> torch.Tensor:
+        """Arena page ids ``phys * H + head`` of physical pages ``phys`` ``[n]`` → ``[n * H]`` (page-major)."""
+        phys = phys.to(self.device, torch.int64)
+        return (phys[:, None] * self.H + torch.arange(self.H, device=phys.device)).reshape(-1)
+
     def _store_coded(self, layer: int, tier: int, phys: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> None:
-        kc = self.kcodec[tier].encode(kd.float(), name=f"keys of layer {layer}")    # codes [n, H, P, cb]
-        vc = self.vquant[tier].encode(vd.float(), name=f"values of layer {layer}")
-        phys = phys.to(self.device)
-        self._view(tier, layer, "k_codes")[phys] = kc.codes
-        self._view(tier, layer, "k_radius")[phys] = kc.radius
-        self._view(tier, layer, "k_mean")[phys] = kc.mean[..., 0, :]
-        self._view(tier, layer, "v_codes")[phys] = vc.codes
-        self._view(tier, layer, "v_scale")[phys] = vc.scale
-        self._view(tier, layer, "v_zero")[phys] = vc.zero
+        """Code full pages ``kd``, ``vd`` ``[n, H, P, d]`` into physical pages ``phys`` ``[n]`` of ``tier``."""
+        _ADA.write(self.arenas[tier][layer], self._page_ids(phys), kd.reshape(-1, self.d), vd.reshape(-1, self.d))
 
     # -- copy-on-write of a shared page's prefix ----------------------------------------------------
     def copy_page_prefix(self, src_page: int, dst_page: int, count: int) -> None:
@@ -393,11 +393,10 @@ class SphKVStore:
 
     def _decode(self, layer: int, tier: int, phys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion only, never attention)."""
-        kc = KeyCode(codes=self._view(tier, layer, "k_codes")[phys], radius=self._view(tier, layer, "k_radius")[phys],
-                     mean=self._view(tier, layer, "k_mean")[phys][..., None, :])
-        vc = ValueCode(codes=self._view(tier, layer, "v_codes")[phys], scale=self._view(tier, layer, "v_scale")[phys],
-                       zero=self._view(tier, layer, "v_zero")[phys])
-        return self.kcodec[tier].decode(kc), self.vquant[tier].decode(vc)
+        ids = self._page_ids(phys)
+        k, v = _ADA.decode(self.arenas[tier][layer], ids, torch.full_like(ids, self.P))     # [n * H * P, d]
+        shape = (phys.numel(), self.H, self.P, self.d)
+        return k.view(shape), v.view(shape)
 
     # -- retention signal, free, accounting ---------------------------------------------------------
     def add_mass(self, pages: torch.Tensor, mass: torch.Tensor) -> None:

@@ -50,7 +50,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 def _flat_slots(page_ids: torch.Tensor, n: int, page_size: int) -> torch.Tensor:
     """Slot index ``page * P + j`` in the flattened ``[num_pages * P]`` arena of run token ``i``."""
-    i = torch.arange(n)
+    i = torch.arange(n, device=page_ids.device)
     return page_ids.to(torch.int64)[i // page_size] * page_size + i % page_size
 
 
@@ -117,7 +117,7 @@ class AdaKind(TierKind):
     def decode(self, arena, pages, lens):
         kc, vc, mean_tok = self._read(arena, pages, lens)
         y = arena.kcodec.decode_rotated(kc) + mean_tok                  # [T, d] rotated domain
-        return y @ arena.kcodec.rotation, arena.vquant.decode(vc)
+        return y @ arena.kcodec.rotation.to(y.device), arena.vquant.decode(vc)
 
     def block(self, arena, pages, lens, q, scale):
         kc, vc, mean_tok = self._read(arena, pages, lens)
