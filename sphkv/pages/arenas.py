@@ -102,13 +102,16 @@ class AdaKind(TierKind):
     def write(self, arena, page_ids, k, v):
         n, p = k.shape[0], arena.page_size
         kc, vc = arena.kcodec.encode(k), arena.vquant.encode(v)        # codes [n, cb], mean [pages, d]
-        sel = _flat_slots(page_ids, n, p)
-        arena.k_codes.flatten(0, 1)[sel] = kc.codes
-        arena.k_radius.flatten(0, 1)[sel] = kc.radius
         arena.k_mean[page_ids] = kc.mean if kc.mean is not None else torch.zeros_like(arena.k_mean[page_ids])
-        arena.v_codes.flatten(0, 1)[sel] = vc.codes
-        arena.v_scale.flatten(0, 1)[sel] = vc.scale
-        arena.v_zero.flatten(0, 1)[sel] = vc.zero
+        fields = (("k_codes", kc.codes), ("k_radius", kc.radius), ("v_codes", vc.codes), ("v_scale", vc.scale),
+                  ("v_zero", vc.zero))
+        if n % p == 0:                                                  # whole pages: one row per page
+            for name, x in fields:
+                getattr(arena, name)[page_ids] = x.unflatten(0, (n // p, p))
+            return
+        sel = _flat_slots(page_ids, n, p)
+        for name, x in fields:
+            getattr(arena, name).flatten(0, 1)[sel] = x
 
     def _read(self, arena, pages, lens):
         kc, vc, mean_tok = arena.read(pages, lens)                     # mean_tok [T, d] bf16 (rotated)
