@@ -130,16 +130,13 @@ class GridTierPool(PageArena):
             setattr(self, f"{side}_scale", torch.zeros(n, p, dtype=torch.float16, device=device))
             setattr(self, f"{side}_zero", torch.zeros(n, p, dtype=torch.float16, device=device))
 
-    def write(self, page: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize ``k``, ``v`` ``[n, d]`` (``1 <= n <= page_size``) into page ``page`` (slots ``0..n-1``)."""
-        n = k.shape[0]
-        if not 1 <= n <= self.page_size:
-            raise ValueError(f"a page holds 1..{self.page_size} tokens, got {n}")
+    def write_pages(self, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize ``k``, ``v`` ``[n, d]`` (consecutive tokens) into pages ``page_ids`` ``[ceil(n / P)]``, in order."""
+        fields = []
         for side, x in (("k", k), ("v", v)):
             codes, scale, zero = self.quant.encode(x)
-            getattr(self, f"{side}_codes")[page, :n] = codes
-            getattr(self, f"{side}_scale")[page, :n] = scale
-            getattr(self, f"{side}_zero")[page, :n] = zero
+            fields += [(f"{side}_codes", codes), (f"{side}_scale", scale), (f"{side}_zero", zero)]
+        self._put(page_ids, k.shape[0], fields)
 
     def read(self, pages: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages ``[n]`` with valid lengths ``[n]`` → dequantized ``(k, v)`` ``[Σ lens, d]`` float32."""

@@ -38,7 +38,7 @@ __all__ = ["SphKVStore", "plan_phys_pages"]
 
 logger = logging.getLogger(__name__)
 
-_ADA = TIER_KINDS["ada"]        # how a coded arena is written and decoded (shared with sphkv.pages.PagedStore)
+_ADA = TIER_KINDS["ada"]        # how a coded arena's pages are decoded (shared with sphkv.pages.PagedStore)
 DemotionSource = Callable[[int, int], list]      # (tier, num_pages) -> coldest demotable logical pages
 
 
@@ -329,7 +329,7 @@ class SphKVStore:
 
     def _store_coded(self, layer: int, tier: int, phys: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> None:
         """Code full pages ``kd``, ``vd`` ``[n, H, P, d]`` into physical pages ``phys`` ``[n]`` of ``tier``."""
-        _ADA.write(self.arenas[tier][layer], self._page_ids(phys), kd.reshape(-1, self.d), vd.reshape(-1, self.d))
+        self.arenas[tier][layer].write_pages(self._page_ids(phys), kd.reshape(-1, self.d), vd.reshape(-1, self.d))
 
     # -- copy-on-write of a shared page's prefix ----------------------------------------------------
     def copy_page_prefix(self, src_page: int, dst_page: int, count: int) -> None:
