@@ -6,7 +6,9 @@
 
 * fill every physical page it frees (release, demotion, flush) with poison in every layer: key and
   value codes ``0xFF``, radii, page means, value scales and zero points NaN;
-* fill every staging slot it frees with NaN;
+* fill every staging slot it frees with NaN when the next forward begins (its next staging or batch
+  plan): the last layer's write frees the slots of the pages it completes, and that layer's attention
+  still reads them in the same forward;
 * check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages`): a NaN
   radius or staged token means the page table pointed at a freed page, and :class:`PoisonedReadError`
   is raised naming the layer and the logical pages.
@@ -82,20 +84,39 @@ def enable_poison(store) -> None:
     store.poison_freed = True
     table = store.table
     reset = table.reset
+    freed_slots: list[int] = []
 
     def poisoned_reset() -> None:
         reset()
+        freed_slots.clear()
         for tier in range(len(store.phys_pages)):
             _poison_phys(store, tier, slice(None))
         store.k_stage.fill_(float("nan"))
         store.v_stage.fill_(float("nan"))
 
+    # A staging slot is poisoned when the next forward begins (its next staging or batch plan), not when it is
+    # freed: the last layer's write frees the slots of pages it completes and that layer's attention still reads
+    # them (the plan of this forward points there); poisoning at free corrupted exactly that read.
+
+    def poison_freed_slots() -> None:
+        free = set(table.free_stage)
+        _poison_stage(store, [x for x in freed_slots if x in free])
+        freed_slots.clear()
+
+    stage = table.stage
+
+    def poisoning_stage(pages):
+        poison_freed_slots()
+        return stage(pages)
+
     table.phys.on_free = lambda tier, phys: _poison_phys(store, tier, phys)
-    table.slots.on_free = lambda _, slot: _poison_stage(store, [slot])
+    table.slots.on_free = lambda _, slot: freed_slots.append(slot)
+    table.stage = poisoning_stage
     table.reset = poisoned_reset
     plan_pages = store.plan_pages
 
     def checked_plan(slots, lens):
+        poison_freed_slots()
         plan = plan_pages(slots, lens)
         # A decode plan is built before the forward writes each request's new token (its last slot, possibly
         # on a freshly allocated, still poisoned page): check every token but the last of each request.
