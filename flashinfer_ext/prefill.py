@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from sphkv.attention import merge_state as merge_state      # FlashInfer's cascade merge, re-exported
 from sphkv.tiers import Tier, TierSet
 from sphkv_kernels.layout import CodedLayout
 from sphkv_kernels.schedule import entry_page_lens
@@ -31,20 +32,6 @@ from .decode import BatchDecodeWithSphKVPagedKVCacheWrapper, _tier_tensors, reso
 __all__ = ["BatchPrefillWithSphKVPagedKVCacheWrapper", "merge_state"]
 
 _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
-
-
-def merge_state(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):
-    """Merge two attention states over disjoint key sets (FlashInfer's ``merge_state``).
-
-    ``o_*`` ``[N, H, d]`` float32, ``lse_*`` ``[N, H]`` float32 natural-log log-sum-exp (``-inf`` = no keys).
-    Returns ``(o [N, H, d], lse [N, H])``.
-    """
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
-    s = wa + wb
-    o = (o_a * wa[..., None] + o_b * wb[..., None]) / s.clamp_min(1e-30)[..., None]
-    return o, torch.where(s > 0, m + torch.log(s.clamp_min(1e-30)), torch.full_like(s, float("-inf")))
 
 
 class BatchPrefillWithSphKVPagedKVCacheWrapper:

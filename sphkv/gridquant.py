@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack_bits, packed_bytes, unpack_bits
+from .packing import packed_bytes
+from .pool import PageArena, token_slots
 from .tiers import PAGE_META_BYTES, Tier, TierSet
+from .values import dequantize_groups, quantize_groups
 
 __all__ = ["GridTier", "GridQuantizer", "GridTierPool", "grid_tierset", "GRID_BITS"]
 
@@ -88,26 +90,19 @@ class GridQuantizer:
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x`` ``[..., d]`` → (codes ``[..., code_bytes]`` uint8, scale ``[...]`` fp16, zero ``[...]`` fp16)."""
-        x = x.to(torch.float32)
-        lo, hi = x.amin(-1), x.amax(-1)
-        levels = (1 << self.bits) - 1
-        scale = ((hi - lo) / levels).to(torch.float16)
-        zero = lo.to(torch.float16)
-        s = scale.to(torch.float32).clamp_min(1e-8)[..., None]
-        q = torch.round((x - zero.to(torch.float32)[..., None]) / s).clamp(0, levels)
-        return pack_bits(q.to(torch.int64), self.widths), scale, zero
+        codes, scale, zero = quantize_groups(x.to(torch.float32), self.bits, self.head_dim, self.widths)
+        return codes, scale[..., 0], zero[..., 0]                        # one group: the whole head
 
     def decode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode` → ``[..., d]`` float32."""
-        q = unpack_bits(codes, self.widths).to(torch.float32)
-        return zero.to(torch.float32)[..., None] + q * scale.to(torch.float32)[..., None]
+        return dequantize_groups(codes, scale[..., None], zero[..., None], self.widths)
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` ``[..., d]`` → float32."""
         return self.decode(*self.encode(x))
 
 
-class GridTierPool:
+class GridTierPool(PageArena):
     """Fixed-size page arena of one coded :class:`GridTier` (see the module docstring for the layout).
 
     Page 0 is never handed out by allocators (padding page), as for :class:`sphkv.pool.TierPool`.
@@ -128,33 +123,24 @@ class GridTierPool:
             raise ValueError(f"num_pages={num_pages!r} must be >= 1")
         self.tier, self.num_pages, self.head_dim, self.page_size = tier, num_pages, head_dim, page_size
         self.quant = GridQuantizer(tier.bits, head_dim=head_dim)
+        self.fields = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
         n, p, cb = num_pages, page_size, self.quant.code_bytes
         for side in ("k", "v"):
             setattr(self, f"{side}_codes", torch.zeros(n, p, cb, dtype=torch.uint8, device=device))
             setattr(self, f"{side}_scale", torch.zeros(n, p, dtype=torch.float16, device=device))
             setattr(self, f"{side}_zero", torch.zeros(n, p, dtype=torch.float16, device=device))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-        return {n: getattr(self, n) for n in names}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def write(self, page: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Quantize ``k``, ``v`` ``[n, d]`` (``1 <= n <= page_size``) into page ``page`` (slots ``0..n-1``)."""
-        n = k.shape[0]
-        if not 1 <= n <= self.page_size:
-            raise ValueError(f"a page holds 1..{self.page_size} tokens, got {n}")
+    def write_pages(self, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize ``k``, ``v`` ``[n, d]`` (consecutive tokens) into pages ``page_ids`` ``[ceil(n / P)]``, in order."""
+        fields = []
         for side, x in (("k", k), ("v", v)):
             codes, scale, zero = self.quant.encode(x)
-            getattr(self, f"{side}_codes")[page, :n] = codes
-            getattr(self, f"{side}_scale")[page, :n] = scale
-            getattr(self, f"{side}_zero")[page, :n] = zero
+            fields += [(f"{side}_codes", codes), (f"{side}_scale", scale), (f"{side}_zero", zero)]
+        self._put(page_ids, k.shape[0], fields)
 
     def read(self, pages: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages ``[n]`` with valid lengths ``[n]`` → dequantized ``(k, v)`` ``[Σ lens, d]`` float32."""
-        sel = torch.cat([torch.arange(int(l)) + int(pg) * self.page_size for pg, l in zip(pages, lens)])
+        sel = token_slots(pages, lens, self.page_size)
         out = []
         for side in ("k", "v"):
             c, s, z = (getattr(self, f"{side}_{f}").flatten(0, 1)[sel] for f in ("codes", "scale", "zero"))

@@ -11,7 +11,32 @@ from .packing import pack_bits, packed_bytes, unpack_bits
 from .rotation import rotation_matrix
 from .validation import check_finite
 
-__all__ = ["ValueCode", "GroupValueQuantizer"]
+__all__ = ["ValueCode", "GroupValueQuantizer", "quantize_groups", "dequantize_groups"]
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int, widths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Asymmetric ``bits``-bit integers per group of ``group`` coordinates (the one value quantizer).
+
+    ``x`` ``[..., d]`` float32 (``d`` a multiple of ``group``) → (packed codes ``[..., ceil(d * bits / 8)]``
+    uint8 in the :mod:`sphkv.packing` layout of ``widths`` ``[d]``, scale ``[..., d / group]`` float16,
+    zero ``[..., d / group]`` float16); ``x ≈ zero + q * scale`` (:func:`dequantize_groups`).
+    """
+    levels = (1 << bits) - 1
+    g = x.unflatten(-1, (x.shape[-1] // group, group))                 # [..., G, g]
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / levels).to(torch.float16)
+    zero = lo.to(torch.float16)
+    s = scale.to(torch.float32).clamp_min(1e-8)[..., None]
+    q = torch.round((g - zero.to(torch.float32)[..., None]) / s).clamp(0, levels)
+    return pack_bits(q.flatten(-2).to(torch.int64), widths), scale, zero
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                      widths: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups` (the one value dequantizer): codes ``[..., nbytes]`` uint8, scale and
+    zero ``[..., G]`` → ``[..., d]`` float32 (``d = widths.numel()``, groups of ``d / G`` coordinates)."""
+    q = unpack_bits(codes, widths).to(torch.float32).unflatten(-1, (scale.shape[-1], -1))
+    return (zero.to(torch.float32)[..., None] + q * scale.to(torch.float32)[..., None]).flatten(-2)
 
 
 @dataclass(frozen=True)
@@ -68,21 +93,13 @@ class GroupValueQuantizer:
         if b == 16:
             empty = v.new_zeros(*v.shape[:-1], 0, dtype=torch.float16)
             return ValueCode(v.to(torch.bfloat16).view(torch.uint8), empty, empty)
-        g = v.unflatten(-1, (self.groups, self.config.value_group))     # [..., N, G, g]
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / ((1 << b) - 1)).to(torch.float16)
-        zero = lo.to(torch.float16)
-        s = scale.to(torch.float32).clamp_min(1e-8)[..., None]
-        q = torch.round((g - zero.to(torch.float32)[..., None]) / s).clamp(0, (1 << b) - 1)
-        return ValueCode(pack_bits(q.flatten(-2).to(torch.int64), self.widths), scale, zero)
+        return ValueCode(*quantize_groups(v, b, self.config.value_group, self.widths))
 
     def decode_storage(self, code: ValueCode) -> torch.Tensor:
         """Values in the storage (rotated) domain ``[..., N, d]`` float32."""
         if self.config.value_bits == 16:
             return code.codes.view(torch.bfloat16).to(torch.float32)
-        q = unpack_bits(code.codes, self.widths).to(torch.float32).unflatten(-1, (self.groups, -1))
-        v = code.zero.to(torch.float32)[..., None] + q * code.scale.to(torch.float32)[..., None]
-        return v.flatten(-2)
+        return dequantize_groups(code.codes, code.scale, code.zero, self.widths)
 
     def decode(self, code: ValueCode) -> torch.Tensor:
         """Values ``[..., N, d]`` float32 in the original domain."""

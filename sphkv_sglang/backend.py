@@ -33,7 +33,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, BatchPrefillWithSphKVPagedKVCacheWrapper
-from flashinfer_ext.prefill import merge_state
+from sphkv.attention import dense_attention, merge_state
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
 
@@ -200,22 +200,14 @@ class SphKVAttnBackend(AttentionBackend):
         if plan.has_prefix:
             pre_o, pre_lse = self.wrapper.run(q3, self.store.layer_cache(local), sm_scale=layer.scaling,
                                               logits_soft_cap=cap, return_lse=True)
-        g = hq // hkv
         for s, n in zip(plan.q_starts, plan.q_lens):
             if n == 0:
                 continue
-            qh = q3[s:s + n].transpose(0, 1).float()                                 # [Hq, n, d]
-            kh = k3[s:s + n].transpose(0, 1).float().repeat_interleave(g, 0)          # [Hq, n, d]
-            vh = v3[s:s + n].transpose(0, 1).float().repeat_interleave(g, 0)
-            sc = (qh @ kh.transpose(1, 2)) * layer.scaling                          # [Hq, n, n]
-            if cap > 0:
-                sc = cap * torch.tanh(sc / cap)
-            if causal:
-                sc = sc.masked_fill(torch.ones(n, n, dtype=torch.bool, device=sc.device).triu(1), float("-inf"))
-            lse = torch.logsumexp(sc, -1)                                           # [Hq, n]
-            o = (torch.softmax(sc, -1) @ vh).transpose(0, 1)                        # [n, Hq, d]
+            vis = torch.ones(n, n, dtype=torch.bool, device=q3.device).tril() if causal else None
+            o, lse = dense_attention(q3[s:s + n], k3[s:s + n].transpose(0, 1), v3[s:s + n].transpose(0, 1),
+                                     scale=layer.scaling, visible=vis, cap=cap)     # [n, Hq, d], [n, Hq]
             if pre_o is not None:
-                o, _ = merge_state(pre_o[s:s + n], pre_lse[s:s + n], o, lse.transpose(0, 1))
+                o, _ = merge_state(pre_o[s:s + n], pre_lse[s:s + n], o, lse)
             out[s:s + n] = o.to(out.dtype)
         return out
 

@@ -6,11 +6,12 @@
 
 * fill every physical page it frees (release, demotion, flush) with poison in every layer: key and
   value codes ``0xFF``, radii, page means, value scales and zero points NaN;
-* fill every staging slot it frees with NaN;
-* check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages`, and
-  every :meth:`SphKVStore.read_prefix`): a NaN radius, mean, scale or staged token means the page
-  table pointed at a freed page, and :class:`PoisonedReadError` is raised naming the layer and the
-  logical pages.
+* fill every staging slot it frees with NaN when the next forward begins (its next staging or batch
+  plan): the last layer's write frees the slots of the pages it completes, and that layer's attention
+  still reads them in the same forward;
+* check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages`): a NaN
+  radius or staged token means the page table pointed at a freed page, and :class:`PoisonedReadError`
+  is raised naming the layer and the logical pages.
 
 It costs a few tensor fills per free and one NaN scan per read: for tests and load tests, not for
 production serving.
@@ -21,13 +22,13 @@ import os
 
 import torch
 
+from sphkv.pages.arenas import poison_page
+
 from .page_table import PageTableError
 
 __all__ = ["enable_poison", "PoisonedReadError", "ENV_POISON", "poison_requested"]
 
 ENV_POISON = "SPHKV_DEBUG_POISON"
-_FLOAT_FIELDS = ("k_radius", "k_mean", "v_scale", "v_zero")
-_CODE_FIELDS = ("k_codes", "v_codes")
 
 
 class PoisonedReadError(PageTableError):
@@ -39,12 +40,11 @@ def poison_requested() -> bool:
     return os.environ.get(ENV_POISON, "") not in ("", "0")
 
 
-def _poison_phys(store, tier: int, phys: int) -> None:
+def _poison_phys(store, tier: int, phys: int | slice) -> None:
+    """Poison physical page(s) ``phys`` of ``tier`` in every layer (arena pages ``phys * H + head``)."""
+    rows = slice(None) if isinstance(phys, slice) else slice(phys * store.H, (phys + 1) * store.H)
     for layer in range(store.num_layers):
-        for name in _CODE_FIELDS:
-            store._view(tier, layer, name)[phys] = 0xFF
-        for name in _FLOAT_FIELDS:
-            store._view(tier, layer, name)[phys] = float("nan")
+        poison_page(store.arenas[tier][layer], rows)
 
 
 def _poison_stage(store, slots: list[int]) -> None:
@@ -52,21 +52,6 @@ def _poison_stage(store, slots: list[int]) -> None:
         idx = torch.tensor(slots, dtype=torch.int64, device=store.k_stage.device)
         store.k_stage[:, idx] = float("nan")
         store.v_stage[:, idx] = float("nan")
-
-
-def _check_view(view, layer: int) -> None:
-    for seg in view.segments:
-        m = seg.pages.numel()
-        bad = torch.zeros(m, dtype=torch.bool)
-        for t in (seg.kcode.radius, seg.kcode.mean, seg.vcode.scale):        # [H, m*P, ...] or [H, m, d]
-            bad |= torch.isnan(t.float()).reshape(t.shape[0], m, -1).any(-1).any(0).cpu()
-        if bool(bad.any()):
-            raise PoisonedReadError(f"layer {layer}: coded page(s) {seg.pages[bad].tolist()[:8]} (tier {seg.tier}) "
-                                    "are poisoned: read after free")
-    if view.dense_k is not None and bool(torch.isnan(view.dense_k.float()).any()):
-        rows = torch.isnan(view.dense_k.float()).any(-1).any(0).cpu()
-        pages = sorted(set(view.dense_pages[rows].tolist()))[:8]
-        raise PoisonedReadError(f"layer {layer}: staged tokens of page(s) {pages} are poisoned: read after free")
 
 
 def _check_plan(store, plan: dict, slots_lens) -> None:
@@ -98,46 +83,40 @@ def enable_poison(store) -> None:
         return
     store.poison_freed = True
     table = store.table
-    free_phys, finish_pending, release, reset = (table.free_phys_page, table.finish_pending, table.release,
-                                                 table.reset)
-
-    def free_phys_page(tier: int, phys: int) -> None:
-        _poison_phys(store, tier, phys)
-        free_phys(tier, phys)
-
-    def _freed_slots(fn, pages):
-        pages = pages.to("cpu", torch.int64)
-        valid = pages[(pages > 0) & (pages < table.num_pages)]
-        slots = [int(s) for s in table.stage_of[valid].tolist() if s >= 0]
-        fn(pages)
-        _poison_stage(store, [s for s in slots if s in set(table.free_stage)])
+    reset = table.reset
+    freed_slots: list[int] = []
 
     def poisoned_reset() -> None:
         reset()
+        freed_slots.clear()
         for tier in range(len(store.phys_pages)):
-            for layer in range(store.num_layers):
-                for name in _CODE_FIELDS:
-                    store._view(tier, layer, name).fill_(0xFF)
-                for name in _FLOAT_FIELDS:
-                    store._view(tier, layer, name).fill_(float("nan"))
+            _poison_phys(store, tier, slice(None))
         store.k_stage.fill_(float("nan"))
         store.v_stage.fill_(float("nan"))
 
-    read_prefix = store.read_prefix
+    # A staging slot is poisoned when the next forward begins (its next staging or batch plan), not when it is
+    # freed: the last layer's write frees the slots of pages it completes and that layer's attention still reads
+    # them (the plan of this forward points there); poisoning at free corrupted exactly that read.
 
-    def checked_read(layer: int, slots: torch.Tensor):
-        view = read_prefix(layer, slots)
-        _check_view(view, layer)
-        return view
+    def poison_freed_slots() -> None:
+        free = set(table.free_stage)
+        _poison_stage(store, [x for x in freed_slots if x in free])
+        freed_slots.clear()
 
-    table.free_phys_page = free_phys_page
-    table.finish_pending = lambda pages: _freed_slots(finish_pending, pages)
-    table.release = lambda pages: _freed_slots(release, pages)
+    stage = table.stage
+
+    def poisoning_stage(pages):
+        poison_freed_slots()
+        return stage(pages)
+
+    table.phys.on_free = lambda tier, phys: _poison_phys(store, tier, phys)
+    table.slots.on_free = lambda _, slot: freed_slots.append(slot)
+    table.stage = poisoning_stage
     table.reset = poisoned_reset
-    store.read_prefix = checked_read
     plan_pages = store.plan_pages
 
     def checked_plan(slots, lens):
+        poison_freed_slots()
         plan = plan_pages(slots, lens)
         # A decode plan is built before the forward writes each request's new token (its last slot, possibly
         # on a freshly allocated, still poisoned page): check every token but the last of each request.

@@ -10,12 +10,17 @@ four states:
   layer has been coded (readers use the staging copy while ``stage_of >= 0``);
 * coded       — ``tier_of = t`` and ``phys_of = i``: page ``i`` of tier ``t``'s arena.
 
-Page 0 is SGLang's padding page and is never tracked. All free lists are LIFO Python lists; the
-tables are CPU tensors (the GPU path would mirror ``tier_of``/``phys_of`` on the device).
+Page 0 is SGLang's padding page and is never tracked. Physical pages and staging slots are handed
+out and freed through :class:`sphkv.pages.PageLists` (the allocator of the core paged store too):
+``phys`` (one list per tier, owner = logical page) and ``slots`` (one list, owner = logical page);
+their ``on_free`` hooks are where debug poisoning goes. The tables are CPU tensors (the GPU path
+mirrors ``tier_of``/``phys_of``/``stage_of`` on the device).
 """
 from __future__ import annotations
 
 import torch
+
+from sphkv.pages.lists import PageLists
 
 __all__ = ["PageTable", "PageTableError"]
 
@@ -57,6 +62,8 @@ class PageTable:
         self.phys_of = torch.full((num_pages,), -1, dtype=torch.int32)
         self.stage_of = torch.full((num_pages,), -1, dtype=torch.int32)
         self.written = torch.zeros(num_pages, page_size, dtype=torch.bool)
+        self.phys = PageLists(self.phys_pages)                 # physical pages per tier, owner = logical page
+        self.slots = PageLists([staging_pages])                # dense staging slots, owner = logical page
         self.reset()
 
     def reset(self) -> None:
@@ -65,9 +72,13 @@ class PageTable:
         self.phys_of.fill_(-1)
         self.stage_of.fill_(-1)
         self.written.zero_()
-        self.free_phys = [list(range(n - 1, -1, -1)) for n in self.phys_pages]
-        self.free_stage = list(range(self.num_staging - 1, -1, -1))
-        self.owner = [torch.full((n,), -1, dtype=torch.int64) for n in self.phys_pages]  # phys → logical
+        self.phys.reset()
+        self.slots.reset()
+
+    @property
+    def free_stage(self) -> list[int]:
+        """The free staging slots (read only; a LIFO list)."""
+        return self.slots.free[0]
 
     # -- staging -------------------------------------------------------------------------------
     def stage(self, pages: torch.Tensor) -> None:
@@ -83,7 +94,7 @@ class PageTable:
             raise PageTableError(f"staging exhausted: {need.numel()} page(s) need a dense slot, "
                                  f"{len(self.free_stage)} of {self.num_staging} free; raise staging_pages "
                                  "(--sphkv-config) or lower --max-running-requests")
-        slots = [self.free_stage.pop() for _ in range(need.numel())]
+        slots = [self.slots.take(0, 1, p)[0] for p in need.tolist()]
         self.stage_of[need] = torch.tensor(slots, dtype=torch.int32)
 
     def mark_written(self, pages: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -95,15 +106,14 @@ class PageTable:
 
     # -- coding --------------------------------------------------------------------------------
     def free_count(self, tier: int) -> int:
-        return len(self.free_phys[tier])
+        return self.phys.free_count(tier)
 
     def assign(self, page: int, *, tier: int) -> int:
         """Give full ``page`` a physical page of ``tier``; return its index."""
-        if not self.free_phys[tier]:
+        if not self.phys.free_count(tier):
             raise PageTableError(f"tier {tier} has no free physical page")
-        phys = self.free_phys[tier].pop()
+        phys = self.phys.take(tier, 1, int(page))[0]
         self.tier_of[page], self.phys_of[page] = tier, phys
-        self.owner[tier][phys] = page
         return phys
 
     def move(self, page: int, *, tier: int) -> tuple[int, int, int]:
@@ -118,16 +128,15 @@ class PageTable:
         return old_t, old_p, new_p
 
     def free_phys_page(self, tier: int, phys: int) -> None:
-        self.owner[tier][phys] = -1
-        self.free_phys[tier].append(phys)
+        self.phys.release(tier, phys)
 
     def finish_pending(self, pages: torch.Tensor) -> None:
         """Release the staging slots of ``pages`` whose coded copies are complete."""
         for p in pages.tolist():
             s = int(self.stage_of[p])
             if s >= 0:
-                self.free_stage.append(s)
                 self.stage_of[p] = -1
+                self.slots.release(0, s)
 
     # -- free ------------------------------------------------------------------------------------
     def release(self, pages: torch.Tensor) -> None:
@@ -136,7 +145,7 @@ class PageTable:
         for p in pages.tolist():
             s, t = int(self.stage_of[p]), int(self.tier_of[p])
             if s >= 0:
-                self.free_stage.append(s)
+                self.slots.release(0, s)
             if t >= 0:
                 self.free_phys_page(t, int(self.phys_of[p]))
         self.stage_of[pages] = -1
@@ -148,20 +157,17 @@ class PageTable:
     def counts(self) -> dict:
         coded = [int((self.tier_of == t).sum()) for t in range(len(self.phys_pages))]
         return {"coded": coded, "staging": self.num_staging - len(self.free_stage),
-                "free_phys": [len(f) for f in self.free_phys], "phys": list(self.phys_pages)}
+                "free_phys": [self.phys.free_count(t) for t in range(len(self.phys_pages))],
+                "phys": list(self.phys_pages)}
 
     def check(self) -> None:
         """Assert every invariant (free lists disjoint from live pages, owners consistent)."""
-        for t, free in enumerate(self.free_phys):
-            live = (self.tier_of == t).nonzero().flatten()
-            used = set(self.phys_of[live].tolist())
-            assert len(used) == live.numel(), f"tier {t}: two pages share a physical page"
-            assert not used & set(free), f"tier {t}: a live physical page is on the free list"
-            assert len(used) + len(free) == self.phys_pages[t], f"tier {t}: physical pages leaked"
-            assert len(set(free)) == len(free), f"tier {t}: free list has duplicates"
-            for p, ph in zip(live.tolist(), self.phys_of[live].tolist()):
-                assert int(self.owner[t][ph]) == p, f"tier {t}: owner of physical page {ph} is wrong"
-        staged = self.stage_of[self.stage_of >= 0].tolist()
-        assert len(set(staged)) == len(staged), "two pages share a staging slot"
-        assert not set(staged) & set(self.free_stage), "a used staging slot is on the free list"
-        assert len(staged) + len(self.free_stage) == self.num_staging, "staging slots leaked"
+        for t in range(len(self.phys_pages)):
+            live = (self.tier_of == t).nonzero().flatten().tolist()
+            phys = self.phys_of[live].tolist()
+            assert len(set(phys)) == len(phys), f"tier {t}: two pages share a physical page"
+            self.phys.check(t, dict(zip(phys, live)))
+        staged = (self.stage_of >= 0).nonzero().flatten().tolist()
+        slots = self.stage_of[staged].tolist()
+        assert len(set(slots)) == len(slots), "two pages share a staging slot"
+        self.slots.check(0, dict(zip(slots, staged)))

@@ -17,7 +17,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
 from .config import SphKVServeConfig
 from .debug import enable_poison, poison_requested
-from .store import PrefixView, SphKVStore
+from .store import SphKVStore
 
 __all__ = ["SphKVPool", "SphKVDenseAccessError"]
 
@@ -114,10 +114,6 @@ class SphKVPool(MHATokenToKVPool):
         if v_scale is not None and float(v_scale) != 1.0:
             cache_v = cache_v / v_scale
         self.store.write(layer_id - self.start_layer, loc, cache_k, cache_v)
-
-    def read_prefix(self, layer_id: int, slots: torch.Tensor) -> PrefixView:
-        """A request's cached prefix (its first ``n`` token slots ``[n]``) for one layer."""
-        return self.store.read_prefix(layer_id - self.start_layer, slots)
 
     def release_pages(self, pages: torch.Tensor) -> None:
         """Called by the allocator when SGLang frees logical pages."""

@@ -20,49 +20,26 @@ page written whole by this forward belongs to no request's prefix yet.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from sphkv.keys import AngleKeyCodec, KeyCode
+from sphkv.keys import AngleKeyCodec
+from sphkv.pages.arenas import TIER_KINDS
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier
 from sphkv.validation import check_finite
-from sphkv.values import GroupValueQuantizer, ValueCode
+from sphkv.values import GroupValueQuantizer
 
 from .config import SphKVServeConfig
 from .page_table import PageTable, PageTableError
 
-__all__ = ["SphKVStore", "PrefixView", "CodedSegment", "plan_phys_pages"]
+__all__ = ["SphKVStore", "plan_phys_pages"]
 
 logger = logging.getLogger(__name__)
 
+_ADA = TIER_KINDS["ada"]        # how a coded arena's pages are decoded (shared with sphkv.pages.PagedStore)
 DemotionSource = Callable[[int, int], list]      # (tier, num_pages) -> coldest demotable logical pages
-
-
-@dataclass
-class CodedSegment:
-    """Coded prefix pages of one tier: ``kcode`` ``[H, m*P, ...]`` with page means ``[H, m, d]``."""
-
-    tier: int
-    pages: torch.Tensor            # [m] int64 logical pages
-    kcode: KeyCode
-    vcode: ValueCode
-
-
-@dataclass
-class PrefixView:
-    """A request's cached prefix for one layer: coded segments (any order) + dense staged tokens."""
-
-    segments: list[CodedSegment] = field(default_factory=list)
-    dense_k: torch.Tensor | None = None    # [H, T, d]
-    dense_v: torch.Tensor | None = None
-    dense_pages: torch.Tensor | None = None  # [T] logical page of each dense token
-
-    @property
-    def num_coded(self) -> int:
-        return sum(s.kcode.num_tokens for s in self.segments)
 
 
 def plan_phys_pages(cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
@@ -84,9 +61,9 @@ class SphKVStore:
     >>> st = SphKVStore(cfg, num_pages=9, num_layers=1, num_kv_heads=2, head_dim=64)
     >>> loc = torch.arange(8, 20)                     # page 1 (full) and half of page 2
     >>> st.write(0, loc, torch.randn(12, 2, 64), torch.randn(12, 2, 64))
-    >>> view = st.read_prefix(0, loc)
-    >>> view.num_coded, view.dense_k.shape[1]
-    (8, 4)
+    >>> plan = st.plan_pages(loc[None], torch.tensor([12]))    # per kv head: page 1 coded, page 2 staged
+    >>> plan["page_tiers"].tolist(), plan["page_lens"].tolist()
+    ([1, 0, 1, 0], [8, 4, 8, 4])
     """
 
     def __init__(self, cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, num_kv_heads: int,
@@ -345,16 +322,14 @@ class SphKVStore:
             self.counters["pages_coded"][tier] += 1
         return [(t, torch.tensor([p for p, _ in v]), torch.tensor([f for _, f in v])) for t, v in out.items()]
 
+    def _page_ids(self, phys: torch.Tensor) -> torch.Tensor:
+        """Arena page ids ``phys * H + head`` of physical pages ``phys`` ``[n]`` → ``[n * H]`` (page-major)."""
+        phys = phys.to(self.device, torch.int64)
+        return (phys[:, None] * self.H + torch.arange(self.H, device=phys.device)).reshape(-1)
+
     def _store_coded(self, layer: int, tier: int, phys: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> None:
-        kc = self.kcodec[tier].encode(kd.float(), name=f"keys of layer {layer}")    # codes [n, H, P, cb]
-        vc = self.vquant[tier].encode(vd.float(), name=f"values of layer {layer}")
-        phys = phys.to(self.device)
-        self._view(tier, layer, "k_codes")[phys] = kc.codes
-        self._view(tier, layer, "k_radius")[phys] = kc.radius
-        self._view(tier, layer, "k_mean")[phys] = kc.mean[..., 0, :]
-        self._view(tier, layer, "v_codes")[phys] = vc.codes
-        self._view(tier, layer, "v_scale")[phys] = vc.scale
-        self._view(tier, layer, "v_zero")[phys] = vc.zero
+        """Code full pages ``kd``, ``vd`` ``[n, H, P, d]`` into physical pages ``phys`` ``[n]`` of ``tier``."""
+        self.arenas[tier][layer].write_pages(self._page_ids(phys), kd.reshape(-1, self.d), vd.reshape(-1, self.d))
 
     # -- copy-on-write of a shared page's prefix ----------------------------------------------------
     def copy_page_prefix(self, src_page: int, dst_page: int, count: int) -> None:
@@ -418,58 +393,10 @@ class SphKVStore:
 
     def _decode(self, layer: int, tier: int, phys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion only, never attention)."""
-        kc = KeyCode(codes=self._view(tier, layer, "k_codes")[phys], radius=self._view(tier, layer, "k_radius")[phys],
-                     mean=self._view(tier, layer, "k_mean")[phys][..., None, :])
-        vc = ValueCode(codes=self._view(tier, layer, "v_codes")[phys], scale=self._view(tier, layer, "v_scale")[phys],
-                       zero=self._view(tier, layer, "v_zero")[phys])
-        return self.kcodec[tier].decode(kc), self.vquant[tier].decode(vc)
-
-    # -- read ------------------------------------------------------------------------------------------
-    def read_prefix(self, layer: int, slots: torch.Tensor) -> PrefixView:
-        """The prefix stored at ``slots`` ``[n]`` (a request's first ``n`` token slots, in order)."""
-        n = slots.numel()
-        view = PrefixView()
-        if n == 0:
-            return view
-        slots = slots.to("cpu", torch.int64)
-        n_full = n // self.P
-        pages = slots[: n_full * self.P: self.P] // self.P
-        staged = self.table.stage_of[pages] >= 0
-        coded = pages[~staged]
-        if coded.numel():
-            tiers = self.table.tier_of[coded]
-            if bool((tiers < 0).any()):
-                raise PageTableError(f"layer {layer}: prefix page(s) {coded[tiers < 0].tolist()[:8]} "
-                                     "are neither staged nor coded (read after free?)")
-            for t in torch.unique(tiers).tolist():
-                view.segments.append(self._segment(layer, t, coded[tiers == t]))
-        dk, dv, dp = [], [], []
-        for p in pages[staged].tolist():
-            self._take_dense(layer, p, self.P, dk, dv, dp)
-        if n % self.P:
-            p = int(slots[n_full * self.P]) // self.P
-            if int(self.table.stage_of[p]) < 0:
-                raise PageTableError(f"layer {layer}: partial prefix page {p} has no staging slot")
-            self._take_dense(layer, p, n % self.P, dk, dv, dp)
-        if dk:
-            view.dense_k, view.dense_v, view.dense_pages = torch.cat(dk, 1), torch.cat(dv, 1), torch.cat(dp)
-        self.counters["coded_pages_read"] += int(coded.numel())
-        self.counters["dense_tokens_read"] += sum(x.shape[1] for x in dk)
-        return view
-
-    def _take_dense(self, layer: int, page: int, count: int, dk: list, dv: list, dp: list) -> None:
-        s = int(self.table.stage_of[page])
-        dk.append(self.k_stage[layer, s, :, :count])
-        dv.append(self.v_stage[layer, s, :, :count])
-        dp.append(torch.full((count,), page, dtype=torch.int64))
-
-    def _segment(self, layer: int, tier: int, pages: torch.Tensor) -> CodedSegment:
-        phys = self.table.phys_of[pages].long().to(self.device)
-        g = lambda name: self._view(tier, layer, name)[phys].transpose(0, 1)      # noqa: E731 [H, m, ...]
-        kcode = KeyCode(codes=g("k_codes").flatten(1, 2), radius=g("k_radius").flatten(1, 2), mean=g("k_mean"))
-        vcode = ValueCode(codes=g("v_codes").flatten(1, 2), scale=g("v_scale").flatten(1, 2),
-                          zero=g("v_zero").flatten(1, 2))
-        return CodedSegment(tier, pages, kcode, vcode)
+        ids = self._page_ids(phys)
+        k, v = _ADA.decode(self.arenas[tier][layer], ids, torch.full_like(ids, self.P))     # [n * H * P, d]
+        shape = (phys.numel(), self.H, self.P, self.d)
+        return k.view(shape), v.view(shape)
 
     # -- retention signal, free, accounting ---------------------------------------------------------
     def add_mass(self, pages: torch.Tensor, mass: torch.Tensor) -> None:

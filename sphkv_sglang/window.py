@@ -30,11 +30,12 @@ from __future__ import annotations
 import torch
 
 from flashinfer_ext import BatchPrefillWithSphKVPagedKVCacheWrapper
-from flashinfer_ext.prefill import merge_state
+from sphkv.attention import attention_state, dense_attention, merge_state
 
 from .page_table import PageTableError
 
-__all__ = ["BLOCK", "is_sliding", "window_start", "dense_tokens", "window_attention", "SlidingWindowAttention"]
+__all__ = ["BLOCK", "is_sliding", "window_start", "page_tokens", "dense_tokens", "window_attention",
+           "SlidingWindowAttention"]
 
 BLOCK = 512       # extend: query rows per block (keys per block: at most W + BLOCK)
 
@@ -52,44 +53,56 @@ def window_start(lens: torch.Tensor, window: int) -> torch.Tensor:
     return (lens.to(torch.int64) - 1 - window).clamp_min(0)
 
 
+def page_tokens(store, layer: int, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[n, H, P, d]`` float32 of logical ``pages`` ``[n]`` (``layer``: local layer).
+
+    Staged pages are read as stored; coded pages are decoded through the store's codecs (rotation undone, page
+    mean added), one call per tier. A page neither staged nor coded raises :class:`PageTableError`."""
+    pages = pages.to("cpu", torch.int64)
+    n, t = pages.numel(), store.table
+    k = torch.empty(n, store.H, store.P, store.d, dtype=torch.float32, device=store.device)
+    v = torch.empty_like(k)
+    stage, tier = t.stage_of[pages].to(torch.int64), t.tier_of[pages].to(torch.int64)
+    lost = (stage < 0) & (tier < 0)
+    if bool(lost.any()):
+        raise PageTableError(f"layer {layer}: window page(s) {pages[lost].tolist()[:8]} are neither staged nor coded "
+                             "(read after free?)")
+    sel = (stage >= 0).nonzero().flatten()
+    if sel.numel():
+        idx = stage[sel].to(store.device)
+        k[sel.to(store.device)] = store.k_stage[layer, idx].float()
+        v[sel.to(store.device)] = store.v_stage[layer, idx].float()
+    for tr in torch.unique(tier[stage < 0]).tolist():
+        sel = ((stage < 0) & (tier == tr)).nonzero().flatten()
+        kd, vd = store._decode(layer, tr, t.phys_of[pages[sel]].long())     # [m, H, P, d]
+        k[sel.to(store.device)], v[sel.to(store.device)] = kd, vd
+    return k, v
+
+
 def dense_tokens(store, layer: int, slots: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values ``[H, end - start, d]`` float32 of positions ``start .. end - 1`` of one request.
 
     ``slots``: the request's ``req_to_token`` row (token slots in position order); ``layer``: local layer.
-    Staged pages are read as stored; coded pages are decoded through the store's codecs (rotation undone,
-    page mean added). A page neither staged nor coded raises :class:`PageTableError` (read after free).
+    Read through :func:`page_tokens` (staged pages as stored, coded pages decoded); a page neither staged nor
+    coded raises :class:`PageTableError` (read after free).
     """
-    P = store.P
-    ks, vs = [], []
-    pos = start
-    while pos < end:
-        slot = int(slots[pos])
-        page, off = slot // P, slot % P
-        cnt = min(P - off, end - pos)
-        st = int(store.table.stage_of[page])
-        if st >= 0:
-            k = store.k_stage[layer, st, :, off:off + cnt]
-            v = store.v_stage[layer, st, :, off:off + cnt]
-        else:
-            tier = int(store.table.tier_of[page])
-            if tier < 0:
-                raise PageTableError(f"layer {layer}: window page {page} is neither staged nor coded (read after free?)")
-            phys = store.table.phys_of[page:page + 1].long().to(store.device)
-            kd, vd = store._decode(layer, tier, phys)                        # [1, H, P, d]
-            k, v = kd[0, :, off:off + cnt], vd[0, :, off:off + cnt]
-        ks.append(k.float())
-        vs.append(v.float())
-        pos += cnt
-    if not ks:
-        h, d = store.H, store.d
-        empty = torch.empty(h, 0, d, dtype=torch.float32, device=store.device)
+    if end <= start:
+        empty = torch.empty(store.H, 0, store.d, dtype=torch.float32, device=store.device)
         return empty, empty.clone()
-    return torch.cat(ks, 1), torch.cat(vs, 1)
+    P = store.P
+    sl = slots[start:end].to("cpu", torch.int64)
+    page, off = sl // P, sl % P
+    first = torch.ones_like(page, dtype=torch.bool)
+    first[1:] = page[1:] != page[:-1]                                        # a new page starts here
+    which = torch.cumsum(first.to(torch.int64), 0) - 1                        # index of each token's page
+    k, v = page_tokens(store, layer, page[first])                            # [m, H, P, d]
+    which, off = which.to(k.device), off.to(k.device)
+    return k[which, :, off].transpose(0, 1), v[which, :, off].transpose(0, 1)
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
                      window: int, scale: float, cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense sliding-window attention (the float32 reference the kernels' states are merged with).
+    """Dense sliding-window attention (:func:`sphkv.attention.dense_attention` under the window's mask).
 
     ``q`` ``[n, Hq, d]``, ``k`` / ``v`` ``[Hkv, m, d]`` (GQA: ``Hq`` a multiple of ``Hkv``), ``q_pos`` ``[n]``,
     ``k_pos`` ``[m]`` absolute positions; key ``j`` is visible to query ``i`` iff
@@ -97,22 +110,8 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     ``o`` ``[n, Hq, dv]`` float32 (zeros where nothing is visible) and ``lse`` ``[n, Hq]`` float32
     (natural log; ``-inf`` where nothing is visible).
     """
-    hq, hkv = q.shape[1], k.shape[0]
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
-    g = hq // hkv
-    qf = q.float().transpose(0, 1)                                            # [Hq, n, d]
-    kf = k.float().repeat_interleave(g, 0)                                    # [Hq, m, d]
-    vf = v.float().repeat_interleave(g, 0)
-    sc = (qf @ kf.transpose(1, 2)) * scale                                    # [Hq, n, m]
-    if cap > 0:
-        sc = cap * torch.tanh(sc / cap)
-    dist = q_pos.to(sc.device)[:, None] - k_pos.to(sc.device)[None, :]
-    sc = sc.masked_fill(~((dist >= 0) & (dist <= window)), float("-inf"))
-    lse = torch.logsumexp(sc, -1)                                             # [Hq, n]
-    p = torch.exp(sc - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    o = (p @ vf).transpose(0, 1)                                              # [n, Hq, dv]
-    return o.contiguous(), lse.transpose(0, 1).contiguous()
+    dist = q_pos.to(q.device)[:, None] - k_pos.to(q.device)[None, :]
+    return dense_attention(q, k, v, scale=scale, visible=(dist >= 0) & (dist <= window), cap=cap)
 
 
 class SlidingWindowAttention:
@@ -160,7 +159,10 @@ class SlidingWindowAttention:
         n_in = lens - base
         width = max(int(n_in.max()) if n_in.numel() else 0, 1)
         idx = (base[:, None] + torch.arange(width)[None, :]).clamp_max(slots.shape[1] - 1)
-        plan = {"wrapper": None, "heads": [(b, int(a), int(e)) for b, (a, e) in enumerate(zip(s, base)) if a < e]}
+        rows = (s < base).nonzero().flatten()                                 # requests with head-page tokens
+        first = slots[rows, s[rows]]                                          # slot of each one's first visible token
+        plan = {"wrapper": None, "head": None if rows.numel() == 0 else
+                dict(rows=rows, pages=first // P, off=first % P, count=(base - s)[rows])}
         if int(n_in.max()) > 0:
             pp = st.plan_pages(slots.gather(1, idx), n_in)
             w = self._wrapper(window)
@@ -182,12 +184,22 @@ class SlidingWindowAttention:
         else:
             o = torch.zeros(n, hq, layer.v_head_dim, dtype=torch.float32, device=q3.device)
             lse = torch.full((n, hq), float("-inf"), dtype=torch.float32, device=q3.device)
-        slots = self._slot_rows()
-        for b, a, e in plan["heads"]:
-            k, v = dense_tokens(st, local, slots[b], a, e)
-            qpos = plan["lens"][b:b + 1] - 1
-            oh, lh = window_attention(q3[b:b + 1], k, v, qpos, torch.arange(a, e), window, layer.scaling, cap)
-            o[b:b + 1], lse[b:b + 1] = merge_state(o[b:b + 1], lse[b:b + 1], oh.to(o.device), lh.to(o.device))
+        hd = plan["head"]
+        if hd is not None:                                                    # all head pages at once
+            k, v = page_tokens(st, local, hd["pages"])                        # [m, H, P, d]
+            m, h = k.shape[0], k.shape[1]
+            g = hq // h
+            rows = hd["rows"].to(q3.device)
+            qh = q3[rows].float().view(m, h, g, -1)                           # [m, H, G, d]
+            sc = (qh @ k.transpose(-1, -2)) * layer.scaling                   # [m, H, G, P]
+            if cap > 0:
+                sc = cap * torch.tanh(sc / cap)
+            j = torch.arange(st.P, device=sc.device)[None, :]
+            off, cnt = hd["off"].to(sc.device)[:, None], hd["count"].to(sc.device)[:, None]
+            vis = (j >= off) & (j < off + cnt)                                # the head page's visible tokens
+            oh, lh = attention_state(sc.masked_fill(~vis[:, None, None, :], float("-inf")), v)   # [m, H, G, dv]
+            o[rows], lse[rows] = merge_state(o[rows], lse[rows], oh.reshape(m, hq, -1).to(o.device),
+                                             lh.reshape(m, hq).to(o.device))
         return o
 
     # -- extend -------------------------------------------------------------------------------------------

@@ -94,3 +94,23 @@ def test_attention_error_falls_with_precision():
         out = attention_from_codes(q, kc.encode(k), vq.encode(v), kc, vq)
         errs[preset] = float((out - ref).norm() / ref.norm())
     assert errs["sphkv-8"] < 0.02 < errs["sphkv-4"] < errs["sphkv-2"]
+
+
+def test_dense_attention_matches_sdpa_causal_gqa_softcap():
+    from sphkv.attention import dense_attention
+
+    g = torch.Generator().manual_seed(3)
+    n, hq, hkv, d = 13, 6, 2, 24
+    q, k, v = torch.randn(n, hq, d, generator=g), torch.randn(hkv, n, d, generator=g), torch.randn(hkv, n, d, generator=g)
+    vis = torch.ones(n, n, dtype=torch.bool).tril()
+    o, lse = dense_attention(q, k, v, scale=0.3, visible=vis)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
+                                                           scale=0.3, enable_gqa=True)[0].transpose(0, 1)
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    s = torch.einsum("nhd,hmd->hnm", q, k.repeat_interleave(3, 0)) * 0.3
+    capped = (4.0 * torch.tanh(s / 4.0)).masked_fill(~vis, float("-inf"))
+    o, lse = dense_attention(q, k, v, scale=0.3, visible=vis, cap=4.0)
+    torch.testing.assert_close(lse, torch.logsumexp(capped, -1).T)
+    torch.testing.assert_close(o, (torch.softmax(capped, -1) @ v.repeat_interleave(3, 0)).transpose(0, 1))
+    with pytest.raises(ValueError, match="query heads 5 are not a multiple of kv heads 2"):
+        dense_attention(q[:, :5], k, v, scale=0.3)

@@ -7,7 +7,8 @@ import torch
 
 from sphkv import AngleKeyCodec, GroupValueQuantizer, attention_from_codes
 from sphkv.gridquant import grid_tierset
-from sphkv.pages import PagedStore, merge_states, paged_attention
+from sphkv.attention import attention_state, merge_state
+from sphkv.pages import PagedStore, paged_attention
 from sphkv.retention import compress_prefill, eviction_tierset, rdkv_tierset
 from sphkv.tiers import TierSet
 
@@ -84,13 +85,9 @@ def test_merge_states_handles_fully_masked_parts():
     v1 = torch.randn(2, 4)
     s2 = torch.tensor([[0.5], [3.0]])
     v2 = torch.randn(1, 4)
-    states = []
-    for s, v in ((s1, v1), (s2, v2)):
-        m = s.amax(-1)
-        ms = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        w = torch.exp(s - ms[:, None])
-        states.append((m, w.sum(-1), w @ v))
-    out, lse = merge_states(states)
+    o1, l1 = attention_state(s1, v1)
+    assert bool((o1[1] == 0).all()) and bool(torch.isneginf(l1[1]))       # nothing visible: zero state
+    out, lse = merge_state(o1, l1, *attention_state(s2, v2))
     full = torch.cat([s1, s2], 1)
     ref = torch.softmax(full, -1) @ torch.cat([v1, v2])
     assert torch.allclose(out, ref, atol=1e-6)

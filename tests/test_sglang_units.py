@@ -144,9 +144,10 @@ def test_store_write_read_release_roundtrip():
     for layer in range(2):
         st.write(layer, loc, k, v)
     st.table.check()
-    view = st.read_prefix(1, loc)
-    assert view.num_coded == 16 and view.dense_k.shape == (2, 4, 64)
-    assert torch.equal(view.dense_k, k[16:].transpose(0, 1))
+    pp = st.plan_pages(loc[None], torch.tensor([20]))            # per kv head: two coded pages, one staged
+    assert pp["page_tiers"].tolist() == [1, 1, 0] * 2 and pp["page_lens"].tolist() == [P, P, 4] * 2
+    staged = pp["indices"][pp["page_tiers"] == 0].long()            # staging page id of each kv head
+    assert torch.equal(st.layer_cache(1)[0]["k"][staged, :4], k[16:].transpose(0, 1))
     kd = st._decode(1, 0, st.table.phys_of[1:3].long())[0]                  # pages 1, 2 through the codec
     y = kd.transpose(0, 1).reshape(2, 2 * P, 64)
     rel = ((y - k[:16].transpose(0, 1)) ** 2).sum() / (k[:16] ** 2).sum()
@@ -282,8 +283,8 @@ def test_locked_node_survives_pressure_and_nothing_leaks(sglang_stack):
     s.cache.evict(EvictParams(num_tokens=10 ** 6))
     assert s.cache.total_size() == 3 * P and (s.store.table.tier_of[locked_pages] == 0).all()
     assert s.cache.retention_stats()["evicted_tokens"] == tree_before - 3 * P > 0      # counted for /get_server_info
-    view = s.pool.read_prefix(0, locked.value)
-    assert view.num_coded == 3 * P
+    pp = s.store.plan_pages(locked.value[None].long(), torch.tensor([locked.value.numel()]))
+    assert bool((pp["page_tiers"] > 0).all()) and int(pp["page_lens"].sum()) == 3 * P * s.store.H   # all coded
     # Unlock, evict, and every page and staging slot is back.
     s.cache.dec_lock_ref(locked)
     s.cache.evict(EvictParams(num_tokens=10 ** 6))
@@ -310,15 +311,23 @@ def test_flush_returns_all_space(sglang_stack):
 
 
 def _read_keys(stack, layer, slots):
-    """Keys ``[T, H, d]`` a reader of ``slots`` gets back from the coded pages, in the order of ``slots``."""
-    view = stack.pool.read_prefix(layer, slots)
-    order = (slots[::P] // P).tolist()
-    out = torch.full((slots.numel(), 2, 64), float("nan"))
-    for seg in view.segments:
-        keys = stack.store.kcodec[seg.tier].decode(seg.kcode).float()          # [H, m*P, d]
-        for j, page in enumerate(seg.pages.tolist()):
-            i = order.index(page)
-            out[i * P:(i + 1) * P] = keys[:, j * P:(j + 1) * P].transpose(0, 1)
+    """Keys ``[T, H, d]`` a reader of ``slots`` gets back from the coded pages, in the order of ``slots``: the
+    batch plan's entries (page ids ``phys * H + head``) decoded from the arenas the wrapper reads."""
+    from sphkv.keys import KeyCode
+
+    st = stack.store
+    slots = slots.long()
+    pp = st.plan_pages(slots[None], torch.tensor([slots.numel()]))
+    npg = slots.numel() // P
+    out = torch.full((slots.numel(), st.H, st.d), float("nan"))
+    cache = st.layer_cache(layer)
+    for e, (tier, idx) in enumerate(zip(pp["page_tiers"].tolist(), pp["indices"].tolist())):
+        if tier == 0:                                              # a staged page: not coded
+            continue
+        h, i = divmod(e, npg)                                      # row h (one request), its i-th page
+        a = cache[tier]
+        code = KeyCode(codes=a.k_codes[idx:idx + 1], radius=a.k_radius[idx:idx + 1], mean=a.k_mean[idx:idx + 1, None])
+        out[i * P:(i + 1) * P, h] = st.kcodec[tier - 1].decode(code)[0].float()
     return out
 
 

@@ -15,9 +15,10 @@ torch.Size([3, 1, 64])
 """
 from .arenas import TIER_KINDS as TIER_KINDS, make_arena as make_arena, poison_page as poison_page
 from .arenas import roundtrip as roundtrip, tier_kind as tier_kind
-from .attention import merge_states as merge_states, paged_attention as paged_attention
+from .attention import paged_attention as paged_attention
+from .lists import PageLists as PageLists
 from .store import OutOfPagesError as OutOfPagesError, PageError as PageError, PageMeta as PageMeta
 from .store import PagedStore as PagedStore, StoreBytes as StoreBytes
 
-__all__ = ["TIER_KINDS", "make_arena", "poison_page", "roundtrip", "tier_kind", "merge_states",
-           "paged_attention", "OutOfPagesError", "PageError", "PageMeta", "PagedStore", "StoreBytes"]
+__all__ = ["TIER_KINDS", "make_arena", "poison_page", "roundtrip", "tier_kind",
+           "paged_attention", "PageLists", "OutOfPagesError", "PageError", "PageMeta", "PagedStore", "StoreBytes"]

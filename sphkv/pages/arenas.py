@@ -10,8 +10,9 @@ Three kinds, chosen through the ``TIER_KINDS`` registry by :func:`tier_kind`:
 * ``"grid"`` — per-token grid integers (:class:`sphkv.gridquant.GridTier`); arena
   :class:`sphkv.gridquant.GridTierPool`.
 
-Writes are batched per run of pages: token ``i`` of a run goes to page ``page_ids[i // P]``,
-slot ``i % P``, and ADA page means are those of the run's consecutive ``P``-token chunks.
+Writes are batched per run of pages (the arena's own ``write_pages``): token ``i`` of a run goes to
+page ``page_ids[i // P]``, slot ``i % P``, and ADA page means are those of the run's consecutive
+``P``-token chunks.
 """
 from __future__ import annotations
 
@@ -48,12 +49,6 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _flat_slots(page_ids: torch.Tensor, n: int, page_size: int) -> torch.Tensor:
-    """Slot index ``page * P + j`` in the flattened ``[num_pages * P]`` arena of run token ``i``."""
-    i = torch.arange(n)
-    return page_ids.to(torch.int64)[i // page_size] * page_size + i % page_size
-
-
 class TierKind:
     """Operations on the arena of one tier kind (subclass per kind; see ``TIER_KINDS``)."""
 
@@ -62,7 +57,7 @@ class TierKind:
 
     def write(self, arena, page_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``, ``v`` ``[n, d]`` into pages ``page_ids`` ``[ceil(n / P)]`` int64, in order."""
-        raise NotImplementedError
+        arena.write_pages(page_ids, k, v)
 
     def decode(self, arena, pages: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages ``[n]`` with lengths ``[n]`` → ``(k, v)`` ``[Σ lens, d]`` float32 in the original domain."""
@@ -82,11 +77,6 @@ class DenseKind(TierKind):
     def make(self, tier, num_pages, *, head_dim, page_size, device="cpu"):
         return TierPool(Tier(tier.name), num_pages, head_dim=head_dim, page_size=page_size, device=device)
 
-    def write(self, arena, page_ids, k, v):
-        sel = _flat_slots(page_ids, k.shape[0], arena.page_size)
-        arena.k.view(-1, arena.head_dim)[sel] = k.to(torch.bfloat16)
-        arena.v.view(-1, arena.head_dim)[sel] = v.to(torch.bfloat16)
-
     def decode(self, arena, pages, lens):
         k, v = arena.read(pages, lens)
         return k.to(torch.float32), v.to(torch.float32)
@@ -99,17 +89,6 @@ class AdaKind(TierKind):
     def make(self, tier, num_pages, *, head_dim, page_size, device="cpu"):
         return TierPool(tier, num_pages, head_dim=head_dim, page_size=page_size, device=device)
 
-    def write(self, arena, page_ids, k, v):
-        n, p = k.shape[0], arena.page_size
-        kc, vc = arena.kcodec.encode(k), arena.vquant.encode(v)        # codes [n, cb], mean [pages, d]
-        sel = _flat_slots(page_ids, n, p)
-        arena.k_codes.flatten(0, 1)[sel] = kc.codes
-        arena.k_radius.flatten(0, 1)[sel] = kc.radius
-        arena.k_mean[page_ids] = kc.mean if kc.mean is not None else torch.zeros_like(arena.k_mean[page_ids])
-        arena.v_codes.flatten(0, 1)[sel] = vc.codes
-        arena.v_scale.flatten(0, 1)[sel] = vc.scale
-        arena.v_zero.flatten(0, 1)[sel] = vc.zero
-
     def _read(self, arena, pages, lens):
         kc, vc, mean_tok = arena.read(pages, lens)                     # mean_tok [T, d] bf16 (rotated)
         return kc, vc, mean_tok.to(torch.float32)
@@ -117,7 +96,7 @@ class AdaKind(TierKind):
     def decode(self, arena, pages, lens):
         kc, vc, mean_tok = self._read(arena, pages, lens)
         y = arena.kcodec.decode_rotated(kc) + mean_tok                  # [T, d] rotated domain
-        return y @ arena.kcodec.rotation, arena.vquant.decode(vc)
+        return y @ arena.kcodec.rotation.to(y.device), arena.vquant.decode(vc)
 
     def block(self, arena, pages, lens, q, scale):
         kc, vc, mean_tok = self._read(arena, pages, lens)
@@ -133,14 +112,6 @@ class AdaKind(TierKind):
 class GridKind(TierKind):
     def make(self, tier, num_pages, *, head_dim, page_size, device="cpu"):
         return GridTierPool(tier, num_pages, head_dim=head_dim, page_size=page_size, device=device)
-
-    def write(self, arena, page_ids, k, v):
-        sel = _flat_slots(page_ids, k.shape[0], arena.page_size)
-        for side, x in (("k", k), ("v", v)):
-            codes, scale, zero = arena.quant.encode(x)
-            getattr(arena, f"{side}_codes").flatten(0, 1)[sel] = codes
-            getattr(arena, f"{side}_scale").flatten(0, 1)[sel] = scale
-            getattr(arena, f"{side}_zero").flatten(0, 1)[sel] = zero
 
     def decode(self, arena, pages, lens):
         return arena.read(pages, lens)

@@ -3,49 +3,33 @@
 
 For each kv head the pages are read tier by tier, one code path per tier kind (dense: plain
 matmul; ADA: logits from angle codes + dequantized values; grid: dequantize + matmul), and the
-partial softmax states ``(max, sum-exp, unnormalized output)`` are merged exactly by
-log-sum-exp, together with an optional dense tail of recent tokens (causal, as in
-:func:`sphkv.attention.attention_from_codes`). Stored tokens all precede the queries.
+partial softmax states (:func:`sphkv.attention.attention_state`) are merged exactly by log-sum-exp
+(:func:`sphkv.attention.merge_state`), together with an optional dense tail of recent tokens (causal, as
+in :func:`sphkv.attention.attention_from_codes`). Stored tokens all precede the queries.
 """
 from __future__ import annotations
 
+from functools import reduce
+
 import torch
 
+from ..attention import attention_state, causal_tail_hidden, merge_state
 from .arenas import kind_of
 from .store import PagedStore
 
-__all__ = ["paged_attention", "merge_states"]
+__all__ = ["paged_attention"]
 
 
-def _state(scores: torch.Tensor, values: torch.Tensor, unrotate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial softmax state of ``scores`` ``[R, T]`` over ``values`` ``[T, d]``.
-
-    Returns (max ``[R]``, sum-exp ``[R]``, unnormalized output ``[R, d]``).
-    """
-    m = scores.amax(-1)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(scores - m_safe[:, None])
-    return m, w.sum(-1), unrotate(w @ values)
-
-
-def merge_states(states: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge partial states exactly → (normalized output ``[R, d]``, log-sum-exp ``[R]``)."""
-    m = torch.stack([s[0] for s in states]).amax(0)                           # [R]
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    l_tot, o_tot = 0.0, 0.0
-    for mi, li, oi in states:
-        a = torch.where(torch.isfinite(mi), torch.exp(mi - m_safe), torch.zeros_like(mi))
-        l_tot = l_tot + a * li
-        o_tot = o_tot + a[:, None] * oi
-    return o_tot / l_tot[:, None], m_safe + torch.log(l_tot)
+def _state(scores: torch.Tensor, values: torch.Tensor, unrotate) -> tuple[torch.Tensor, torch.Tensor]:
+    """State ``(o [R, d], lse [R])`` of ``scores`` ``[R, T]`` over ``values`` ``[T, d]`` (``unrotate`` is linear)."""
+    o, lse = attention_state(scores, values)
+    return unrotate(o), lse
 
 
 def _tail_scores(qg: torch.Tensor, tail_k: torch.Tensor, m: int, g: int, scale: float, causal: bool) -> torch.Tensor:
-    t = tail_k.shape[0]
     s = (qg @ tail_k.to(torch.float32).T) * scale                             # [G*M, T]
     if causal:
-        qpos = (t - m + torch.arange(m, device=qg.device)).repeat(g)
-        s = s.masked_fill(torch.arange(t, device=qg.device)[None, :] > qpos[:, None], float("-inf"))
+        s = s.masked_fill(causal_tail_hidden(tail_k.shape[0], m, g, qg.device), float("-inf"))
     return s
 
 
@@ -106,7 +90,7 @@ def paged_attention(
             states.append(_state(ts, tail_v[h].to(torch.float32), lambda x: x))
         if not states:
             raise ValueError(f"layer {layer} kv head {h} has no stored tokens and no tail")
-        out, lse = merge_states(states)
+        out, lse = reduce(lambda a, b: merge_state(*a, *b), states)
         outs.append(out)
         if return_key_mass:
             n_pos = num_positions or 1 + max([int(p.max()) for p in positions] + [0])

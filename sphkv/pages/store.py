@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Tier-homogeneous paged KV store: per (layer, kv head) a list of pages, each of one tier.
 
-One page arena per tier (``sphkv.pool.TierPool`` or ``sphkv.gridquant.GridTierPool``), each with
-a LIFO free list; page 0 of every arena is the padding page and is never handed out. A page
+One page arena per tier (``sphkv.pool.TierPool`` or ``sphkv.gridquant.GridTierPool``), its pages
+handed out and freed through :class:`sphkv.pages.lists.PageLists` (LIFO free lists, an owner per
+page, poisoning on free); page 0 of every arena is the padding page and is never handed out. A page
 holds 1..P tokens of one (layer, kv head), all of one tier, in ascending original position.
 
 Byte accounting (:class:`StoreBytes`): a page in use costs its tier's full ``page_bytes``
@@ -22,16 +23,9 @@ import torch
 
 from ..tiers import PAGE_META_BYTES, TierSet
 from .arenas import kind_of, make_arena, poison_page
+from .lists import OutOfPagesError, PageError, PageLists
 
 __all__ = ["PageMeta", "PagedStore", "StoreBytes", "OutOfPagesError", "PageError"]
-
-
-class OutOfPagesError(MemoryError):
-    """A tier's arena has fewer free pages than a write needs."""
-
-
-class PageError(ValueError):
-    """A page is used after it was freed, freed twice, or named under the wrong (layer, head)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,8 +105,9 @@ class PagedStore:
         self.page_bytes = tierset.page_bytes()
         self.arenas = [make_arena(t, c + 1, head_dim=self.head_dim, page_size=self.page_size, device=device)
                        for t, c in zip(tierset.tiers, counts)]
-        self._free = [list(range(c, 0, -1)) for c in counts]            # pop() → lowest id first
-        self._owner: list[dict[int, tuple[int, int]]] = [{} for _ in counts]
+        self.lists = PageLists(counts, first=1)                          # page 0 of each arena: padding
+        if debug:
+            self.lists.on_free = lambda tier, page: poison_page(self.arenas[tier], page)
         self._tables: dict[tuple[int, int], list[PageMeta]] = {
             (l, h): [] for l in range(num_layers) for h in range(num_kv_heads)}
 
@@ -121,7 +116,7 @@ class PagedStore:
         return self.arenas[tier].num_pages - 1
 
     def free_pages(self, tier: int) -> int:
-        return len(self._free[tier])
+        return self.lists.free_count(tier)
 
     def pages(self, layer: int, head: int) -> tuple[PageMeta, ...]:
         return tuple(self._table(layer, head))
@@ -138,20 +133,10 @@ class PagedStore:
                             f"({layer}, {head}) (freed, demoted, compacted, or never written there)")
 
     def _take(self, tier: int, n: int, owner: tuple[int, int]) -> list[int]:
-        if n > len(self._free[tier]):
+        if n > self.lists.free_count(tier):
             raise OutOfPagesError(f"tier {self.tierset.tiers[tier].name!r} needs {n} pages, "
-                                  f"{len(self._free[tier])} of {self.capacity(tier)} free")
-        ids = [self._free[tier].pop() for _ in range(n)]
-        for p in ids:
-            self._owner[tier][p] = owner
-        return ids
-
-    def _release(self, tier: int, page: int) -> None:
-        if self._owner[tier].pop(page, None) is None:
-            raise PageError(f"page {page} of tier {tier} is freed twice")
-        if self.debug:
-            poison_page(self.arenas[tier], page)
-        self._free[tier].append(page)
+                                  f"{self.lists.free_count(tier)} of {self.capacity(tier)} free")
+        return self.lists.take(tier, n, owner)
 
     # -- write / read --------------------------------------------------------------------------------
     def write(self, layer: int, head: int, tier: int, k: torch.Tensor, v: torch.Tensor,
@@ -220,7 +205,7 @@ class PagedStore:
         self._check_owned(layer, head, meta)
         table = self._table(layer, head)
         table.pop(next(i for i, m in enumerate(table) if m is meta))
-        self._release(meta.tier, meta.page)
+        self.lists.release(meta.tier, meta.page)
 
     def flush(self, layer: int | None = None, head: int | None = None) -> int:
         """Free every page (of one layer and/or head when given); returns the number of pages freed."""
@@ -282,13 +267,10 @@ class PagedStore:
     def check(self) -> None:
         """Raise ``AssertionError`` unless every page is free xor owned by exactly one live page entry."""
         for t in range(len(self.tierset)):
-            free, owned = self._free[t], self._owner[t]
-            live = [m.page for (l, h), table in self._tables.items() for m in table if m.tier == t]
-            assert len(set(free)) == len(free), f"tier {t}: a page is on the free list twice"
-            assert len(set(live)) == len(live), f"tier {t}: a page is owned twice"
-            assert set(live) == set(owned), f"tier {t}: page table and owner map disagree"
-            assert not set(free) & set(owned), f"tier {t}: a page is both free and owned"
-            assert set(free) | set(owned) == set(range(1, self.capacity(t) + 1)), f"tier {t}: pages leaked"
+            live: dict[int, tuple[int, int]] = {}
             for (l, h), table in self._tables.items():
                 for m in table:
-                    assert m.tier != t or owned[m.page] == (l, h), f"tier {t}: page {m.page} owner mismatch"
+                    if m.tier == t:
+                        assert m.page not in live, f"tier {t}: a page is owned twice"
+                        live[m.page] = (l, h)
+            self.lists.check(t, live)
