@@ -78,6 +78,7 @@ def _row(name, entry, method, ctx_len, res, ref, secs, model_name, corpus) -> di
             "retrieval_by_task": {t: sum(h) / len(h) for t, h in res.hits.items() if h},
             "needle_hit_rate": sum(res.needle_hits) / len(res.needle_hits), "needle_hits": res.needle_hits,
             "answer_nll": sum(res.answer_nll) / len(res.answer_nll), "answer_nll_per_depth": res.answer_nll,
+            "answer_margin_per_depth": res.answer_margin,
             **fidelity(ref, res), "budget_fraction": method.budget_fraction, "seconds": round(secs, 1),
             **(method.extra_row() if hasattr(method, "extra_row") else {})}
 

@@ -69,6 +69,7 @@ class TaskResult:
     answer_nll: list[float]                 # their summed answer NLL
     bits_per_element: float
     hits: dict = None                       # task -> list[bool]
+    answer_margin: list[float] = None       # single cases: min over value tokens of logit(answer) - best other
 
 
 class _AttnRecorder:
@@ -204,7 +205,7 @@ class ContextTask:
         logits, layer_out = self._forward(prefix, cont[:-1], record=True)
         nll = float(F.cross_entropy(logits, cont[1:]))
         hits = {t: [] for t in TASKS}
-        single = []                                     # (depth, hit, answer nll)
+        single = []                                     # (depth, hit, answer nll, margin)
         for hay, ctx in self.haystacks:
             compressed = method.build(ctx)
             for q in hay.questions:
@@ -212,14 +213,17 @@ class ContextTask:
                 lg, _ = self._forward(compressed, qa)
                 pred = lg[q.question.numel() - 1: -1]                      # predicts the answer tokens
                 ok = pred.argmax(-1) == q.answer
+                right = pred.gather(-1, q.answer[:, None])[:, 0]
+                margin = right - pred.scatter(-1, q.answer[:, None], float("-inf")).amax(-1)   # > 0: argmax
                 for (a, b), depth in zip(q.spans, q.depths):
                     hit = bool(ok[a:b].all())
                     hits[q.task].append(hit)
                     if q.task == "single":
-                        single.append((depth, hit, float(F.cross_entropy(pred[a:b], q.answer[a:b], reduction="sum"))))
+                        single.append((depth, hit, float(F.cross_entropy(pred[a:b], q.answer[a:b], reduction="sum")),
+                                       float(margin[a:b].min())))
         single.sort()
-        return TaskResult(nll, logits, layer_out, [h for _, h, _ in single], [x for _, _, x in single],
-                          prefix.bits_per_element, hits)
+        return TaskResult(nll, logits, layer_out, [s[1] for s in single], [s[2] for s in single],
+                          prefix.bits_per_element, hits, [s[3] for s in single])
 
 
 def fidelity(ref: TaskResult, res: TaskResult) -> dict:
