@@ -43,7 +43,7 @@ from sphkv.logits import logits_from_codes, mean_logits, pair_radii
 from .methods import CompressedPrefix, Method, PrefillContext
 from .retrieval import TASKS, build_suite
 
-__all__ = ["ContextTask", "TaskResult", "fast_logits_from_codes"]
+__all__ = ["ContextTask", "TaskResult", "fast_logits_from_codes", "own_nll"]
 
 
 def fast_logits_from_codes(q, code, codec, *, rotated: bool = False):
@@ -190,14 +190,21 @@ class ContextTask:
         mask transformers builds for it: causal, sliding window, ...) over the ``N + S`` tokens in one
         forward without a cache, scored on the same ``S`` targets as :meth:`run`. The ``full`` row is
         checked against it (the sphkv attention over the full bf16 cache must reproduce it)."""
-        own = self.model.config._attn_implementation
-        self.model.set_attn_implementation(attn_implementation)
-        try:
-            ids = self.ids[None, :-1]
-            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=self.s).logits[0].float()
-        finally:
-            self.model.set_attn_implementation(own)
-        return float(F.cross_entropy(logits, self.ids[self.n + 1:]))
+        return own_nll(self.model, self.ids, self.n, attn_implementation)
+
+
+@torch.no_grad()
+def own_nll(model, ids: torch.Tensor, ctx_len: int, attn_implementation: str = "sdpa") -> float:
+    """NLL of ``ids[ctx_len + 1:]`` (``ids`` ``[N + S + 1]`` int64) from one cache-less forward over ``ids[:-1]``
+    with the model's own attention ``attn_implementation`` (what :meth:`ContextTask.model_nll` reports)."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation(attn_implementation)
+    try:
+        s = ids.numel() - 1 - ctx_len
+        logits = model(input_ids=ids[None, :-1], use_cache=False, logits_to_keep=s).logits[0].float()
+    finally:
+        model.set_attn_implementation(own)
+    return float(F.cross_entropy(logits, ids[ctx_len + 1:]))
 
     def run(self, method: Method) -> TaskResult:
         prefix = method.build(self.ctx)
