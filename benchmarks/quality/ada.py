@@ -134,3 +134,5 @@ _reg("sphkv-8", group="sphkv-8", preset="sphkv-8")
 _reg("sphkv-a4.5v3+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, angle_bits=4.5)
 _reg("sphkv-a4.75v3+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, angle_bits=4.75)
 _reg("sphkv-a4v4+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, overrides={"value_bits": 4})
+_reg("sphkv-a3.75v4+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, angle_bits=3.75,
+     overrides={"value_bits": 4})
