@@ -192,20 +192,6 @@ class ContextTask:
         checked against it (the sphkv attention over the full bf16 cache must reproduce it)."""
         return own_nll(self.model, self.ids, self.n, attn_implementation)
 
-
-@torch.no_grad()
-def own_nll(model, ids: torch.Tensor, ctx_len: int, attn_implementation: str = "sdpa") -> float:
-    """NLL of ``ids[ctx_len + 1:]`` (``ids`` ``[N + S + 1]`` int64) from one cache-less forward over ``ids[:-1]``
-    with the model's own attention ``attn_implementation`` (what :meth:`ContextTask.model_nll` reports)."""
-    own = model.config._attn_implementation
-    model.set_attn_implementation(attn_implementation)
-    try:
-        s = ids.numel() - 1 - ctx_len
-        logits = model(input_ids=ids[None, :-1], use_cache=False, logits_to_keep=s).logits[0].float()
-    finally:
-        model.set_attn_implementation(own)
-    return float(F.cross_entropy(logits, ids[ctx_len + 1:]))
-
     def run(self, method: Method) -> TaskResult:
         prefix = method.build(self.ctx)
         cont = self.ids[self.n:]
@@ -231,6 +217,20 @@ def own_nll(model, ids: torch.Tensor, ctx_len: int, attn_implementation: str = "
         single.sort()
         return TaskResult(nll, logits, layer_out, [s[1] for s in single], [s[2] for s in single],
                           prefix.bits_per_element, hits, [s[3] for s in single])
+
+
+@torch.no_grad()
+def own_nll(model, ids: torch.Tensor, ctx_len: int, attn_implementation: str = "sdpa") -> float:
+    """NLL of ``ids[ctx_len + 1:]`` (``ids`` ``[N + S + 1]`` int64) from one cache-less forward over ``ids[:-1]``
+    with the model's own attention ``attn_implementation`` (what :meth:`ContextTask.model_nll` reports)."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation(attn_implementation)
+    try:
+        s = ids.numel() - 1 - ctx_len
+        logits = model(input_ids=ids[None, :-1], use_cache=False, logits_to_keep=s).logits[0].float()
+    finally:
+        model.set_attn_implementation(own)
+    return float(F.cross_entropy(logits, ids[ctx_len + 1:]))
 
 
 def fidelity(ref: TaskResult, res: TaskResult) -> dict:
