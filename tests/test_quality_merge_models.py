@@ -80,3 +80,17 @@ def test_gemma3_rows_meet_the_issue_targets():
         assert merged[("gemma3", corpus, ctx, "full")] == full                   # merged into the main file
         sph = [r for r in rows if (r["corpus"], r["context"]) == (corpus, ctx) and r["method"] == "sphkv-4b+sink"]
         assert len(sph) <= 1 and all(r["bits_per_element"] <= 4.5 for r in sph)
+
+
+def test_every_full_row_reproduces_the_models_own_nll():
+    """Issue 12: on every (model, corpus, context) of the committed quick run, ``full`` through the sphkv
+    attention gives the model's own NLL (its SDPA, no cache) within 0.05%, and both models and corpora are there."""
+    rows = json.loads((RESULTS / "quality-quick.json").read_text())
+    full = [r for r in rows if r["method"] == "full"]
+    assert {(r["model"], r["corpus"]) for r in full} >= {(m, c) for m in ("smollm2", "gemma3")
+                                                         for c in ("essays", "pydocs")}
+    for r in full:
+        where = (r["model"], r["corpus"], r["context"])
+        assert r.get("model_nll") is not None, where
+        assert r["model_nll_delta_pct"] == pytest.approx(100 * (r["nll"] - r["model_nll"]) / r["model_nll"]), where
+        assert abs(r["model_nll_delta_pct"]) <= 0.05, (where, r["model_nll_delta_pct"])

@@ -110,6 +110,19 @@ def quality_rows(name: str, label: str, corpus: str | None = None, model: str = 
     return rows
 
 
+def pairs_cell(label: str, col: str) -> list[float]:
+    """The "every pair" quality table: row ``<model> <method> <what>`` (``what``: "vs the model's own NLL" →
+    ``model_nll_delta_pct`` of that row; "needles" → single-needle hits of 8), column ``<corpus> <n>K``."""
+    model, method = label.replace("`", "").split()[:2]
+    corpus, k = re.match(r"(\w+) (\d)K$", col).groups()
+    r = quality_rows("quality-quick.json", method, corpus, model)[int(k) * 1024]
+    if "own" in label:
+        return [r["model_nll_delta_pct"]]
+    if "needle" in label:
+        return [sum(r["needle_hits"]), len(r["needle_hits"])]
+    raise KeyError(f"row {label!r}")
+
+
 def quality_cell(name: str, model: str = "smollm2") -> Callable:
     def cell(label: str, col: str) -> list[float]:
         m = re.match(r"(\w+) (\d)K$", col)
@@ -231,6 +244,8 @@ TABLES = [
     TableSpec("Quality — SmolLM2-135M-Instruct", "quality-quick.json", quality_cell("quality-quick.json")),
     TableSpec("Quality — SmolLM2-135M-Instruct", "quality.json", quality_cell("quality.json"),
               first_header="method (full run)"),
+    TableSpec("Quality — Gemma 3 270M", "quality-quick.json", quality_cell("quality-quick.json", model="gemma3")),
+    TableSpec("Quality — Gemma 3 270M", "quality-quick.json", pairs_cell, first_header="model, method, measure"),
     TableSpec("Serving — real SGLang servers", "serving-quick.json", serving_cell),
     TableSpec("Decode kernel — H200", "decode.json", decode_cell),
     TableSpec("bench_serving` through the new served path", "serving-bench-quick.json", bench_serving_cell),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sphkv import AngleKeyCodec, GroupValueQuantizer, SphKVConfig, fit_codebook
+from sphkv.codebooks import optimal_level_bits
 from sphkv_hf.segments import CodedSegment, DenseSegment
 
 from .methods import CompressedPrefix, PrefillContext, register
@@ -64,12 +65,16 @@ class Ada:
     overrides: dict = field(default_factory=dict)
     sink: int = 0                     # first tokens of each layer kept dense bf16
     fitted: bool = False
+    angle_bits: float | None = None   # replaces the preset's angle bits per key coordinate (levels from head_dim)
     name: str = "sphkv"
     budget_fraction: float | None = None
     _memo: dict = field(default_factory=dict, compare=False, repr=False)   # id(ctx) → (ctx, codecs, coded segs)
 
     def config(self, head_dim: int) -> SphKVConfig:
-        return SphKVConfig.from_name(self.preset, head_dim=head_dim, **self.overrides)
+        over = dict(self.overrides)
+        if self.angle_bits is not None:     # allocated over this head_dim's polar levels, as a preset does
+            over["level_bits"] = optimal_level_bits(head_dim, self.angle_bits)
+        return SphKVConfig.from_name(self.preset, head_dim=head_dim, **over)
 
     def _reusable(self, ctx: PrefillContext, page_size: int):
         """(coded segments of ``ctx.base``, number of leading coded tokens that are whole shared pages)."""
@@ -124,3 +129,10 @@ _reg("sphkv-2b-lo+sink", group="sphkv-b+sink", preset="sphkv-2b", sink=SINK,   #
      overrides={"level_bits": (2, 1, 1, 1, 1, 2), "page_size": 128})
 _reg("sphkv-4b", group="sphkv-4 variants", preset="sphkv-4b")                 # tuned, without the sinks
 _reg("sphkv-8", group="sphkv-8", preset="sphkv-8")
+# Successor candidates of sphkv-4b+sink at <= 4.5 bits/element (issue 12: needle hits equal to full on every
+# model and corpus): more angle bits with 3-bit values, or 4-bit values (the latter ~4.5 at head_dim 64).
+_reg("sphkv-a4.5v3+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, angle_bits=4.5)
+_reg("sphkv-a4.75v3+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, angle_bits=4.75)
+_reg("sphkv-a4v4+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, overrides={"value_bits": 4})
+_reg("sphkv-a3.75v4+sink", group="sphkv-b+sink", preset="sphkv-4b", sink=SINK, angle_bits=3.75,
+     overrides={"value_bits": 4})

@@ -78,6 +78,7 @@ def _row(name, entry, method, ctx_len, res, ref, secs, model_name, corpus) -> di
             "retrieval_by_task": {t: sum(h) / len(h) for t, h in res.hits.items() if h},
             "needle_hit_rate": sum(res.needle_hits) / len(res.needle_hits), "needle_hits": res.needle_hits,
             "answer_nll": sum(res.answer_nll) / len(res.answer_nll), "answer_nll_per_depth": res.answer_nll,
+            "answer_margin_per_depth": res.answer_margin,
             **fidelity(ref, res), "budget_fraction": method.budget_fraction, "seconds": round(secs, 1),
             **(method.extra_row() if hasattr(method, "extra_row") else {})}
 
@@ -123,6 +124,31 @@ def run(contexts: list[int], names: list[str], *, score_len: int, out_json: Path
                 del task
         del model
     bar.close()
+    return rows
+
+
+def fill_model_nll(path: Path, *, threads: int = 1) -> list[dict]:
+    """Set ``model_nll`` / ``model_nll_delta_pct`` on the ``full`` rows of ``path`` that lack them: the same
+    tokens :class:`~benchmarks.quality.tasks.ContextTask` scores (the corpus's first ``context + score_len + 1``
+    tokens), through :func:`~benchmarks.quality.tasks.own_nll`. Rows of models not installed here are left."""
+    import torch
+
+    from .models import available_models, load_model
+    from .tasks import own_nll
+
+    torch.set_num_threads(threads)
+    rows = json.loads(path.read_text())
+    todo = [r for r in rows if r["method"] == "full" and r.get("model_nll") is None]
+    for name in sorted({r["model"] for r in todo} & set(available_models())):
+        model, tok = load_model(name)
+        for r in (r for r in todo if r["model"] == name):
+            ids = corpus_ids(tok, r["corpus"], r["context"] + r["score_len"] + 1)
+            own = own_nll(model, ids, r["context"])
+            r.update(model_nll=own, model_nll_delta_pct=100.0 * (r["nll"] - own) / own)
+            print(f"[quality] {name} / {r['corpus']} / {r['context']}: full {r['nll']:.6f}, model's own {own:.6f} "
+                  f"({r['model_nll_delta_pct']:+.4f}%)", flush=True)
+        del model
+    path.write_text(json.dumps(rows, indent=1) + "\n")
     return rows
 
 
@@ -179,7 +205,14 @@ def main(argv: list[str] | None = None) -> None:
                          "(+ .md and one rate-distortion plot per corpus); a row of a later file replaces the "
                          "row with the same (model, corpus, context, method) of an earlier one, so partial "
                          "re-runs combine with the committed file (which may itself be an input)")
+    ap.add_argument("--fill-model-nll", type=Path, default=None, metavar="JSON",
+                    help="no run: give every `full` row of this results file that lacks `model_nll` the model's own "
+                         "NLL on the same tokens (one cache-less forward per row; rows written before the field "
+                         "existed), in place")
     args = ap.parse_args(argv)
+    if args.fill_model_nll:
+        fill_model_nll(args.fill_model_nll, threads=args.threads or 1)
+        return
     if args.merge:
         rows = merge_rows([json.loads(p.read_text()) for p in args.merge])
         out = args.out or RESULTS / "quality-quick.json"

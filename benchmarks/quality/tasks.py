@@ -43,7 +43,7 @@ from sphkv.logits import logits_from_codes, mean_logits, pair_radii
 from .methods import CompressedPrefix, Method, PrefillContext
 from .retrieval import TASKS, build_suite
 
-__all__ = ["ContextTask", "TaskResult", "fast_logits_from_codes"]
+__all__ = ["ContextTask", "TaskResult", "fast_logits_from_codes", "own_nll"]
 
 
 def fast_logits_from_codes(q, code, codec, *, rotated: bool = False):
@@ -69,6 +69,7 @@ class TaskResult:
     answer_nll: list[float]                 # their summed answer NLL
     bits_per_element: float
     hits: dict = None                       # task -> list[bool]
+    answer_margin: list[float] = None       # single cases: min over value tokens of logit(answer) - best other
 
 
 class _AttnRecorder:
@@ -189,14 +190,7 @@ class ContextTask:
         mask transformers builds for it: causal, sliding window, ...) over the ``N + S`` tokens in one
         forward without a cache, scored on the same ``S`` targets as :meth:`run`. The ``full`` row is
         checked against it (the sphkv attention over the full bf16 cache must reproduce it)."""
-        own = self.model.config._attn_implementation
-        self.model.set_attn_implementation(attn_implementation)
-        try:
-            ids = self.ids[None, :-1]
-            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=self.s).logits[0].float()
-        finally:
-            self.model.set_attn_implementation(own)
-        return float(F.cross_entropy(logits, self.ids[self.n + 1:]))
+        return own_nll(self.model, self.ids, self.n, attn_implementation)
 
     def run(self, method: Method) -> TaskResult:
         prefix = method.build(self.ctx)
@@ -204,7 +198,7 @@ class ContextTask:
         logits, layer_out = self._forward(prefix, cont[:-1], record=True)
         nll = float(F.cross_entropy(logits, cont[1:]))
         hits = {t: [] for t in TASKS}
-        single = []                                     # (depth, hit, answer nll)
+        single = []                                     # (depth, hit, answer nll, margin)
         for hay, ctx in self.haystacks:
             compressed = method.build(ctx)
             for q in hay.questions:
@@ -212,14 +206,31 @@ class ContextTask:
                 lg, _ = self._forward(compressed, qa)
                 pred = lg[q.question.numel() - 1: -1]                      # predicts the answer tokens
                 ok = pred.argmax(-1) == q.answer
+                right = pred.gather(-1, q.answer[:, None])[:, 0]
+                margin = right - pred.scatter(-1, q.answer[:, None], float("-inf")).amax(-1)   # > 0: argmax
                 for (a, b), depth in zip(q.spans, q.depths):
                     hit = bool(ok[a:b].all())
                     hits[q.task].append(hit)
                     if q.task == "single":
-                        single.append((depth, hit, float(F.cross_entropy(pred[a:b], q.answer[a:b], reduction="sum"))))
+                        single.append((depth, hit, float(F.cross_entropy(pred[a:b], q.answer[a:b], reduction="sum")),
+                                       float(margin[a:b].min())))
         single.sort()
-        return TaskResult(nll, logits, layer_out, [h for _, h, _ in single], [x for _, _, x in single],
-                          prefix.bits_per_element, hits)
+        return TaskResult(nll, logits, layer_out, [s[1] for s in single], [s[2] for s in single],
+                          prefix.bits_per_element, hits, [s[3] for s in single])
+
+
+@torch.no_grad()
+def own_nll(model, ids: torch.Tensor, ctx_len: int, attn_implementation: str = "sdpa") -> float:
+    """NLL of ``ids[ctx_len + 1:]`` (``ids`` ``[N + S + 1]`` int64) from one cache-less forward over ``ids[:-1]``
+    with the model's own attention ``attn_implementation`` (what :meth:`ContextTask.model_nll` reports)."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation(attn_implementation)
+    try:
+        s = ids.numel() - 1 - ctx_len
+        logits = model(input_ids=ids[None, :-1], use_cache=False, logits_to_keep=s).logits[0].float()
+    finally:
+        model.set_attn_implementation(own)
+    return float(F.cross_entropy(logits, ids[ctx_len + 1:]))
 
 
 def fidelity(ref: TaskResult, res: TaskResult) -> dict:
