@@ -46,7 +46,7 @@ import torch
 from ..tiers import TierSet
 from .fixup import fixup
 
-__all__ = ["TierCosts", "Plan", "allocate", "bf16_bytes", "budget_from_fraction", "uniform_plans"]
+__all__ = ["TierCosts", "Plan", "allocate", "band_tiers", "bf16_bytes", "budget_from_fraction", "uniform_plans"]
 
 
 @dataclass(frozen=True)
@@ -238,8 +238,50 @@ def uniform_plans(n_prot: torch.Tensor, n: int, num_tiers: int) -> list[torch.Te
     return out
 
 
+def band_tiers(n_prot: torch.Tensor, n: int, page_bytes: tuple[int, ...], page: int, budget: int,
+               spread: int) -> tuple[int, int] | None:
+    """``(top, floor)`` tier indices of the band, or ``None`` when no uniform tier fits ``budget``.
+
+    ``floor`` is the most precise tier ``t`` such that the plan "protected tokens at ``top = max(t -
+    spread, 0)``, every other token at ``t``" fits (exact packed bytes over the ``G`` rows of
+    ``n_prot`` ``[G]``); the band is tiers ``top..floor``.
+    """
+    if not isinstance(spread, int) or spread < 0:
+        raise ValueError(f"spread={spread!r} must be an int >= 0")
+    for t in range(len(page_bytes)):
+        top = max(t - spread, 0)
+        if top == t:
+            nbytes = -(-n // page) * page_bytes[t] * n_prot.numel()
+        else:
+            nbytes = int(((n_prot + page - 1) // page * page_bytes[top]
+                          + (n - n_prot + page - 1) // page * page_bytes[t]).sum())
+        if nbytes <= budget:
+            return top, t
+    return None
+
+
+def _allocate_band(utility, costs, budget, prot, ldist, spread):
+    """The band plan (see :func:`allocate`'s ``spread``), or ``None`` when no uniform tier fits."""
+    l, h, n = utility.shape
+    band = band_tiers(prot.reshape(l * h, n).sum(1), n, costs.page_bytes, costs.page_size, budget, spread)
+    if band is None:
+        return None
+    top, bottom = band
+    sub = TierCosts(costs.names[top:bottom + 1], costs.page_bytes[top:bottom + 1],
+                    costs.distortion[top:bottom + 1], costs.page_size, costs.drop_distortion)
+    inner = allocate(utility, sub, budget, protected=prot, layer_distortion=ldist[:, top:bottom + 1], floor=True)
+    t = costs.num_tiers
+    tiers = inner.tiers.to(torch.int16) + top
+    tiers[inner.tiers >= sub.num_tiers] = t                                           # (never: the floor holds)
+    pad = lambda x: torch.cat([x.new_zeros(l, h, top), x, x.new_zeros(l, h, t - bottom - 1)], -1)
+    return Plan(tiers.to(torch.int8), pad(inner.counts), pad(inner.pages), inner.stored_bytes, inner.budget_bytes,
+                inner.min_bytes, inner.lam, inner.expected_distortion, costs,
+                f"band:{costs.names[top]}..{costs.names[bottom]}/{inner.source}", True)
+
+
 def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
-             protected: torch.Tensor | None = None, layer_distortion=None, floor: bool = False) -> Plan:
+             protected: torch.Tensor | None = None, layer_distortion=None, floor: bool = False,
+             spread: int | None = None) -> Plan:
     """Plan tiers for ``utility`` ``[L, Hkv, N]`` (float, ≥ 0) under ``budget_bytes`` (exact packed bytes).
 
     Parameters
@@ -247,6 +289,14 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
     protected : ``[N]`` or ``[L, Hkv, N]`` bool — tokens forced to tier 0 (sinks, recent window).
     layer_distortion : ``[L, T]`` — per-layer tier distortions (default: ``costs.distortion`` everywhere).
     floor : drop nothing while the budget holds every token at the least precise tier.
+    spread : the band (trust region around the uniform rate; ``None``: off). With ``spread = k`` the
+        plan uses only the tiers ``top..floor``: ``floor`` is the most precise tier whose uniform plan
+        fits with the protected tokens at ``top = max(floor - k, 0)`` (:func:`band_tiers`), protected
+        tokens sit at ``top`` instead of tier 0, nothing is dropped, and the allocator (Lagrangian,
+        fix-up, uniform guard) chooses within the band. Every unprotected token is then at least as
+        precise as in any uniform plan that fits, so the band plan is never worse than those on the
+        objective, and no token is pushed far below the budget's rate on a utility estimate. When no
+        uniform tier fits (budget below the floor), ``spread`` is ignored: ``floor`` rules apply.
 
     The returned plan is never worse on the objective ``Σ u·D`` than the best uniform plan that fits
     (see the module docstring).
@@ -284,6 +334,11 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
         raise ValueError(f"budget_bytes={budget_bytes!r} is below the minimum {min_bytes}: the {int(n_prot.sum())} "
                          f"protected tokens (sinks + recent window) need whole pages of tier {costs.names[0]!r}")
     budget = int(math.floor(budget_bytes))
+    if spread is not None:
+        banded = _allocate_band(utility, costs, budget, prot.reshape(l, h, n), _layer_dist(costs, layer_distortion, l),
+                                spread)
+        if banded is not None:
+            return banded
     keys = torch.where(prot, torch.full_like(u, math.inf), u)
     keys_sorted, order = keys.sort(dim=1, descending=True, stable=True)            # [G, N]
     keys_asc = keys_sorted.flip(1).contiguous()

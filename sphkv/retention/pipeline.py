@@ -47,7 +47,9 @@ class RetentionConfig:
     ``prior × mean utility`` of its (layer, kv head) to every token (no token is worth exactly nothing);
     ``per_layer`` calibrates every layer's tier distortion on that layer (``calib_layers`` then only
     sets the global row kept in the tier set). The allocator never returns a plan worse on its own
-    objective than the best uniform tier that fits (:func:`sphkv.retention.allocate`).
+    objective than the best uniform tier that fits (:func:`sphkv.retention.allocate`). ``spread`` (``None``:
+    off) confines the plan to a band of ``spread + 1`` tiers ending at the most precise tier whose uniform
+    plan fits, protected tokens at the band's top (``allocate(spread=)``).
     """
 
     policy: str = "snapkv"
@@ -60,6 +62,7 @@ class RetentionConfig:
     floor: bool = False
     prior: float = 0.0
     per_layer: bool = False
+    spread: int | None = None
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +73,9 @@ class RetentionConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if not 0.0 <= self.prior < float("inf"):
             raise ValueError(f"prior={self.prior!r} must be finite and >= 0")
+        if self.spread is not None and (not isinstance(self.spread, int) or isinstance(self.spread, bool)
+                                        or self.spread < 0):
+            raise ValueError(f"spread={self.spread!r} must be None or an int >= 0")
         for name in ("calib_layers", "calib_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -252,7 +258,7 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     t2 = time.perf_counter()
     plan = allocate(utility, TierCosts.from_tierset(tierset), budget_bytes,
                     protected=protected_mask(n, sinks=config.sinks, recent=config.recent),
-                    layer_distortion=layer_dist, floor=config.floor)
+                    layer_distortion=layer_dist, floor=config.floor, spread=config.spread)
     timings["allocate_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     store = PagedStore(tierset, plan.pages.sum((0, 1)).tolist(), num_layers=len(keys), num_kv_heads=hkv,
