@@ -6,7 +6,10 @@
   token receives from queries strided over the whole context (every 32nd position) plus the last 32
   (``policy="pooled"``) plus the (layer, kv head)'s mean utility (``prior=1``: no token is worth less
   than an average one — the next question may ask for any of them), tier distortion calibrated on
-  every layer (last 384 tokens), the floor (nothing dropped while every token fits at sphkv-2b) and the
+  every layer (last 384 tokens), the floor (nothing dropped while every token fits at sphkv-2b), the
+  band (``spread=1``: while a uniform tier fits, only that tier and the one above it are used, protected
+  tokens at the upper one — at 25% that is sphkv-4b with the least useful ~1% of tokens at sphkv-3b;
+  chosen on the essays at 2K, continuation NLL: spread 1 −0.23%, 2 +0.46%, off +0.21%) and the
   allocator's uniform guard. The ADA tiers are attended through
   :class:`sphkv_hf.segments.CodedSegment` built from the store's own codes (logits from codes).
 * ``ada+rdr-v0@f`` — the previous RDR for comparison: tiers dense / sphkv-8 / sphkv-4 / sphkv-3 / drop,
@@ -39,7 +42,7 @@ __all__ = ["RDR", "FRACTIONS"]
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PAGE = 64
 QUICK = {"ada+rdr@0.10", "ada+rdr@0.25"}
-ROBUST = RetentionConfig(policy="pooled", floor=True, per_layer=True, prior=1.0, calib_tokens=384)
+ROBUST = RetentionConfig(policy="pooled", floor=True, per_layer=True, prior=1.0, calib_tokens=384, spread=1)
 _CALIB: dict = {}          # (tier set, id(context)) -> (context, calibration): shared by every budget
 TIERSETS = {"ada+rdr": "ada-b+rdr", "ada+rdr-v0": "ada+rdr", "rdkv": "rdkv", "dense+rdr": "dense+rdr"}
 
