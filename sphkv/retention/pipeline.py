@@ -49,7 +49,7 @@ class RetentionConfig:
     sets the global row kept in the tier set). The allocator never returns a plan worse on its own
     objective than the best uniform tier that fits (:func:`sphkv.retention.allocate`). ``spread`` (``None``:
     off) confines the plan to a band of ``spread + 1`` tiers ending at the most precise tier whose uniform
-    plan fits, protected tokens at the band's top (``allocate(spread=)``).
+    plan fits, protected tokens at the band's top, or ``lift`` tiers above it (``allocate(spread=, lift=)``).
     """
 
     policy: str = "snapkv"
@@ -63,6 +63,7 @@ class RetentionConfig:
     prior: float = 0.0
     per_layer: bool = False
     spread: int | None = None
+    lift: int = 0
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class RetentionConfig:
         if self.spread is not None and (not isinstance(self.spread, int) or isinstance(self.spread, bool)
                                         or self.spread < 0):
             raise ValueError(f"spread={self.spread!r} must be None or an int >= 0")
+        if not isinstance(self.lift, int) or isinstance(self.lift, bool) or self.lift < 0:
+            raise ValueError(f"lift={self.lift!r} must be an int >= 0")
         for name in ("calib_layers", "calib_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -258,7 +261,8 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     t2 = time.perf_counter()
     plan = allocate(utility, TierCosts.from_tierset(tierset), budget_bytes,
                     protected=protected_mask(n, sinks=config.sinks, recent=config.recent),
-                    layer_distortion=layer_dist, floor=config.floor, spread=config.spread)
+                    layer_distortion=layer_dist, floor=config.floor, spread=config.spread,
+                    lift=config.lift)
     timings["allocate_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     store = PagedStore(tierset, plan.pages.sum((0, 1)).tolist(), num_layers=len(keys), num_kv_heads=hkv,
