@@ -251,3 +251,17 @@ def test_band_lift_keeps_protected_tokens_on_their_own_more_precise_pages():
         p2 = prot.expand(l, h, n).clone()
         p2[0, 0, 100] = True
         allocate(u, costs, budget, protected=p2, spread=1, lift=1)
+
+
+def test_band_protected_replaces_the_protection_inside_the_band_only():
+    costs = TierCosts(("dense", "t4", "t2"), (64 * 256 + 8, 64 * 72 + 8, 64 * 40 + 8), (0.0, 0.05, 0.6), page_size=64)
+    n, l, h = 1024, 2, 2
+    u = torch.rand(l, h, n, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    prot = protected_mask(n, sinks=4, recent=32)
+    first = protected_mask(n, sinks=64, recent=0)
+    budget = l * h * (costs.page_bytes[0] + 15 * costs.page_bytes[2] + 8 * (costs.page_bytes[1] - costs.page_bytes[2]))
+    plan = allocate(u, costs, budget, protected=prot, spread=1, lift=1, band_protected=first)
+    assert bool((plan.tiers[..., first] == 0).all()) and not bool((plan.tiers[..., ~first] == 0).any())
+    assert plan.stored_bytes == packed_bytes(plan.tiers, costs) <= budget
+    low = allocate(u, costs, l * h * 30000, protected=prot, spread=1, lift=1, band_protected=first)   # below the floor
+    assert not low.source.startswith("band") and bool((low.tiers[..., prot] == 0).all())

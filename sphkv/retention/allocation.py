@@ -301,7 +301,7 @@ def _allocate_band(utility, costs, budget, prot, ldist, spread, lift=0):
 
 def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
              protected: torch.Tensor | None = None, layer_distortion=None, floor: bool = False,
-             spread: int | None = None, lift: int = 0) -> Plan:
+             spread: int | None = None, lift: int = 0, band_protected: torch.Tensor | None = None) -> Plan:
     """Plan tiers for ``utility`` ``[L, Hkv, N]`` (float, ≥ 0) under ``budget_bytes`` (exact packed bytes).
 
     Parameters
@@ -319,6 +319,8 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
         uniform tier fits (budget below the floor), ``spread`` is ignored: ``floor`` rules apply.
     lift : with ``spread``, protected tokens sit ``lift`` tiers above the band's top (own pages; at most
         tier 0); the band's floor is then chosen with those bytes counted.
+    band_protected : ``[N]`` or ``[L, Hkv, N]`` bool — the protected tokens when the band applies
+        (default: ``protected``); e.g. the whole first page, so that the lifted tokens fill their page.
 
     The returned plan is never worse on the objective ``Σ u·D`` than the best uniform plan that fits
     (see the module docstring).
@@ -357,7 +359,8 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
                          f"protected tokens (sinks + recent window) need whole pages of tier {costs.names[0]!r}")
     budget = int(math.floor(budget_bytes))
     if spread is not None:
-        banded = _allocate_band(utility, costs, budget, prot.reshape(l, h, n), _layer_dist(costs, layer_distortion, l),
+        bprot = prot if band_protected is None else band_protected.to(torch.bool).cpu().expand(l, h, n)
+        banded = _allocate_band(utility, costs, budget, bprot.reshape(l, h, n), _layer_dist(costs, layer_distortion, l),
                                 spread, lift)
         if banded is not None:
             return banded
