@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sphkv.retention import TierCosts, allocate, protected_mask
+from sphkv.retention.allocation import band_tiers
 
 
 def objective(tiers: torch.Tensor, u: torch.Tensor, dist: torch.Tensor, drop: float) -> float:
@@ -151,3 +152,116 @@ def test_pooled_utility_is_the_max_attention_over_strided_queries():
     u = make_policy("pooled", kernel=1).score(RetentionInputs(k=k, q=q, q_positions=pos))
     snap = make_policy("snapkv", kernel=1).score(RetentionInputs(k=k, q=q[:, 1:]))    # the last query only
     assert float(u[0, 1]) > 0.9 and float(snap[0, 1]) < 1e-3
+
+
+# -- the band (spread): a trust region around the uniform rate ------------------------------------------
+def check_band(l, h, n, page, sinks, recent, frac, skew, spread, seed, lift=0):
+    gen = torch.Generator().manual_seed(seed)
+    costs, dist = random_costs(page, gen, l)
+    u = torch.rand(l, h, n, generator=gen, dtype=torch.float64) ** skew
+    prot = protected_mask(n, sinks=sinks, recent=recent)
+    minimum = l * h * -(-int(prot.sum()) // page) * costs.page_bytes[0]
+    full = l * h * -(-n // page) * costs.page_bytes[0]
+    budget = int(max(minimum, 1) + frac * (full - minimum))
+    plan = allocate(u, costs, budget, protected=prot, layer_distortion=dist, spread=spread, lift=lift)
+    free = allocate(u, costs, budget, protected=prot, layer_distortion=dist, floor=True)
+    assert plan.stored_bytes <= budget and plan.stored_bytes == packed_bytes(plan.tiers, costs)
+    band = band_tiers(torch.full((l * h,), int(prot.sum())), n, costs.page_bytes, page, budget, spread, lift)
+    if band is None:                                        # below every uniform tier: the floor rules apply
+        assert plan.source == free.source and torch.equal(plan.tiers, free.tiers)
+        return plan
+    top, bottom = band
+    ptier = max(top - lift, 0)
+    uu = torch.where(prot, 0.0, u)                          # the objective counts unprotected tokens
+    got = objective(plan.tiers, uu, dist, costs.drop_distortion)
+    assert got == pytest.approx(plan.expected_distortion, rel=1e-9, abs=1e-9)
+    assert plan.source.startswith(f"band:{costs.names[top]}..{costs.names[bottom]}") and plan.floor
+    assert bool((plan.tiers[..., prot] == ptier).all())
+    rest = plan.tiers[..., ~prot]
+    assert bool((rest >= top).all()) and bool((rest <= bottom).all())        # nothing dropped, nothing outside
+    # the band's floor is the most precise tier that fits: one tier more precise does not
+    if bottom > 0:
+        up = bottom - 1
+        tp = max(max(up - spread, 0) - lift, 0)
+        tiers = torch.full(u.shape, up, dtype=torch.int8)
+        tiers[..., prot] = tp
+        assert packed_bytes(tiers, costs) > budget
+    # every unprotected token is at least as precise as in any uniform plan that fits: never worse than those
+    for t, val in uniform_objectives(uu, prot, costs, dist, budget).items():
+        assert got <= val * (1 + 1e-9) + 1e-12, (t, got, val)
+    return plan
+
+
+@settings(max_examples=100, deadline=None)
+@given(l=st.integers(1, 3), h=st.integers(1, 3), n=st.integers(8, 300), page=st.sampled_from([4, 16, 64]),
+       sinks=st.integers(0, 4), recent=st.integers(0, 16), frac=st.floats(0.02, 1.0),
+       skew=st.sampled_from([0.0, 0.5, 3.0, 8.0]), spread=st.integers(0, 3), lift=st.integers(0, 2),
+       seed=st.integers(0, 10 ** 6))
+def test_band_stays_within_its_tiers_and_never_loses_to_a_uniform_tier(l, h, n, page, sinks, recent, frac, skew,
+                                                                        spread, lift, seed):
+    check_band(l, h, n, page, sinks, recent, frac, skew, spread, seed, lift)
+
+
+def test_band_at_the_4bit_rate_keeps_skewed_utility_near_uniform():
+    """At a budget just under uniform t4 the free plan spreads over every tier; the band uses t4 and t2 only,
+    protected tokens at t4, and puts on t2 only the least useful tokens of each head."""
+    costs = TierCosts(("dense", "t4", "t2"), (64 * 256 + 8, 64 * 72 + 8, 64 * 40 + 8), (0.0, 0.05, 0.6), page_size=64)
+    gen = torch.Generator().manual_seed(5)
+    n, l, h = 1024, 2, 2
+    u = torch.rand(l, h, n, generator=gen, dtype=torch.float64) ** 8
+    prot = protected_mask(n, sinks=4, recent=32)
+    budget = l * h * (n // 64 - 1) * costs.page_bytes[1] + l * h * costs.page_bytes[2]     # one t2 page per head
+    free = allocate(u, costs, budget, protected=prot, floor=True)
+    plan = allocate(u, costs, budget, protected=prot, spread=1)
+    assert bool((free.tiers == 0).sum() > (prot.sum() * l * h))           # the free plan promotes tokens to dense
+    assert plan.source.startswith("band:t4..t2"), plan.source
+    assert not bool((plan.tiers == 0).any()) and not bool((plan.tiers == plan.drop).any())
+    low = plan.tiers == 2
+    assert 0 < int(low.sum()) <= l * h * 64                                 # at most one page per head on t2
+    for i in range(l):
+        for j in range(h):
+            kept_u, low_u = u[i, j][~low[i, j] & ~prot], u[i, j][low[i, j]]
+            assert float(low_u.max()) <= float(kept_u.min())                # the least useful tokens go down
+
+
+def test_band_config_validation():
+    from sphkv.retention import RetentionConfig
+
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="spread"):
+            RetentionConfig(spread=bad)
+        with pytest.raises(ValueError, match="lift"):
+            RetentionConfig(lift=bad)
+    with pytest.raises(ValueError, match="spread"):
+        band_tiers(torch.tensor([4]), 64, (100, 50), 16, 10 ** 6, -2)
+
+
+def test_band_lift_keeps_protected_tokens_on_their_own_more_precise_pages():
+    costs = TierCosts(("dense", "t4", "t2"), (64 * 256 + 8, 64 * 72 + 8, 64 * 40 + 8), (0.0, 0.05, 0.6), page_size=64)
+    n, l, h = 1024, 2, 2
+    u = torch.rand(l, h, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    prot = protected_mask(n, sinks=4, recent=32)
+    budget = l * h * (costs.page_bytes[0] + 16 * costs.page_bytes[2] + 8 * (costs.page_bytes[1] - costs.page_bytes[2]))
+    plan = allocate(u, costs, budget, protected=prot, spread=1, lift=1)
+    assert plan.source.startswith("band:t4..t2+protected:dense/"), plan.source
+    assert bool((plan.tiers[..., prot] == 0).all()) and not bool((plan.tiers[..., ~prot] == 0).any())
+    assert plan.stored_bytes == packed_bytes(plan.tiers, costs) <= budget
+    assert torch.equal(plan.pages[..., 0], torch.ones(l, h, dtype=torch.int64))
+    with pytest.raises(ValueError, match="same protected positions"):
+        p2 = prot.expand(l, h, n).clone()
+        p2[0, 0, 100] = True
+        allocate(u, costs, budget, protected=p2, spread=1, lift=1)
+
+
+def test_band_protected_replaces_the_protection_inside_the_band_only():
+    costs = TierCosts(("dense", "t4", "t2"), (64 * 256 + 8, 64 * 72 + 8, 64 * 40 + 8), (0.0, 0.05, 0.6), page_size=64)
+    n, l, h = 1024, 2, 2
+    u = torch.rand(l, h, n, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    prot = protected_mask(n, sinks=4, recent=32)
+    first = protected_mask(n, sinks=64, recent=0)
+    budget = l * h * (costs.page_bytes[0] + 15 * costs.page_bytes[2] + 8 * (costs.page_bytes[1] - costs.page_bytes[2]))
+    plan = allocate(u, costs, budget, protected=prot, spread=1, lift=1, band_protected=first)
+    assert bool((plan.tiers[..., first] == 0).all()) and not bool((plan.tiers[..., ~first] == 0).any())
+    assert plan.stored_bytes == packed_bytes(plan.tiers, costs) <= budget
+    low = allocate(u, costs, l * h * 30000, protected=prot, spread=1, lift=1, band_protected=first)   # below the floor
+    assert not low.source.startswith("band") and bool((low.tiers[..., prot] == 0).all())

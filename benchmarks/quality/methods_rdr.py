@@ -6,8 +6,14 @@
   token receives from queries strided over the whole context (every 32nd position) plus the last 32
   (``policy="pooled"``) plus the (layer, kv head)'s mean utility (``prior=1``: no token is worth less
   than an average one — the next question may ask for any of them), tier distortion calibrated on
-  every layer (last 384 tokens), the floor (nothing dropped while every token fits at sphkv-2b) and the
-  allocator's uniform guard. The ADA tiers are attended through
+  every layer (last 384 tokens), the floor (nothing dropped while every token fits at sphkv-2b), the
+  band (``spread=1``: while a uniform tier fits, only that tier and the one above it are used; inside
+  the band the whole first page — the 4 sinks and their page — is protected one tier higher,
+  ``lift=1``, ``band_sinks=PAGE``: at 25% that is the first page at sphkv-5b, sphkv-4b elsewhere, the
+  least useful ~3% of tokens at sphkv-3b). Chosen on the essays at 2K only (continuation NLL, retrieval
+  of 24): no band +0.21%, 9; spread 2 +0.46% (NLL only); spread 1 with sinks+recent at sphkv-4b −0.23%, 10;
+  their page at sphkv-5b (own page) +0.74%, 9; first page at sphkv-5b −0.26%, 11; at sphkv-8 +0.29%, 8.
+  Below the floor the band does not apply (sinks + last 32 at sphkv-8, drops). The ADA tiers are attended through
   :class:`sphkv_hf.segments.CodedSegment` built from the store's own codes (logits from codes).
 * ``ada+rdr-v0@f`` — the previous RDR for comparison: tiers dense / sphkv-8 / sphkv-4 / sphkv-3 / drop,
   SnapKV-style utility of the last 32 queries only, one distortion per tier, no floor.
@@ -39,7 +45,8 @@ __all__ = ["RDR", "FRACTIONS"]
 FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PAGE = 64
 QUICK = {"ada+rdr@0.10", "ada+rdr@0.25"}
-ROBUST = RetentionConfig(policy="pooled", floor=True, per_layer=True, prior=1.0, calib_tokens=384)
+ROBUST = RetentionConfig(policy="pooled", floor=True, per_layer=True, prior=1.0, calib_tokens=384, spread=1, lift=1,
+                         band_sinks=PAGE)
 _CALIB: dict = {}          # (tier set, id(context)) -> (context, calibration): shared by every budget
 TIERSETS = {"ada+rdr": "ada-b+rdr", "ada+rdr-v0": "ada+rdr", "rdkv": "rdkv", "dense+rdr": "dense+rdr"}
 

@@ -46,7 +46,7 @@ import torch
 from ..tiers import TierSet
 from .fixup import fixup
 
-__all__ = ["TierCosts", "Plan", "allocate", "bf16_bytes", "budget_from_fraction", "uniform_plans"]
+__all__ = ["TierCosts", "Plan", "allocate", "band_tiers", "bf16_bytes", "budget_from_fraction", "uniform_plans"]
 
 
 @dataclass(frozen=True)
@@ -238,8 +238,70 @@ def uniform_plans(n_prot: torch.Tensor, n: int, num_tiers: int) -> list[torch.Te
     return out
 
 
+def band_tiers(n_prot: torch.Tensor, n: int, page_bytes: tuple[int, ...], page: int, budget: int,
+               spread: int, lift: int = 0) -> tuple[int, int] | None:
+    """``(top, floor)`` tier indices of the band, or ``None`` when no uniform tier fits ``budget``.
+
+    ``floor`` is the most precise tier ``t`` such that the plan "protected tokens at ``max(top - lift, 0)``
+    with ``top = max(t - spread, 0)``, every other token at ``t``" fits (exact packed bytes over the ``G``
+    rows of ``n_prot`` ``[G]``; protected tokens share pages with the others only at the same tier);
+    the band is tiers ``top..floor``.
+    """
+    for name, x in (("spread", spread), ("lift", lift)):
+        if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+            raise ValueError(f"{name}={x!r} must be an int >= 0")
+    for t in range(len(page_bytes)):
+        top = max(t - spread, 0)
+        ptier = max(top - lift, 0)
+        if ptier == t:
+            nbytes = -(-n // page) * page_bytes[t] * n_prot.numel()
+        else:
+            nbytes = int(((n_prot + page - 1) // page * page_bytes[ptier]
+                          + (n - n_prot + page - 1) // page * page_bytes[t]).sum())
+        if nbytes <= budget:
+            return top, t
+    return None
+
+
+def _allocate_band(utility, costs, budget, prot, ldist, spread, lift=0):
+    """The band plan (see :func:`allocate`'s ``spread`` and ``lift``), or ``None`` when no uniform tier fits."""
+    l, h, n = utility.shape
+    band = band_tiers(prot.reshape(l * h, n).sum(1), n, costs.page_bytes, costs.page_size, budget, spread, lift)
+    if band is None:
+        return None
+    top, bottom = band
+    ptier, t, page = max(top - lift, 0), costs.num_tiers, costs.page_size
+    sub = TierCosts(costs.names[top:bottom + 1], costs.page_bytes[top:bottom + 1],
+                    costs.distortion[top:bottom + 1], page, costs.drop_distortion)
+    pad = lambda x: torch.cat([x.new_zeros(l, h, top), x, x.new_zeros(l, h, t - bottom - 1)], -1)
+    name = f"band:{costs.names[top]}..{costs.names[bottom]}"
+    mask = prot[0, 0]
+    n_prot = int(mask.sum())
+    if ptier == top or n_prot in (0, n):
+        inner = allocate(utility, sub, budget, protected=prot, layer_distortion=ldist[:, top:bottom + 1], floor=True)
+        tiers = inner.tiers.to(torch.int16) + top
+        return Plan(tiers.to(torch.int8), pad(inner.counts), pad(inner.pages), inner.stored_bytes,
+                    inner.budget_bytes, inner.min_bytes, inner.lam, inner.expected_distortion, costs,
+                    f"{name}/{inner.source}", True)
+    if not bool((prot == mask).all()):
+        raise ValueError("lift > 0 needs the same protected positions in every (layer, kv head)")
+    prot_pages = -(-n_prot // page)
+    prot_bytes = l * h * prot_pages * costs.page_bytes[ptier]
+    inner = allocate(utility[..., ~mask], sub, budget - prot_bytes, layer_distortion=ldist[:, top:bottom + 1],
+                     floor=True)
+    tiers = torch.full((l, h, n), ptier, dtype=torch.int16)
+    tiers[..., ~mask] = inner.tiers.to(torch.int16) + top
+    counts, pages = pad(inner.counts), pad(inner.pages)
+    counts[..., ptier] += n_prot
+    pages[..., ptier] += prot_pages
+    return Plan(tiers.to(torch.int8), counts, pages, inner.stored_bytes + prot_bytes, budget,
+                l * h * prot_pages * costs.page_bytes[0], inner.lam, inner.expected_distortion, costs,
+                f"{name}+protected:{costs.names[ptier]}/{inner.source}", True)
+
+
 def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
-             protected: torch.Tensor | None = None, layer_distortion=None, floor: bool = False) -> Plan:
+             protected: torch.Tensor | None = None, layer_distortion=None, floor: bool = False,
+             spread: int | None = None, lift: int = 0, band_protected: torch.Tensor | None = None) -> Plan:
     """Plan tiers for ``utility`` ``[L, Hkv, N]`` (float, ≥ 0) under ``budget_bytes`` (exact packed bytes).
 
     Parameters
@@ -247,6 +309,18 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
     protected : ``[N]`` or ``[L, Hkv, N]`` bool — tokens forced to tier 0 (sinks, recent window).
     layer_distortion : ``[L, T]`` — per-layer tier distortions (default: ``costs.distortion`` everywhere).
     floor : drop nothing while the budget holds every token at the least precise tier.
+    spread : the band (trust region around the uniform rate; ``None``: off). With ``spread = k`` the
+        plan uses only the tiers ``top..floor``: ``floor`` is the most precise tier whose uniform plan
+        fits with the protected tokens at ``top = max(floor - k, 0)`` (:func:`band_tiers`), protected
+        tokens sit at ``top`` instead of tier 0, nothing is dropped, and the allocator (Lagrangian,
+        fix-up, uniform guard) chooses within the band. Every unprotected token is then at least as
+        precise as in any uniform plan that fits, so the band plan is never worse than those on the
+        objective, and no token is pushed far below the budget's rate on a utility estimate. When no
+        uniform tier fits (budget below the floor), ``spread`` is ignored: ``floor`` rules apply.
+    lift : with ``spread``, protected tokens sit ``lift`` tiers above the band's top (own pages; at most
+        tier 0); the band's floor is then chosen with those bytes counted.
+    band_protected : ``[N]`` or ``[L, Hkv, N]`` bool — the protected tokens when the band applies
+        (default: ``protected``); e.g. the whole first page, so that the lifted tokens fill their page.
 
     The returned plan is never worse on the objective ``Σ u·D`` than the best uniform plan that fits
     (see the module docstring).
@@ -284,6 +358,12 @@ def allocate(utility: torch.Tensor, costs: TierCosts, budget_bytes: float, *,
         raise ValueError(f"budget_bytes={budget_bytes!r} is below the minimum {min_bytes}: the {int(n_prot.sum())} "
                          f"protected tokens (sinks + recent window) need whole pages of tier {costs.names[0]!r}")
     budget = int(math.floor(budget_bytes))
+    if spread is not None:
+        bprot = prot if band_protected is None else band_protected.to(torch.bool).cpu().expand(l, h, n)
+        banded = _allocate_band(utility, costs, budget, bprot.reshape(l, h, n), _layer_dist(costs, layer_distortion, l),
+                                spread, lift)
+        if banded is not None:
+            return banded
     keys = torch.where(prot, torch.full_like(u, math.inf), u)
     keys_sorted, order = keys.sort(dim=1, descending=True, stable=True)            # [G, N]
     keys_asc = keys_sorted.flip(1).contiguous()

@@ -47,7 +47,11 @@ class RetentionConfig:
     ``prior × mean utility`` of its (layer, kv head) to every token (no token is worth exactly nothing);
     ``per_layer`` calibrates every layer's tier distortion on that layer (``calib_layers`` then only
     sets the global row kept in the tier set). The allocator never returns a plan worse on its own
-    objective than the best uniform tier that fits (:func:`sphkv.retention.allocate`).
+    objective than the best uniform tier that fits (:func:`sphkv.retention.allocate`). ``spread`` (``None``:
+    off) confines the plan to a band of ``spread + 1`` tiers ending at the most precise tier whose uniform
+    plan fits, protected tokens at the band's top, or ``lift`` tiers above it (``allocate(spread=, lift=)``);
+    with ``band_sinks`` the protected tokens inside the band are the first ``band_sinks`` only (no recent
+    window), e.g. one whole page so that lifted sinks do not pay for a mostly empty page.
     """
 
     policy: str = "snapkv"
@@ -60,6 +64,9 @@ class RetentionConfig:
     floor: bool = False
     prior: float = 0.0
     per_layer: bool = False
+    spread: int | None = None
+    lift: int = 0
+    band_sinks: int | None = None
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -70,6 +77,14 @@ class RetentionConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if not 0.0 <= self.prior < float("inf"):
             raise ValueError(f"prior={self.prior!r} must be finite and >= 0")
+        if self.spread is not None and (not isinstance(self.spread, int) or isinstance(self.spread, bool)
+                                        or self.spread < 0):
+            raise ValueError(f"spread={self.spread!r} must be None or an int >= 0")
+        if not isinstance(self.lift, int) or isinstance(self.lift, bool) or self.lift < 0:
+            raise ValueError(f"lift={self.lift!r} must be an int >= 0")
+        if self.band_sinks is not None and (not isinstance(self.band_sinks, int) or isinstance(self.band_sinks, bool)
+                                            or self.band_sinks < 0):
+            raise ValueError(f"band_sinks={self.band_sinks!r} must be None or an int >= 0")
         for name in ("calib_layers", "calib_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -252,7 +267,9 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     t2 = time.perf_counter()
     plan = allocate(utility, TierCosts.from_tierset(tierset), budget_bytes,
                     protected=protected_mask(n, sinks=config.sinks, recent=config.recent),
-                    layer_distortion=layer_dist, floor=config.floor)
+                    layer_distortion=layer_dist, floor=config.floor, spread=config.spread,
+                    lift=config.lift, band_protected=(None if config.band_sinks is None else
+                                                      protected_mask(n, sinks=config.band_sinks, recent=0)))
     timings["allocate_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     store = PagedStore(tierset, plan.pages.sum((0, 1)).tolist(), num_layers=len(keys), num_kv_heads=hkv,
