@@ -37,11 +37,11 @@ $(TEST_STAMP): | $(STAMP)
 
 test-env: env $(TEST_STAMP)
 
-# One worker per core (TEST_WORKERS=0: no workers, all in this process); whole modules go to one worker (modules
-# sharing a server together: tests/conftest.py groups them), so each fixture and server starts once; slow modules first.
+# One worker per core (TEST_WORKERS=0: no workers, all in this process); whole modules go to one worker, so a
+# module's fixtures (servers included) start once. tests/conftest.py puts the server modules first.
 TEST_WORKERS ?= $(shell nproc)
 test: test-env
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 model: env
 	$(PY) -m sphkv_hf.prepare_model

@@ -20,11 +20,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# Modules measured slowest first (stop-16 CI): with `make test`'s xdist workers (`--dist loadgroup`, one group
-# per module, modules sharing a session server in one group) a group runs on one worker in collection order,
-# so the long server groups start at once on both cores and the short CPU modules fill in behind them
-# instead of leaving one core idle at the end.
-_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+# Modules measured slowest first (stop-16 CI, seconds): with `make test`'s xdist workers (`--dist loadfile`)
+# a module runs on one worker, in collection order, so the long server modules start at once on both cores
+# and the short CPU modules fill in behind them instead of leaving one core idle at the end.
 _SLOW_MODULES_FIRST = ("test_sglang_server", "test_reliability_server", "test_scaleout",
                        "test_retention_server", "test_hf_harness", "test_kernels_decode", "test_hf_model")
 
@@ -34,29 +32,9 @@ def _module_rank(item) -> int:
     return _SLOW_MODULES_FIRST.index(name) if name in _SLOW_MODULES_FIRST else len(_SLOW_MODULES_FIRST)
 
 
-def _group_modules(items) -> dict:
-    """Module path -> xdist group: modules that share a session server form one group (so every user of a
-    server runs on one worker, in collection order); any other module is a group of its own."""
-    servers: dict = {}
-    for item in items:
-        servers.setdefault(item.path, set()).update(_servers_of(item))
-    group = {path: path.stem for path in servers}
-    for name in _SERVER_NAMES:                             # merge every module that asks for `name`
-        users = [path for path, names in servers.items() if name in names]
-        merged = "+".join(sorted({group[path] for path in users}))
-        for path, g in list(group.items()):
-            if any(group[u] == g for u in users):
-                group[path] = merged
-    return group
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     items.sort(key=_module_rank)                          # stable: the order inside a module is kept
-    if _XDIST:                                            # read by xdist's --dist loadgroup
-        group = _group_modules(items)
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(group[item.path]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")
@@ -130,6 +108,7 @@ atexit.register(_stop_servers)
 _LAST_USER: dict = {}     # server name -> nodeid of the last collected test that uses it
 
 
+_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 _MODULE_SERVERS: dict = {}  # module path -> server names its tests ask for (xdist workers)
 
 
@@ -138,16 +117,19 @@ def _servers_of(item) -> set:
 
 
 def pytest_collection_finish(session):
-    for item in session.items:
-        names = _servers_of(item)
-        _MODULE_SERVERS.setdefault(item.path, set()).update(names)
-        for name in names:
-            _LAST_USER[name] = item.nodeid
     if _XDIST:
-        # Every user of a server is in one xdist group, so on one worker and in collection order (see
-        # pytest_collection_modifyitems): the last user is known, but a worker does not know which groups it
-        # will be sent, so it launches a module's servers when that module's first test starts.
+        # A worker does not know which modules it will be sent: it launches a module's servers when the
+        # module's first test starts (all of them at once, so they start side by side) and stops them after
+        # the module's last test that uses each one. A server shared by modules on two workers runs twice.
+        for item in session.items:
+            names = _servers_of(item)
+            _MODULE_SERVERS.setdefault(item.path, set()).update(names)
+            for name in names:
+                _LAST_USER[(item.path, name)] = item.nodeid
         return
+    for item in session.items:
+        for name in _servers_of(item):
+            _LAST_USER[name] = item.nodeid
     wanted = set(_LAST_USER)
     if not wanted or session.config.option.collectonly or not (_model_dir() / "config.json").is_file():
         return                                            # the fixtures prepare the model, then launch
@@ -180,7 +162,8 @@ def pytest_runtest_setup(item):
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """Stop a server once the last test that uses it is done (frees its memory for the rest of the run)."""
-    for name, last in _LAST_USER.items():
+    for key, last in _LAST_USER.items():
+        name = key[1] if _XDIST else key
         if last == item.nodeid and name in _SERVERS:
             _SERVERS.pop(name).stop()
 
@@ -192,8 +175,14 @@ def pytest_sessionfinish(session, exitstatus):
 _SERVER_NAMES = ("reliability_server", "sphkv_server", "dp2_server", "dense_server")   # launch order: first needed first
 
 
+def _server_scope(fixture_name, config) -> str:
+    # Under xdist a worker stops a module's servers when the module ends (see pytest_collection_finish),
+    # so a later module on the same worker must get a fresh one, not a cached handle to a stopped server.
+    return "module" if _XDIST else "session"
+
+
 def _server_fixture(name: str):
-    @pytest.fixture(scope="session", name=name)
+    @pytest.fixture(scope=_server_scope, name=name)
     def fixture(model_path):
         pytest.importorskip("sglang")
         srv = _launch(name)
