@@ -73,7 +73,7 @@ def _server_specs() -> dict:
         "sphkv_server": dict(args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB"]),
         # the dense bf16 reference of the greedy parity test
         "dense_server": dict(sphkv=False, args=["--max-total-tokens", "16384"]),
-        # the sphkv-8 server's configuration on two data-parallel ranks: tests/test_sglang_server.py (dp-2 test)
+        # the sphkv-8 server's configuration on two data-parallel ranks: tests/test_scaleout.py
         "dp2_server": dict(args=["--sphkv-preset", "sphkv-8", "--sphkv-budget", "256MiB", "--dp-size", "2"]),
         # a 512-token pool with freed-page poisoning: tests/test_reliability_server.py
         "reliability_server": dict(args=server_args(SHORT), env={"SPHKV_DEBUG_POISON": "1"}),

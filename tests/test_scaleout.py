@@ -208,8 +208,34 @@ def test_cpu_bind_groups_split_the_cores_among_ranks():
         cpu_bind_groups(0, [0])
 
 
-# The dp-2 test (`--sphkv --dp-size 2` on the CPU engine vs the dp-1 sphkv-8 server) lives in
-# tests/test_sglang_server.py, the module that already runs that dp-1 server (one start, not two).
+DP_PROMPT = "The capital of France is Paris. " + "The history of the city is long and complicated. " * 12 + \
+    "In one word, the capital of France is"
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_dp2_serves_the_same_greedy_output_as_dp1(dp2_server, sphkv_server):
+    """``--sphkv --dp-size 2`` on the CPU engine: two scheduler processes, each with its own sphkv pool;
+    SGLang's round-robin sends one request to each rank. Both give the dp-1 server's greedy tokens for
+    a prompt that spans a coded page, and both ranks' pools coded and read pages."""
+    import requests
+
+    def gen(url):
+        r = requests.post(url + "/generate", timeout=600, json={
+            "text": DP_PROMPT, "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
+        r.raise_for_status()
+        return r.json()
+
+    want = gen(sphkv_server.url)
+    got = [gen(dp2_server.url) for _ in range(2)]
+    assert {g["meta_info"]["dp_rank"] for g in got} == {0, 1}
+    for g in got:
+        assert g["output_ids"] == want["output_ids"], (g["text"], want["text"])
+        assert g["meta_info"]["prompt_tokens"] > 64                       # at least one full (coded) page
+    states = requests.get(dp2_server.url + "/get_server_info", timeout=60).json()["internal_states"]
+    assert len(states) == 2
+    for st in states:
+        assert st["sphkv"]["pages_coded"][0] >= 1 and st["sphkv"]["coded_pages_read"] >= 1, st["sphkv"]
 
 
 def test_tp_head_split_is_checked_in_the_launcher(model_path):

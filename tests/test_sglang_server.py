@@ -204,31 +204,3 @@ def test_bad_configuration_fails_at_startup(model_path):
     for (flags, needle), r in zip(BAD_FLAGS, results):
         assert r.returncode == 2, (flags, r.stderr[-2000:])
         assert needle in r.stderr, (flags, r.stderr[-2000:])
-
-
-DP_PROMPT = "The capital of France is Paris. " + "The history of the city is long and complicated. " * 12 + \
-    "In one word, the capital of France is"
-
-
-def test_dp2_serves_the_same_greedy_output_as_dp1(dp2_server, sphkv_server):
-    """``--sphkv --dp-size 2`` on the CPU engine: two scheduler processes, each with its own sphkv pool;
-    SGLang's round-robin sends one request to each rank. Both give the dp-1 server's greedy tokens for
-    a prompt that spans a coded page, and both ranks' pools coded and read pages."""
-    import requests
-
-    def gen(url):
-        r = requests.post(url + "/generate", timeout=600, json={
-            "text": DP_PROMPT, "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
-        r.raise_for_status()
-        return r.json()
-
-    want = gen(sphkv_server.url)
-    got = [gen(dp2_server.url) for _ in range(2)]
-    assert {g["meta_info"]["dp_rank"] for g in got} == {0, 1}
-    for g in got:
-        assert g["output_ids"] == want["output_ids"], (g["text"], want["text"])
-        assert g["meta_info"]["prompt_tokens"] > 64                       # at least one full (coded) page
-    states = requests.get(dp2_server.url + "/get_server_info", timeout=60).json()["internal_states"]
-    assert len(states) == 2
-    for st in states:
-        assert st["sphkv"]["pages_coded"][0] >= 1 and st["sphkv"]["coded_pages_read"] >= 1, st["sphkv"]
