@@ -44,7 +44,9 @@ def random_costs(page: int, gen: torch.Generator, layers: int):
     return costs, dist
 
 
-def check_guard(l, h, n, page, sinks, recent, frac, skew, floor, seed):
+def random_case(l, h, n, page, sinks, recent, frac, skew, seed):
+    """Seeded tier costs, layer distortions, utilities ``[l, h, n]``, protection and a budget that lies
+    the fraction ``frac`` of the way from the protected tokens' bytes to every token at the top tier."""
     gen = torch.Generator().manual_seed(seed)
     costs, dist = random_costs(page, gen, l)
     u = torch.rand(l, h, n, generator=gen, dtype=torch.float64) ** skew
@@ -52,6 +54,11 @@ def check_guard(l, h, n, page, sinks, recent, frac, skew, floor, seed):
     minimum = l * h * -(-int(prot.sum()) // page) * costs.page_bytes[0]
     full = l * h * -(-n // page) * costs.page_bytes[0]
     budget = int(max(minimum, 1) + frac * (full - minimum))
+    return u, costs, dist, prot, budget
+
+
+def check_guard(l, h, n, page, sinks, recent, frac, skew, floor, seed):
+    u, costs, dist, prot, budget = random_case(l, h, n, page, sinks, recent, frac, skew, seed)
     plan = allocate(u, costs, budget, protected=prot, layer_distortion=dist, floor=floor)
     assert plan.stored_bytes <= budget and plan.stored_bytes == packed_bytes(plan.tiers, costs)
     got = objective(plan.tiers, u, dist, costs.drop_distortion)
@@ -156,13 +163,7 @@ def test_pooled_utility_is_the_max_attention_over_strided_queries():
 
 # -- the band (spread): a trust region around the uniform rate ------------------------------------------
 def check_band(l, h, n, page, sinks, recent, frac, skew, spread, seed, lift=0):
-    gen = torch.Generator().manual_seed(seed)
-    costs, dist = random_costs(page, gen, l)
-    u = torch.rand(l, h, n, generator=gen, dtype=torch.float64) ** skew
-    prot = protected_mask(n, sinks=sinks, recent=recent)
-    minimum = l * h * -(-int(prot.sum()) // page) * costs.page_bytes[0]
-    full = l * h * -(-n // page) * costs.page_bytes[0]
-    budget = int(max(minimum, 1) + frac * (full - minimum))
+    u, costs, dist, prot, budget = random_case(l, h, n, page, sinks, recent, frac, skew, seed)
     plan = allocate(u, costs, budget, protected=prot, layer_distortion=dist, spread=spread, lift=lift)
     free = allocate(u, costs, budget, protected=prot, layer_distortion=dist, floor=True)
     assert plan.stored_bytes <= budget and plan.stored_bytes == packed_bytes(plan.tiers, costs)

@@ -36,10 +36,8 @@ import requests
 
 from sphkv_sglang.server_process import ServerProcess
 
-from .run import _post, merge_records
+from .run import RESULTS, ROOT, _post, merge_records
 
-ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "results"
 MODEL = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
 POLICIES = ("heuristic", "rdr")
 
