@@ -48,7 +48,7 @@ def model_path() -> Path:
     """The served SmolLM2-135M-Instruct folder (``$SPHKV_MODEL``, else prepared once under ``.cache/models``)."""
     import fcntl
 
-    path = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
+    path = _model_dir()
     if not (path / "config.json").is_file():
         lock = ROOT / ".cache" / "prepare-model.lock"          # xdist workers convert it once, not twice
         lock.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +85,17 @@ _SERVERS: dict = {}
 
 def _model_dir() -> Path:
     return Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
+
+
+def _can_launch() -> bool:
+    """A server can start now: the model is converted and SGLang imports (else the fixtures skip/prepare)."""
+    if not (_model_dir() / "config.json").is_file():
+        return False
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _launch(name: str):
@@ -131,12 +142,8 @@ def pytest_collection_finish(session):
         for name in _servers_of(item):
             _LAST_USER[name] = item.nodeid
     wanted = set(_LAST_USER)
-    if not wanted or session.config.option.collectonly or not (_model_dir() / "config.json").is_file():
+    if not wanted or session.config.option.collectonly or not _can_launch():
         return                                            # the fixtures prepare the model, then launch
-    try:
-        import sglang  # noqa: F401
-    except ImportError:
-        return
     for name in _SERVER_NAMES:                            # launched in this order
         if name in wanted:
             _launch(name)
@@ -147,13 +154,9 @@ _STARTED_MODULES: set = set()
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
-    if not _XDIST or item.path in _STARTED_MODULES or not (_model_dir() / "config.json").is_file():
+    if not _XDIST or item.path in _STARTED_MODULES or not _can_launch():
         return
     _STARTED_MODULES.add(item.path)
-    try:
-        import sglang  # noqa: F401
-    except ImportError:
-        return
     for name in _SERVER_NAMES:
         if name in _MODULE_SERVERS.get(item.path, ()):
             _launch(name)
