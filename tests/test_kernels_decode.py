@@ -7,6 +7,8 @@ tensor-core dots). Every output is NaN-poisoned before each run.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -68,8 +70,9 @@ def _partials(cache, t, sched, q, group, device, sm_scale, with_logits):
 ])
 def test_coded_tier_matches_reference(device, seq_len, page_size, group, preset, head_dim):
     from sphkv_kernels.decode import DEFAULT_CODED_KERNEL
-    if device == "cuda" and head_dim == 32 and DEFAULT_CODED_KERNEL != "tc":
-        pytest.skip("head_dim 32 is routed to the reference on GPU (wrong results with Triton 3.6 on an H100)")
+    if device == "cuda" and head_dim == 32 and DEFAULT_CODED_KERNEL != "tc" and not os.environ.get("SPHKV_TRY_D32"):
+        pytest.skip("head_dim 32 is routed to the reference on GPU (wrong results with Triton 3.6: the tile kernel on an "
+                    "H100, the row-wise kernel on the H200; SPHKV_TRY_D32=1 runs it anyway)")
     if device == "cpu" and head_dim == 256:
         pytest.skip("head_dim 256 runs on the GPU only (too slow under the interpreter)")
     tiers = [_coded(preset, head_dim, page_size, value_group=min(64, head_dim))]
@@ -173,8 +176,11 @@ def test_row_tables_match_reference_and_per_item_tables(device, preset, head_dim
         kern(kq, *cache.pools[0].tensors().values(), tw.work, tw.page_ids, tw.page_lens, po, pl, layout=lay,
              num_kv_heads=hkv, sm_scale=head_dim ** -0.5, kernel="rowwise", tab16=f16, **kw)
         res.append((po, pl))
-    torch.testing.assert_close(res[0][0], res[1][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(res[0][1], res[1][1], atol=1e-5, rtol=1e-5)
+    # GPU: the two float16 tables come from float32 sums in different orders, so an entry can round to the adjacent
+    # float16 (H200: 71 of 4,608 outputs 3.7e-5 apart); the interpreter's are bit-identical
+    same = dict(atol=1e-5, rtol=1e-5) if device == "cpu" else dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(res[0][0], res[1][0], **same)
+    torch.testing.assert_close(res[0][1], res[1][1], **same)
     with pytest.raises(ValueError, match="row_tables=True needs scratch"):
         kern(kq, *cache.pools[0].tensors().values(), tw.work, tw.page_ids, tw.page_lens, po, pl, layout=lay,
              num_kv_heads=hkv, sm_scale=head_dim ** -0.5, kernel="rowwise", row_tables=True, scratch=kt[:5])

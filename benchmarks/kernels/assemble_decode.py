@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Assemble ``benchmarks/results/decode.json`` / ``decode.md`` from the committed raw results of the H200 calls.
 
+Run 9 (third session) adds the extra shapes at 8 x 32K (GQA 8, head_dim 64 and 256) as complete same-run rows.
 Runs 6 and 7 (2026-12-02, second session): both wrote partial JSON (``decode_h200_run{6,7}.json``, the sweep's
 ``decode.partial.json``); run 7's sweep was cut after timing ADA at its last shape, whose numbers are parsed from
 the log (:func:`_tail_shape`). :func:`main` says which row comes from where. (Runs 4-5 were assembled the same way by
@@ -111,7 +112,8 @@ def _tail_shape(log: Path) -> dict:
 
 
 def main() -> int:
-    """decode.json from H200 runs 6 and 7 (2026-12-02, this session's calls 1 and 2; the per-row table launch).
+    """decode.json from H200 runs 6, 7 (2026-12-02, second session, calls 1 and 2; the per-row table launch) and 9
+    (third session, call 2: GQA 8 and head_dim 64/256 at 8 x 32K, FlashInfer in the same run).
 
     run 7 (call 2, commit 7a138cc = the code in the tree): 1 x 8K/32K/128K, 8 x 32K, 32 x 32K with FlashInfer in the same
     run; its sweep was cut by its timeout after timing ADA at 8 x 32K head_dim 64 (``_tail_shape``), before that
@@ -141,13 +143,24 @@ def main() -> int:
         else:
             r.update(run="h200-run6", source="decode_h200_run6.json (commit e89f843: the first table launch)")
         rows.append(r)
+    # run 9 (2026-12-02, third session, call 2; same kernels as run 7): the extra shapes at 8 x 32K, each with its
+    # FlashInfer baselines in the same run, replace the run-6 / mixed rows; head_dim 256 is new. Its 8 x 32K 32/8/128
+    # row (301.4 us vs run 7's 299.8) only confirms run 7 and is not added twice.
+    r9 = json.loads((RES / "decode_h200_run9.json").read_text())["rows"]
+    extra = {shape(r): r for r in r9 if (r["num_qo_heads"], r["head_dim"]) != (32, 128)}
+    rows = [r for r in rows if shape(r) not in extra]
+    for r in extra.values():
+        r.update(run="h200-run9", source="decode_h200_run9.json (third session, call 2; kernels as in run 7)")
+        if r["head_dim"] == 256:
+            r["note"] = ("eager timing: at head_dim 256 the merge runs the PyTorch reference on CUDA (the Triton merge's "
+                         "[256, 256] rotation needs 256 KB of shared memory), which does not capture in a CUDA graph")
+        rows.append(r)
     key = lambda r: (r["num_qo_heads"] != 32 or r["head_dim"] != 128, r["batch"], r["context"])  # noqa: E731
     rows.sort(key=key)                                       # the 32/8/128 grid first (README lookup), then extras
     res = dict(device="NVIDIA H200", copy_gb_s=rows[0]["copy_gb_s"], torch="2.11.0+cu130", triton="3.6.0",
                tuned={"best": {}}, rows=rows, encode=[],
-               not_measured=["8 x 32K 32/8/256: run 6's sweep timed out in it (the merge at d = 256 runs the PyTorch "
-                             "reference on CUDA; FlashInfer JIT-builds a head_dim-256 module); device budget spent"],
-               note="Rows from two H200 calls of 2026-12-02 (runs 6 and 7; each row names its run and source; see "
+               not_measured=[],
+               note="Rows from three H200 calls of 2026-12-02 (runs 6, 7 and 9; each row names its run and source; see "
                     "benchmarks/kernels/assemble_decode.py) with the row-wise ADA kernel at its defaults (block 64, "
                     "1 warp, float16 tables, 8 programs/SM, per-row level-1 tables from head_dim 128) and the blocked "
                     "merge (64 slots per step); FlashInfer 0.7.2.post1 JIT-built on the device. ada_us_compare: the "

@@ -494,9 +494,54 @@ def smoke(out_dir: Path) -> dict:
     return res
 
 
+def warm(args) -> None:
+    """Compile, do not time: the Triton kernels of the sweep's shapes (``--shapes``' head configurations if given) (ADA, merge variants of the breakdown, dense)
+    and FlashInfer's JIT modules (decode bf16 / bf16-tc / fp8-tc at head_dim 64/128/256, the extend bench's paged and
+    ragged prefill), at tiny sizes. Run in the background while the CUDA tests run, so the timed sweep compiles nothing."""
+    t0 = time.time()
+    todo = ([(1, 4096, hq, hkv, d) for _, _, hq, hkv, d in shapes(args)] if args.shapes else
+            [(1, 4096, HQ, HKV, D), (1, 4096, 64, HKV, D), (1, 4096, HQ, HKV, 64), (1, 4096, HQ, HKV, 256)])
+    for batch, ctx, hq, hkv, d in todo:
+        tier = coded_tier(args.preset, args.page_size, d)
+        q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty_like(q)
+        for step, fn in (("ada", lambda: _warm_ada(batch, ctx, tier, args.page_size, q, hq, hkv, d, out)),
+                         ("dense", lambda: _warm_dense(batch, ctx, args.page_size, q, hq, hkv, d, out))):
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - warming must not stop the call
+                print(f"warm {step} {hq}/{hkv}/{d}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        for key, kv, tc in FI_KINDS:
+            us, why = flashinfer_time(1, 1024, args.page_size, kv, tc, q, hq=hq, hkv=hkv, d=d)
+            print(f"warm {key} {hq}/{hkv}/{d}: {why or 'ok'} ({time.time() - t0:.0f} s)", flush=True)
+    try:
+        from benchmarks.kernels import bench_extend as be
+        q = torch.randn(64, be.HQ, be.D, dtype=torch.bfloat16, device="cuda")
+        for kv in ("bf16", "fp8_e4m3"):
+            print(f"warm extend FI paged {kv}: {be.fi_paged(1, 256, 64, kv, q)}", flush=True)
+        print(f"warm extend check: {be.check_small(args.preset)}", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warm extend: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    print(f"warm done in {time.time() - t0:.0f} s", flush=True)
+
+
+def _warm_ada(batch, ctx, tier, page_size, q, hq, hkv, d, out):
+    w, pool, _ = ada_case(batch, ctx, tier, page_size, hq=hq, hkv=hkv, d=d)
+    w.run(q, [pool], out=out)
+    breakdown(w, pool, q, hkv, d, out)
+    torch.cuda.synchronize()
+
+
+def _warm_dense(batch, ctx, page_size, q, hq, hkv, d, out):
+    w, cache = dense_case(batch, ctx, page_size, hq, hkv, d)
+    w.run(q, [cache], out=out)
+    torch.cuda.synchronize()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (CI)")
+    ap.add_argument("--warm", action="store_true", help="compile every kernel the sweep and bench_extend use; no timing")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--preset", default="sphkv-4")
@@ -525,6 +570,9 @@ def main(argv=None) -> int:
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("the sweep needs CUDA (use --smoke on CPU)")
+    if args.warm:
+        warm(args)
+        return 0
     out_dir = args.out_dir or _ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""End-to-end decode step of a synthetic Llama-3.1-8B-shaped model: dense bf16 KV vs Spherical KV.
+"""End-to-end decode step of a synthetic Llama-3.1-8B-shaped model: Spherical KV vs dense bf16 / fp8 KV.
 
 32 decoder layers (hidden 4096, 32 query / 8 kv heads of 128, SwiGLU 14336, RMSNorm, rotary
 embedding) plus the LM head (vocab 128256), random bf16 weights; batch 8 at 32K context. One step
 embeds one new token per request, runs every layer (QKV, RoPE, KV append, attention, O, MLP) and
-the LM head. Dense: the KV cache is bf16 and attention is FlashInfer's paged decode (or SDPA when
-FlashInfer is not importable). Spherical KV: each (request, kv head) holds 511 pages of sphkv-4
+the LM head. Dense, in the same run: bf16 KV with FlashInfer's paged decode on CUDA cores (``dense``; SDPA when
+FlashInfer is not importable) and on tensor cores (``dense_bf16_tc``: what SGLang runs for GQA >= 4), and fp8_e4m3 KV
+on tensor cores (``dense_fp8_tc``); each has ``speedup_of_sphkv`` (its step time / the sphkv step time). Spherical KV: each (request, kv head) holds 511 pages of sphkv-4
 codes and one dense bf16 page with the recent tokens (where the new token is appended), attention
 through ``BatchDecodeWithSphKVPagedKVCacheWrapper`` (two tiers, one merge). Each layer has its own
 cache. The step is captured in a CUDA graph; we report the median replay time (CUDA events) and
@@ -77,28 +78,38 @@ class Model:
         return (rms_norm(x, self.norm) @ self.lm).argmax(-1)
 
 
-def dense_attention(batch: int, ctx: int):
-    """Per-layer bf16 paged caches; FlashInfer decode if importable, else SDPA on contiguous caches."""
+# dense baselines: (result key, KV dtype, FlashInfer use_tensor_cores). bf16 on tensor cores is what SGLang's FlashInfer
+# backend runs for GQA >= 4; fp8_e4m3 KV on tensor cores is ``--kv-cache-dtype fp8_e4m3``.
+DENSE_KINDS = (("bf16", "bf16", False), ("bf16_tc", "bf16", True), ("fp8_tc", "fp8_e4m3", True))
+
+
+def dense_attention(batch: int, ctx: int, kv: str = "bf16", tc: bool = False):
+    """Per-layer paged caches (bf16 or fp8_e4m3); FlashInfer decode if importable, else SDPA on contiguous bf16 caches
+    (``kv="bf16"`` only: the fp8 baseline is FlashInfer's or nothing)."""
     pages = batch * ctx // P
+    kv_dtype = torch.bfloat16 if kv == "bf16" else torch.float8_e4m3fn
     try:
         import flashinfer
         ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-        caches = [(torch.empty(pages, P, HKV, D, dtype=torch.bfloat16, device="cuda").normal_(),
-                   torch.empty(pages, P, HKV, D, dtype=torch.bfloat16, device="cuda").normal_()) for _ in range(LAYERS)]
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+        caches = [(torch.empty(pages, P, HKV, D, dtype=torch.bfloat16, device="cuda").normal_().to(kv_dtype),
+                   torch.empty(pages, P, HKV, D, dtype=torch.bfloat16, device="cuda").normal_().to(kv_dtype))
+                  for _ in range(LAYERS)]
         last = torch.full((batch,), P, dtype=torch.int32, device="cuda")
         w.plan(torch.arange(batch + 1, dtype=torch.int32, device="cuda") * (ctx // P),
                torch.arange(pages, dtype=torch.int32, device="cuda"), last, HQ, HKV, D, P,
-               q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+               q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
         slot_page = torch.arange(batch, device="cuda") * (ctx // P) + ctx // P - 1      # the new token's page/slot
 
         def attend(i, q, k, v):
             kc, vc = caches[i]
-            kc[slot_page, P - 1] = k
-            vc[slot_page, P - 1] = v
+            kc[slot_page, P - 1] = k.to(kv_dtype)
+            vc[slot_page, P - 1] = v.to(kv_dtype)
             return w.run(q, caches[i])
-        return attend, "flashinfer"
+        return attend, f"flashinfer{' tensor cores' if tc else ''}"
     except Exception as exc:  # noqa: BLE001
+        if kv != "bf16":
+            raise
         print(f"flashinfer unavailable ({type(exc).__name__}: {str(exc)[:100]}); dense baseline = SDPA")
     caches = [(torch.empty(batch, HKV, ctx, D, dtype=torch.bfloat16, device="cuda").normal_(),
                torch.empty(batch, HKV, ctx, D, dtype=torch.bfloat16, device="cuda").normal_()) for _ in range(LAYERS)]
@@ -194,11 +205,22 @@ def main(argv=None) -> int:
     print(f"{name}: {ms:.3f} ms/step, {args.batch / ms * 1e3:.1f} tokens/s", flush=True)
     del attend
     torch.cuda.empty_cache()
-    attend, name = dense_attention(args.batch, args.context)
-    ms = time_step(model, attend, args.batch)
-    res["dense"] = dict(method=f"bf16 KV, {name}", step_ms=round(ms, 3), tokens_per_s=round(args.batch / ms * 1e3, 1))
-    print(f"dense bf16 ({name}): {ms:.3f} ms/step, {args.batch / ms * 1e3:.1f} tokens/s", flush=True)
-    res["speedup"] = round(res["dense"]["step_ms"] / res["sphkv"]["step_ms"], 3)
+    for key, kv, tc in DENSE_KINDS:
+        rk = "dense" if key == "bf16" else f"dense_{key}"
+        try:
+            attend, name = dense_attention(args.batch, args.context, kv, tc)
+            ms = time_step(model, attend, args.batch)
+        except Exception as exc:  # noqa: BLE001 - a failed baseline is written into the result, never a crash
+            res[rk] = dict(method=f"{kv} KV", note=f"{type(exc).__name__}: {str(exc)[:200]}")
+            print(f"dense {key}: failed {res[rk]['note']}", flush=True)
+            continue
+        finally:
+            attend = None
+            torch.cuda.empty_cache()
+        res[rk] = dict(method=f"{kv} KV, {name}", step_ms=round(ms, 3), tokens_per_s=round(args.batch / ms * 1e3, 1))
+        res[rk]["speedup_of_sphkv"] = round(ms / res["sphkv"]["step_ms"], 3)
+        print(f"dense {key} ({name}): {ms:.3f} ms/step, {args.batch / ms * 1e3:.1f} tokens/s", flush=True)
+    res["speedup"] = res.get("dense", {}).get("speedup_of_sphkv")
     res["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
