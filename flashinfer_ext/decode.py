@@ -144,7 +144,10 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             :func:`sphkv_kernels.decode.coded_decode_partial`), ``row_tables`` (1: per-row level-1 tables
             and the query rotation in one launch per coded tier, :func:`sphkv_kernels.decode.coded_row_tables`; 0:
             per-work-item tables, the query rotated by ``torch.matmul``; default 1 from head_dim
-            :data:`ROW_TABLES_MIN_HEAD_DIM` up, as measured on an H200).
+            :data:`ROW_TABLES_MIN_HEAD_DIM` up, as measured on an H200), ``merge_rotation`` (``"kernel"``: the
+            coded tiers' value rotation inside the Triton merge; ``"pre"``: one ``torch.matmul`` on each rotated
+            tier's partial outputs before the merge; default ``"pre"`` on CUDA above head_dim 128, where the merge's
+            ``[d, d]`` rotation operand does not fit in shared memory, else ``"kernel"``).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -195,12 +198,15 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                         (lay is not None and (lay.kernel_compiles if interp else lay.kernel_supported))
                         else "reference" for lay in self._layouts]
         merge_backend = backend if kernel_ok else "reference"
-        if merge_backend == "triton" and not interp and head_dim > 128 and rotate_mask:
-            # the merge's value-rotation dot keeps a [d, d] float32 operand in shared memory: 256 KB at d = 256,
-            # over the 227 KB an H100/H200 block may use
-            merge_backend = "reference"
-            _warn_once(("merge", head_dim), f"sphkv decode: head_dim={head_dim} with a value rotation: the merge "
-                                            f"runs the pure-PyTorch reference on CUDA (slow; no Triton merge)")
+        # where the coded tiers' value rotation is applied: "kernel" = inside the Triton merge (one [d, d] dot per row
+        # and tier), "pre" = on the tier's partial outputs before the merge (one torch.matmul per tier, exact since
+        # the merge is linear in them). The merge's dot keeps a [d, d] float32 operand in shared memory: 256 KB at
+        # d = 256, over the 227 KB an H100/H200 block may use (offline sm_90 compile: 262,144 B with the rotation,
+        # 512 B without), so the default on CUDA above head_dim 128 is "pre".
+        merge_rotation = str((kernel_options or {}).get("merge_rotation",
+                                                         "pre" if head_dim > 128 and not interp else "kernel"))
+        if merge_rotation not in ("kernel", "pre"):
+            raise ValueError(f"kernel_options['merge_rotation']={merge_rotation!r}; allowed: 'kernel', 'pre'")
         if backend == "cpu":                               # every layout; the merge is the torch one
             tier_backend, merge_backend = ["cpu"] * len(self._layouts), "reference"
         if backend == "triton" and not interp:
@@ -209,6 +215,10 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                     _warn_once(("ref", t, head_dim, page_size),
                                f"sphkv decode: tier {self._tiers[t].name!r} (head_dim={head_dim}, page_size={page_size}) "
                                f"has no CUDA kernel; running the pure-PyTorch reference (slow)")
+        pre_rot, merge_mask = [], rotate_mask
+        if merge_backend == "triton" and merge_rotation == "pre" and rotate_mask:
+            pre_rot = [(sched.tiers[t].work[:, 3].to(torch.int64), rot[t]) for t in present if (rotate_mask >> t) & 1]
+            merge_mask = 0
         # one rotated-query buffer per distinct key rotation among the coded tiers present
         qrot_of, rot_keys, qrot_bufs, rts = {}, [], [], []
         for t in present:
@@ -257,7 +267,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         self._plan = dict(
             sched=sched, backend=backend, device=device, batch=batch, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, group=group, part_o=part_o,
-            part_lse=part_lse, rotations=torch.stack(rot).contiguous(), rotate_mask=rotate_mask, present=present,
+            part_lse=part_lse, rotations=torch.stack(rot).contiguous(), rotate_mask=merge_mask, pre_rot=pre_rot,
+            present=present,
             tier_backend=tier_backend, merge_backend=merge_backend,
             qrot_of=qrot_of, qrot_bufs=qrot_bufs, rts=rts,
             qf=torch.empty(batch, num_qo_heads, head_dim, dtype=torch.float32, device=device) if rts else None,
@@ -334,6 +345,8 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
                                         tw.work, tw.page_ids, tw.page_lens, po, plse, lg, self._config_keys[t],
                                         pl["num_kv_heads"], scale, pl["tier_backend"][t], *pl["kopts"],
                                         pl["tables"].get(t, pl["scratch"]), pl["variants"][t])
+        for slots, r in pl["pre_rot"]:        # value rotation of a coded tier's partials (merge_rotation="pre")
+            po.index_copy_(0, slots, torch.matmul(po.index_select(0, slots), r))
         ns.merge_partials(po, plse, sched.slot_ptr, pl["rotations"], out, lse if lse is not None else pl["none"],
                           pl["num_kv_heads"],
                           pl["rotate_mask"], pl["merge_backend"])

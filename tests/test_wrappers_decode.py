@@ -80,6 +80,31 @@ def test_row_tables_path_matches_oracle(device, row_tables):
     torch.testing.assert_close(out.double().cpu(), ref_out, **_tol(device, "auto"))
 
 
+@pytest.mark.parametrize("merge_rotation", ["kernel", "pre"])
+def test_merge_rotation_placement_matches_oracle(device, merge_rotation):
+    """The coded tiers' value rotation inside the merge kernel or applied to their partials before it ("pre": the
+    default on CUDA above head_dim 128, where the merge's [d, d] rotation does not fit in shared memory) gives the
+    oracle's output on a mixed batch (dense + coded tiers with a value rotation)."""
+    ts = TierSet.default(head_dim=64, page_size=16)
+    cache = random_paged_cache(ts.tiers, seq_lens=[54, 17, 40], num_kv_heads=2, head_dim=64, page_size=16,
+                               device=device, seed=13)
+    w = _wrapper(ts, device, "triton")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 6, 2, 64, 16,
+           page_lens=cache.page_lens, pages_per_split=2, kernel_options=dict(merge_rotation=merge_rotation))
+    rotated = sum(1 for t in w._plan["present"] if w._layouts[t] is not None and w._layouts[t].value_rotate)
+    assert rotated >= 1 and w._plan["merge_backend"] == "triton"
+    assert len(w._plan["pre_rot"]) == (rotated if merge_rotation == "pre" else 0)
+    assert (w._plan["rotate_mask"] == 0) == (merge_rotation == "pre")
+    q = torch.randn(3, 6, 64, device=device)
+    out, lse = w.run(q, cache.pools, return_lse=True)
+    ref_out, ref_lse = dense_oracle(q, cache, sm_scale=64 ** -0.5)
+    torch.testing.assert_close(out.double().cpu(), ref_out, **_tol(device, "triton"))
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, **_tol(device, "triton"))
+    with pytest.raises(ValueError, match="merge_rotation"):
+        w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, 6, 2, 64, 16,
+               page_lens=cache.page_lens, kernel_options=dict(merge_rotation="after"))
+
+
 def test_flashinfer_last_page_len_convention(device):
     """Without ``page_lens``, every entry is full except each row's last (``last_page_len``)."""
     ts = TierSet.default(head_dim=64, page_size=16)
