@@ -4,7 +4,9 @@
 One plan per forward batch (:meth:`SphKVAttnBackend.init_forward_metadata`), built from
 ``req_to_token`` / ``seq_lens`` as tensors — page lists per (request, kv head) in FlashInfer's
 vocabulary (``indptr`` / ``indices`` / page lengths, tier of every page; the pages being filled are a
-dense "staging" tier) by :meth:`SphKVStore.plan_pages`, with no per-request Python loop — then one
+dense "staging" tier) by :meth:`SphKVStore.plan_pages` (extend) or :meth:`SphKVStore.plan_pages_static`
+(decode: every row padded to the longest request's pages, computed on the device without a host
+read), with no per-request Python loop — then one
 :class:`~flashinfer_ext.BatchPrefillWithSphKVPagedKVCacheWrapper` ``run()`` per layer. The wrapper
 picks the implementation for the device: the C++ page-tile kernels on CPU, the Triton decode kernels
 on CUDA.
@@ -112,7 +114,7 @@ class SphKVAttnBackend(AttentionBackend):
                 return
             st.begin_forward(fb.out_cache_loc)          # the new tokens' pages are staged before any read
             self._decodes += 1
-            pp = st.plan_pages(self.req_to_token_pool.req_to_token[fb.req_pool_indices], fb.seq_lens)
+            pp = self._decode_pages(fb)
             plan = _BatchPlan(decode=True, has_prefix=True, pages=pp["pages"])
             if self.track_mass and self._decodes % MASS_EVERY == 0:
                 self.mass_wrapper.plan(pp["indptr"], pp["indices"], pp["page_tiers"], None, self.num_q_heads, st.H,
@@ -177,9 +179,25 @@ class SphKVAttnBackend(AttentionBackend):
             pool.set_kv_buffer(layer, forward_batch.out_cache_loc, k3, v3)
         return out.reshape(rows, hq * layer.v_head_dim)
 
+    def _decode_max_pages(self, fb) -> int:
+        """Entries per (request, kv head) row of a decode plan: the longest request's pages, read from
+        SGLang's host copy of the sequence lengths (``seq_lens_cpu``; no device read), else the width of
+        ``req_to_token`` (every request's page capacity, the shape a CUDA graph would fix)."""
+        P = self.store.P
+        seq_cpu = getattr(fb, "seq_lens_cpu", None)
+        if seq_cpu is not None and seq_cpu.numel():
+            return max(1, -(-int(seq_cpu.max()) // P))
+        return -(-self.req_to_token_pool.req_to_token.shape[1] // P)
+
+    def _decode_pages(self, fb) -> dict:
+        """The decode plan's page lists: :meth:`SphKVStore.plan_pages_static` on ``seq_lens``' device (static
+        row width, no ``.tolist()`` / ``.item()`` / boolean-mask indexing of device tensors)."""
+        slots = self.req_to_token_pool.req_to_token[fb.req_pool_indices]
+        return self.store.plan_pages_static(slots, fb.seq_lens, self._decode_max_pages(fb))
+
     def _replan_decode(self, fb) -> None:
         st, n = self.store, fb.batch_size
-        pp = st.plan_pages(self.req_to_token_pool.req_to_token[fb.req_pool_indices], fb.seq_lens)
+        pp = self._decode_pages(fb)
         self.wrapper.plan(torch.arange(n + 1), pp["indptr"], pp["indices"], pp["page_tiers"], None,
                           self.num_q_heads, st.H, st.d, st.P, page_lens=pp["page_lens"], device=self.device)
         self.forward_metadata.mass = None

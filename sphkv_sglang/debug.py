@@ -9,7 +9,8 @@
 * fill every staging slot it frees with NaN when the next forward begins (its next staging or batch
   plan): the last layer's write frees the slots of the pages it completes, and that layer's attention
   still reads them in the same forward;
-* check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages`): a NaN
+* check every prefix it hands to attention (every batch plan, :meth:`SphKVStore.plan_pages` and the
+  decode plan :meth:`SphKVStore.plan_pages_static`, checked through a host-side plan): a NaN
   radius or staged token means the page table pointed at a freed page, and :class:`PoisonedReadError`
   is raised naming the layer and the logical pages.
 
@@ -123,5 +124,15 @@ def enable_poison(store) -> None:
         _check_plan(store, plan_pages(slots, (lens - 1).clamp(min=0)), (slots, lens))
         return plan
 
+    plan_static = store.plan_pages_static
+
+    def checked_static(slots, lens, max_pages, out=None):
+        # the decode plan (static shapes): the same check, through a host-side plan of the same prefix
+        poison_freed_slots()
+        plan = plan_static(slots, lens, max_pages, out)
+        _check_plan(store, plan_pages(slots, (lens - 1).clamp(min=0)), (slots, lens))
+        return plan
+
     store.plan_pages = checked_plan
+    store.plan_pages_static = checked_static
     poisoned_reset()

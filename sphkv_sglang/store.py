@@ -86,9 +86,22 @@ class SphKVStore:
         self.demotion_source: DemotionSource | None = None
         self._layer_caches: dict[int, list] = {}
         self._plan = None
-        self.counters = dict(tokens_written=0, pages_coded=[0] * len(self.tiers), pages_demoted=0,
-                             coded_pages_read=0, dense_tokens_read=0, pages_released=0, nonfinite_rows=0,
-                             staging_high_water=0, pages_copied_on_write=0)
+        self._static_reads: torch.Tensor | None = None      # [2] device-side read counts of static plans
+        self._counters = dict(tokens_written=0, pages_coded=[0] * len(self.tiers), pages_demoted=0,
+                              coded_pages_read=0, dense_tokens_read=0, pages_released=0, nonfinite_rows=0,
+                              staging_high_water=0, pages_copied_on_write=0)
+
+    @property
+    def counters(self) -> dict:
+        """Event counters (``stats()``); reading them folds in the read counts that static plans
+        accumulated on the device (one host read here, none per forward)."""
+        acc = self._static_reads
+        if acc is not None:
+            coded, dense = acc.tolist()
+            acc.zero_()
+            self._counters["coded_pages_read"] += coded
+            self._counters["dense_tokens_read"] += dense
+        return self._counters
 
     # -- views ---------------------------------------------------------------------------------------
     def _view(self, tier: int, layer: int, name: str) -> torch.Tensor:
@@ -111,7 +124,7 @@ class SphKVStore:
         if not (bool(torch.isfinite(kk).all()) and bool(torch.isfinite(vv).all())):
             kk, nk = check_finite(kk, f"keys of layer {layer}", self.cfg.nonfinite)
             vv, nv = check_finite(vv, f"values of layer {layer}", self.cfg.nonfinite)
-            self.counters["nonfinite_rows"] += nk + nv
+            self._counters["nonfinite_rows"] += nk + nv
         st = plan["staged"]
         if st is not None:
             # one index_copy_ per tensor into the flat [S * H * P, d] view: row (slot * H + h) * P + off
@@ -198,8 +211,8 @@ class SphKVStore:
         indptr = torch.zeros(b * H + 1, dtype=torch.int64)
         indptr[1:] = torch.cumsum(npg.repeat_interleave(H), 0)
         n_coded = int((valid & ~staged).sum())
-        self.counters["coded_pages_read"] += n_coded
-        self.counters["dense_tokens_read"] += int(plen[valid & staged].sum())
+        self._counters["coded_pages_read"] += n_coded
+        self._counters["dense_tokens_read"] += int(plen[valid & staged].sum())
         return dict(indptr=indptr.to(torch.int32), indices=indices.to(torch.int32), page_tiers=ex(wtier),
                     page_lens=ex(plen).to(torch.int32), pages=ex(pages))
 
@@ -211,13 +224,16 @@ class SphKVStore:
         entries past a request's last page have ``page_lens = 0`` (the kernels skip them), tier 0 and
         index 0. Everything is computed on ``slots``' device from device mirrors of the page table;
         no ``.item()`` / ``.tolist()`` / boolean-mask indexing, and no read-after-free check (that
-        needs the host; the debug poison mode checks plans built by :meth:`plan_pages`).
+        needs the host; the debug poison mode checks it through a :meth:`plan_pages` of the same
+        prefix). The read counters (``coded_pages_read``, ``dense_tokens_read``) accumulate in a
+        device tensor, folded into :attr:`counters` when they are read.
 
         Parameters
         ----------
-        slots : ``[B, >= max_pages * P]`` int — SGLang's ``req_to_token`` rows of the batch.
+        slots : ``[B, > (max_pages - 1) * P]`` int — SGLang's ``req_to_token`` rows of the batch.
         lens : ``[B]`` int — tokens to read per request; ``ceil(lens / P) <= max_pages`` is the caller's
-            contract (SGLang: ``max_pages = req_to_token.shape[1] // P``).
+            contract (the backend's decode: the longest request's pages, from ``seq_lens_cpu``; a
+            CUDA graph would fix ``ceil(req_to_token.shape[1] / P)``).
         max_pages : entries per row.
         out : optional dict of preallocated tensors (the keys returned) written in place, so that
             their addresses stay fixed across forwards (graph replay).
@@ -230,9 +246,9 @@ class SphKVStore:
         P, H = self.P, self.H
         dev = slots.device
         b = slots.shape[0]
-        if slots.shape[1] < max_pages * P:
-            raise PageTableError(f"slot rows hold {slots.shape[1]} tokens, fewer than max_pages * page_size = "
-                                 f"{max_pages} * {P}")
+        if max_pages < 1 or slots.shape[1] < (max_pages - 1) * P + 1:
+            raise PageTableError(f"max_pages={max_pages} must be >= 1 and slot rows ({slots.shape[1]} tokens) must "
+                                 f"reach the first slot of page max_pages - 1 ({(max_pages - 1) * P})")
         stage_of, tier_of, phys_of = self._table_on(dev)
         lens = lens.to(device=dev, dtype=torch.int64)
         npg = (lens + P - 1) // P                                            # [B]
@@ -245,6 +261,10 @@ class SphKVStore:
         base = torch.where(valid, torch.where(staged, stage, phys_of[pages].to(torch.int64)), 0)
         plen = torch.where(col[None, :] == (npg - 1)[:, None], (lens - (npg - 1) * P)[:, None], P)
         plen = torch.where(valid, plen, 0)
+        reads = torch.stack([(valid & ~staged).sum(), torch.where(valid & staged, plen, 0).sum()])
+        if self._static_reads is None or self._static_reads.device != reads.device:
+            self._static_reads = torch.zeros(2, dtype=torch.int64, device=dev)
+        self._static_reads.add_(reads)                                       # device-side: no host read
         heads = torch.arange(H, device=dev)[None, :, None]
         ex = lambda t: t[:, None, :].expand(b, H, max_pages).reshape(-1)     # noqa: E731
         res = dict(indptr=(torch.arange(b * H + 1, device=dev) * max_pages).to(torch.int32),
@@ -280,10 +300,10 @@ class SphKVStore:
         direct = uniq[(counts == self.P) & ~self.table.written[uniq].any(-1)]   # whole page in this write
         is_direct = torch.isin(pages, direct)
         self.table.stage(uniq[~torch.isin(uniq, direct)])
-        self.counters["staging_high_water"] = max(self.counters["staging_high_water"],
-                                                  self.table.num_staging - len(self.table.free_stage))
+        self._counters["staging_high_water"] = max(self._counters["staging_high_water"],
+                                                   self.table.num_staging - len(self.table.free_stage))
         full = self.table.mark_written(pages, offs)
-        self.counters["tokens_written"] += int(pages.numel())
+        self._counters["tokens_written"] += int(pages.numel())
         pending = full[~torch.isin(full, direct)]
         dev = self.device
         staged = ~is_direct
@@ -319,7 +339,7 @@ class SphKVStore:
             if tier is None:
                 raise PageTableError("no physical page left in any tier (pool sizing bug)")
             out.setdefault(tier, []).append((p, self.table.assign(p, tier=tier)))
-            self.counters["pages_coded"][tier] += 1
+            self._counters["pages_coded"][tier] += 1
         return [(t, torch.tensor([p for p, _ in v]), torch.tensor([f for _, f in v])) for t, v in out.items()]
 
     def _page_ids(self, phys: torch.Tensor) -> torch.Tensor:
@@ -358,7 +378,7 @@ class SphKVStore:
                 self.k_stage[layer, dst, :, :count] = kd[0, :, :count].to(self.dtype)
                 self.v_stage[layer, dst, :, :count] = vd[0, :, :count].to(self.dtype)
         t.mark_written(torch.full((count,), dst_page, dtype=torch.int64), torch.arange(count))
-        self.counters["pages_copied_on_write"] += 1
+        self._counters["pages_copied_on_write"] += 1
 
     # -- demotion ------------------------------------------------------------------------------------
     def _demote_coldest(self, tier: int, num_pages: int) -> int:
@@ -389,7 +409,7 @@ class SphKVStore:
             self._store_coded(layer, to_tier, new, kd, vd)
         for m in moves:
             self.table.free_phys_page(m[0], m[1])
-        self.counters["pages_demoted"] += len(moves)
+        self._counters["pages_demoted"] += len(moves)
 
     def _decode(self, layer: int, tier: int, phys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion only, never attention)."""
@@ -408,7 +428,7 @@ class SphKVStore:
         pages = pages.to("cpu", torch.int64)
         self.table.release(pages)
         self.page_mass[pages[(pages > 0) & (pages < self.num_pages)]] = 0
-        self.counters["pages_released"] += int(pages.numel())
+        self._counters["pages_released"] += int(pages.numel())
 
     def reset(self) -> None:
         self.table.reset()

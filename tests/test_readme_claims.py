@@ -150,6 +150,10 @@ def quality_cell(name: str, model: str = "smollm2") -> Callable:
 
 SERVING_ROWS = {   # README row label (prefix) → (field, ratio field in vs_dense or None, scale of the ratio)
     "`max_total_num_tokens`": ("max_total_num_tokens", "capacity_x", 1),
+    "`bench_output_tok_s`": ("bench_output_tok_s", "bench_output_tok_s_x", 1),
+    "`bench_mean_itl_ms`": ("bench_mean_itl_ms", None, 1),
+    "`bench_mean_ttft_ms`": ("bench_mean_ttft_ms", None, 1),
+    "`bench_prefix_output_tok_s`": ("bench_prefix_output_tok_s", "bench_prefix_output_tok_s_x", 1),
     "continuation mean logprob": ("cont_logprob_mean", "cont_logprob_rel_diff", 100),
     "prefix hit rate": ("prefix_hit_rate", None, 1),
     "tokens per server CPU-second": ("total_tok_per_server_cpu_s", "tok_per_server_cpu_s_x", 1),
@@ -178,16 +182,6 @@ def decode_cell(label: str, col: str) -> list[float]:
               "vs bf16-tc": [row["speedup_vs_bf16_tc"]], "vs fp8-tc": [row["speedup_vs_fp8_tc"]],
               "ADA % of copy bandwidth": [100 * row["copy_fraction"]]}
     return fields[col]
-
-
-def bench_serving_cell(label: str, col: str) -> list[float]:
-    rec = next(r for r in load("serving-bench-quick.json") if r["mode"] == col)
-    dense = next(r for r in load("serving-bench-quick.json") if r["mode"] == "dense")
-    field = re.match(r"`(\w+)`", label).group(1)
-    want = [rec[field]]
-    if col == "sphkv" and field in ("max_total_num_tokens", "bench_output_tok_s"):
-        want.append(rec[field] / dense[field])
-    return want
 
 
 RETENTION_ROWS = {   # README "Bound-budget retention" table: label prefix -> field of the sphkv-<policy> row
@@ -221,6 +215,10 @@ class TableSpec:
 PLUGIN_SERVING_ROWS = {   # sphkv_sglang/README.md "Measured" table: label prefix -> fields
     "`max_total_num_tokens`": lambda r, m: [r["max_total_num_tokens"]] + (
         [r["vs_dense"]["capacity_x"], r["sphkv_stats"]["staging_pages"]] if m == "sphkv" else []),
+    "`bench_output_tok_s`": lambda r, m: [r["bench_output_tok_s"]] + (
+        [r["vs_dense"]["bench_output_tok_s_x"]] if m == "sphkv" else []),
+    "`bench_prefix_output_tok_s`": lambda r, m: [r["bench_prefix_output_tok_s"]] + (
+        [r["vs_dense"]["bench_prefix_output_tok_s_x"]] if m == "sphkv" else []),
     "continuation mean logprob": lambda r, m: [r["cont_logprob_mean"]] + (
         [100 * r["vs_dense"]["cont_logprob_rel_diff"]] if m == "sphkv" else []),
     "prefix hit rate": lambda r, m: [r["prefix_hit_rate"]],
@@ -248,7 +246,6 @@ TABLES = [
     TableSpec("Quality — Gemma 3 270M", "quality-quick.json", pairs_cell, first_header="model, method, measure"),
     TableSpec("Serving — real SGLang servers", "serving-quick.json", serving_cell),
     TableSpec("Decode kernel — H200", "decode.json", decode_cell),
-    TableSpec("bench_serving` through the new served path", "serving-bench-quick.json", bench_serving_cell),
     TableSpec("Measured (SmolLM2-135M-Instruct, CPU engine", "serving-quick.json", plugin_serving_cell,
               readme="sphkv_sglang/README.md"),
     TableSpec("Bound-budget retention", "serving-quick.json", retention_cell),

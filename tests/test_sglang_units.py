@@ -173,6 +173,35 @@ def test_store_nonfinite_is_zeroed_and_counted_or_raised():
         st2.write(0, torch.arange(P, 2 * P), k, v)
 
 
+def test_static_decode_plan_lists_and_counts_what_the_host_plan_does():
+    """The decode plan (plan_pages_static: every row padded to max_pages, read counts kept on the device)
+    lists the host plan's entries in its order and, once ``counters`` is read, counts the same coded pages
+    and staged tokens; a max_pages beyond the slot rows is refused naming it."""
+    st = _store(pages=12)
+    k, v = _kv(37)
+    rows = torch.zeros(2, 5 * P + 3, dtype=torch.int64)            # row width not a multiple of the page size
+    rows[0, :3 * P] = torch.arange(P, 4 * P)                       # request 0: pages 1..3
+    rows[1, :5 * P] = torch.arange(4 * P, 9 * P)                   # request 1: pages 4..8
+    loc = torch.cat([rows[0, :13], rows[1, :24]])                  # 13 and 24 tokens: coded pages + staged tails
+    for layer in range(2):
+        st.write(layer, loc, k, v)
+    lens = torch.tensor([13, 24])
+    before = dict(st.counters)
+    host = st.plan_pages(rows, lens)
+    mid = dict(st.counters)
+    static = st.plan_pages_static(rows, lens, max_pages=6)          # 6 pages reach slot 5 * P < row width
+    after = st.counters
+    assert static["indptr"].tolist() == [6 * r for r in range(2 * 2 + 1)]
+    real = static["page_lens"] > 0
+    for key in ("indices", "page_tiers", "page_lens", "pages"):
+        assert static[key][real].tolist() == host[key].tolist(), key
+    assert int(static["page_lens"].sum()) == int(lens.sum()) * 2
+    for key in ("coded_pages_read", "dense_tokens_read"):
+        assert mid[key] - before[key] > 0 and after[key] - mid[key] == mid[key] - before[key], key
+    with pytest.raises(PageTableError, match="max_pages=7"):
+        st.plan_pages_static(rows, lens, max_pages=7)
+
+
 def test_batch_plan_through_the_wrapper_is_exact_dense_and_close_coded():
     """The backend's path (plan_pages + prefill wrapper, CPU kernels): staged pages only → equal to
     SDPA up to float32 rounding; a coded prefix → within the codec's error of dense attention."""
@@ -430,3 +459,66 @@ def test_serving_results_merge_keeps_other_modes(tmp_path):
     path.write_text(json.dumps({"mode": "dense"}))
     with pytest.raises(ValueError, match="serving-quick.json"):
         merge_records(path, [])
+
+
+
+def _decode_step_outputs(sample_mass: bool):
+    """A 2-layer backend over a sphkv pool (page 8, 2 kv heads): a prefill of 29 and 42 tokens (coded pages and
+    a staged tail each), then one decode step, sampled for attention mass or not; returns the step's outputs,
+    the pool's page mass, and the decode plan."""
+    from sglang.srt.layers.radix_attention import AttentionType
+    from sglang.srt.runtime_context import get_parallel
+
+    from sphkv_sglang import backend as backend_mod
+    from sphkv_sglang.backend import SphKVAttnBackend
+    from sphkv_sglang.pool import SphKVPool
+
+    h, g, d = 2, 3, 64
+    cfg = SphKVServeConfig(preset="sphkv-4", page_size=P, max_running_requests=2, staging_pages=6)
+    pool = SphKVPool(20 * P, P, torch.bfloat16, h, d, 2, "cpu", False, sphkv_config=cfg)
+    rt = torch.zeros(2, 9 * P, dtype=torch.int32)
+    rt[0, :4 * P] = torch.arange(P, 5 * P)                 # request 0: pages 1..4
+    rt[1, :9 * P] = torch.arange(5 * P, 14 * P)            # request 1: pages 5..13
+    runner = SimpleNamespace(token_to_kv_pool=pool, device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=rt),
+                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: h * g))
+    with get_parallel().override(attn_tp_size=1):
+        be = SphKVAttnBackend(runner)
+    layers = [SimpleNamespace(layer_id=i, tp_q_head_num=h * g, tp_k_head_num=h, qk_head_dim=d, v_head_dim=d,
+                              scaling=d ** -0.5, logit_cap=0.0, sliding_window_size=-1, is_cross_attention=False,
+                              attn_type=AttentionType.DECODER) for i in range(2)]
+    gen = torch.Generator().manual_seed(3)
+
+    def forward(q_lens, prefix, decode):
+        seq = torch.tensor([a + n for a, n in zip(prefix, q_lens)])
+        loc = torch.cat([rt[r, a:a + n].long() for r, (a, n) in enumerate(zip(prefix, q_lens))])
+        fb = SimpleNamespace(forward_mode=SimpleNamespace(is_decode_or_idle=lambda: decode), batch_size=2,
+                             out_cache_loc=loc, req_pool_indices=torch.arange(2), seq_lens=seq, seq_lens_cpu=seq,
+                             extend_seq_lens_cpu=list(q_lens), extend_seq_lens=torch.tensor(q_lens))
+        be.init_forward_metadata(fb)
+        n, outs = sum(q_lens), []
+        for layer in layers:
+            q, k, v = (torch.randn(n, x * d, generator=gen).bfloat16() for x in (h * g, h, h))
+            outs.append((be.forward_decode if decode else be.forward_extend)(q, k, v, layer, fb).float())
+        return torch.stack(outs)
+
+    forward([29, 42], [0, 0], False)
+    pool.store.page_mass.zero_()
+    be._decodes = backend_mod.MASS_EVERY - 1 if sample_mass else 0     # the next decode is sampled (or not)
+    out = forward([1, 1], [29, 42], True)
+    assert (be.forward_metadata.mass is not None) == sample_mass
+    return out, pool.store.page_mass.clone(), be.forward_metadata
+
+
+def test_decode_through_the_static_plan_samples_attention_mass():
+    """Decode forwards of the real backend go through the static plan (rows padded to the longest request's
+    pages); the sampled forward (the decode wrapper's key-mass epilogue) gives the plain forward's outputs
+    and adds one unit of mass per (layer, request, query head), none to the padding entries (page 0)."""
+    pytest.importorskip("sglang")
+    plain, mass0, plan = _decode_step_outputs(False)
+    sampled, mass, _ = _decode_step_outputs(True)
+    assert plan.pages.numel() == 2 * 2 * 6                  # (request, kv head) rows of 6 entries: 43 tokens
+    assert float(mass0.sum()) == 0
+    torch.testing.assert_close(sampled, plain, atol=2e-2, rtol=0)      # bf16 outputs of two kernels
+    assert float(mass[0]) == 0
+    torch.testing.assert_close(float(mass.sum()), float(2 * 2 * 2 * 3), rtol=1e-4, atol=1e-4)
+    assert all(float(mass[p]) > 0 for p in (1, 4, 5, 10))   # first and last page of each request were read

@@ -7,7 +7,8 @@ Rows:
 
 * ``prefill_write`` — one forward's K/V of ``batch`` requests × ``ctx`` tokens written to every layer
   (pages coded straight from the new K/V); min of 3 (store reset between).
-* ``decode_step`` — one decode step: page bookkeeping, the batch plan, then per layer the write of the new
+* ``decode_step`` — one decode step: page bookkeeping, the batch plan (the backend's decode plan,
+  ``plan_pages_static`` with rows as wide as the longest request), then per layer the write of the new
   token and the prefill wrapper's attention (CPU kernels); min / median of 6 blocks of 10 steps.
 * ``window_decode`` — one decode forward of the real ``SphKVAttnBackend`` over a ``SphKVPool`` with a
   sliding layer (window 37, page 16) and a global layer, 8 requests (needs SGLang importable); min / median
@@ -71,7 +72,7 @@ def store_rows(batch: int, ctx: int) -> list[dict]:
         seq = seq + 1
         out_loc = rows[torch.arange(batch), seq - 1].long()
         st.begin_forward(out_loc)
-        pp = st.plan_pages(rows, seq)
+        pp = st.plan_pages_static(rows, seq, -(-int(seq.max()) // P))   # the backend's decode plan
         w.plan(torch.arange(batch + 1), pp["indptr"], pp["indices"], pp["page_tiers"], None, HQ, H, D, P,
                page_lens=pp["page_lens"], device="cpu")
         for layer in range(L):
