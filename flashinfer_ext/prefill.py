@@ -9,29 +9,51 @@ themselves is the caller's, merged with this result by log-sum-exp (``return_lse
 cascade ``merge_state`` does.
 
 Backends: ``"cpu"`` — the C++ page-tile kernels of :mod:`sphkv_kernels.cpu_decode` (many queries
-per row share one expansion of each page); ``"triton"`` / ``"reference"`` — each query token becomes
-one row of :class:`~flashinfer_ext.decode.BatchDecodeWithSphKVPagedKVCacheWrapper` (Triton decode
-kernels on CUDA; the row's page list is repeated per token, so long extends over long prefixes are
-slower there than a dedicated extend kernel would be). ``"auto"`` picks Triton on CUDA, else the CPU
-kernels where they build, else the reference.
+per row share one expansion of each page); ``"triton"`` / ``"reference"`` — two routes, picked by
+``plan(..., kernel_options={"extend": ...})``:
+
+* ``"rows"`` (default, :data:`DEFAULT_EXTEND`): each query token becomes one row of
+  :class:`~flashinfer_ext.decode.BatchDecodeWithSphKVPagedKVCacheWrapper` (the row's page list repeated per token:
+  every prefix key is decoded once per (new token, kv head); H200 run 10: 130.5 ms for 4K new tokens over a 32K
+  coded prefix vs FlashInfer's paged prefill 6.72 ms);
+* ``"tiles"``: :mod:`sphkv_kernels.extend_tiles` — one program per (request, kv head, page range, block of new
+  tokens) expands each coded key tile once and multiplies it by the block's ``block_m`` query rows (new tokens x GQA
+  group) on tensor cores; the per-token states are merged by the decode merge. A coded tier the tensor-core kernel
+  cannot read runs as per-token decode items of the row-wise/tile kernels (logged), a layout without any kernel
+  through the reference (logged). Checked under the Triton interpreter only (not yet timed on a GPU).
+
+``"auto"`` picks Triton on CUDA, else the CPU kernels where they build, else the reference.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from sphkv.attention import merge_state as merge_state      # FlashInfer's cascade merge, re-exported
 from sphkv.tiers import Tier, TierSet
-from sphkv_kernels.layout import CodedLayout
+from sphkv_kernels import decode as kd
+from sphkv_kernels.extend_tiles import extend_pages_per_split, schedule_extend
+from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import entry_page_lens
 
 from .decode import BatchDecodeWithSphKVPagedKVCacheWrapper, _tier_tensors, resolve_backend
 
-__all__ = ["BatchPrefillWithSphKVPagedKVCacheWrapper", "merge_state"]
+__all__ = ["BatchPrefillWithSphKVPagedKVCacheWrapper", "merge_state", "DEFAULT_EXTEND"]
 
 _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
+# the Triton/reference route of ``plan(..., kernel_options={"extend": ...})`` when not given: "rows" (one decode row
+# per new token; timed on the H200) until "tiles" (one key-tile expansion per block of new tokens) is timed
+DEFAULT_EXTEND = os.environ.get("SPHKV_EXTEND", "rows")
+_EXTEND_ROUTES = ("rows", "tiles")
+_TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm")
+# tiles route, tier kernels: the Triton launchers or their pure-PyTorch references (same signatures)
+_LAUNCHERS = {
+    "triton": (kd.coded_decode_partial, kd.dense_decode_partial, kd.merge_partials),
+    "reference": (kd.coded_decode_partial_reference, kd.dense_decode_partial_reference, kd.merge_partials_reference),
+}
 
 
 class BatchPrefillWithSphKVPagedKVCacheWrapper:
@@ -75,7 +97,8 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
     # ---------------------------------------------------------------------------------------------
     def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
              page_tiers: torch.Tensor, paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
-             head_dim: int, page_size: int, *, page_lens: torch.Tensor | None = None, device=None) -> None:
+             head_dim: int, page_size: int, *, page_lens: torch.Tensor | None = None, device=None,
+             kernel_options: Mapping | None = None) -> None:
         """Plan one batch.
 
         Parameters
@@ -89,9 +112,22 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             page (FlashInfer's convention); ignored when ``page_lens`` is given.
         page_lens : optional ``[nnz]`` int — valid tokens of every entry.
         device : where ``run`` computes (default: ``paged_kv_indices``' device).
+        kernel_options : Triton/reference backends: ``extend`` — ``"rows"`` (one decode row per new token, the
+            decode wrapper) or ``"tiles"`` (:mod:`sphkv_kernels.extend_tiles`; default :data:`DEFAULT_EXTEND`);
+            for ``"tiles"``: ``block_m`` (query rows per program, new tokens x GQA group, a power of two >= 16,
+            default 64), ``block_n`` (keys per tile), ``num_warps`` (default 8), ``num_stages``,
+            ``pages_per_split`` (default: split-K only while the token blocks leave the GPU short of
+            ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        kopt = dict(kernel_options or {})
+        bad = sorted(set(kopt) - set(_TILE_OPTIONS))
+        if bad:
+            raise ValueError(f"kernel_options {bad} unknown; allowed: {_TILE_OPTIONS}")
+        route = str(kopt.get("extend", DEFAULT_EXTEND))
+        if route not in _EXTEND_ROUTES:
+            raise ValueError(f"kernel_options['extend']={route!r}; allowed: {_EXTEND_ROUTES}")
         device = torch.device(device) if device is not None else paged_kv_indices.device
         backend = resolve_backend(self._backend_request, device)
         rows = paged_kv_indptr.numel() - 1
@@ -105,10 +141,20 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         common = dict(backend=backend, device=device, batch=batch, num_qo_heads=num_qo_heads,
                       num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
                       num_q=None)
+        if backend != "cpu" and route == "tiles":
+            self._plan = dict(common, route="tiles", **self._plan_tiles(
+                qo_indptr, paged_kv_indptr, paged_kv_indices, page_tiers, page_lens, num_qo_heads, num_kv_heads,
+                head_dim, page_size, backend, device, kopt))
+            return
         if backend != "cpu":
-            self._plan = dict(common, **self._plan_rows(qo_indptr, paged_kv_indptr, paged_kv_indices, page_tiers,
-                                                        page_lens, num_qo_heads, num_kv_heads, head_dim,
-                                                        page_size, backend, device))
+            if device.type == "cuda":
+                kd._warn_once(("extend-rows",),
+                              "sphkv extend: the prefix part runs as one decode row per (new token, kv head) "
+                              "(kernel_options extend='rows': every prefix key decoded once per new token); "
+                              "extend='tiles' decodes each key tile once per block of new tokens")
+            self._plan = dict(common, route="rows", **self._plan_rows(
+                qo_indptr, paged_kv_indptr, paged_kv_indices, page_tiers, page_lens, num_qo_heads, num_kv_heads,
+                head_dim, page_size, backend, device))
             return
         kv_indptr = paged_kv_indptr.to(device=device, dtype=torch.int64)
         tiers = page_tiers.to(device=device, dtype=torch.int64)
@@ -147,6 +193,112 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
                 c = lay.on(device)
                 rot.append((c["key_rotation_t"], c["value_rotation"] if lay.value_rotate else None))
         return rot
+
+    def _plan_tiles(self, qo_indptr, kv_indptr, indices, page_tiers, page_lens, hq, hkv, d, p, backend, device,
+                    kopt):
+        """Triton/reference backends, ``extend="tiles"``: the :class:`~sphkv_kernels.extend_tiles.ExtendSchedule`,
+        each present tier's route and the partial-state buffers."""
+        g = hq // hkv
+        block_m = int(kopt.get("block_m", 0)) or max(64, 1 << (g - 1).bit_length())
+        if block_m < 16 or block_m & (block_m - 1) or block_m < g:
+            raise ValueError(f"kernel_options['block_m']={block_m} must be a power of two >= 16 and >= the "
+                             f"GQA group {g}")
+        for t, lay in zip(self._tiers, self._layouts):
+            if lay is not None and (lay.head_dim, lay.page_size) != (d, p):
+                raise ValueError(f"tier {t.name!r} has head_dim/page_size {lay.head_dim}/{lay.page_size}, "
+                                 f"the plan {d}/{p}")
+        tpb = block_m // g
+        pps = int(kopt.get("pages_per_split", 0))
+        if pps < 1:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+            pps = extend_pages_per_split(qo_indptr, kv_indptr, num_kv_heads=hkv, tokens_per_block=tpb,
+                                         target_programs=int(kopt.get("programs_per_sm", 0) or 4) * sms)
+        sched = schedule_extend(qo_indptr, kv_indptr, page_tiers, indices, page_lens, num_kv_heads=hkv,
+                                num_tiers=len(self._tiers), pages_per_split=pps, tokens_per_block=tpb, device=device)
+        interp = device.type != "cuda"
+        kernel_ok = backend == "triton" and (d >= 32 if interp else d in KERNEL_HEAD_DIMS) and p >= 16
+        present = [t for t in range(len(self._tiers)) if sched.tiers[t].num_items > 0]
+        routes, items = {}, {}
+        for t in present:
+            lay, tw = self._layouts[t], sched.tiers[t]
+            compiles = lay is None or (lay.kernel_compiles if interp else lay.kernel_supported)
+            if not (kernel_ok and compiles):
+                routes[t] = "reference"
+            elif lay is None or kd.tc_supported(lay, g):
+                routes[t] = "tiles"
+            else:
+                routes[t] = "token-rows"
+            if routes[t] == "token-rows" or (routes[t] == "reference" and backend == "triton"):
+                kd._warn_once(("extend", routes[t], t, d, p, g),
+                              f"sphkv extend (tiles): tier {self._tiers[t].name!r} (head_dim={d}, page_size={p}, "
+                              f"group={g}) " + ("is not read by the tensor-core kernel; per-token decode items of "
+                                                "the row-wise/tile kernel (slower)" if routes[t] == "token-rows"
+                                                else "has no Triton kernel here; the pure-PyTorch reference (slow)"))
+            if routes[t] == "tiles":
+                items[t] = (tw.work, tw.ext)
+            else:                                   # per-token decode items (also what the reference launchers get)
+                items[t] = (kd.expand_extend_items(tw.work, tw.ext, hkv), None)
+        merge_backend = "triton" if kernel_ok else "reference"
+        part_o = torch.empty(sched.num_slots, g, d, dtype=torch.float32, device=device)
+        part_lse = torch.empty(sched.num_slots, g, dtype=torch.float32, device=device)
+        eye = torch.eye(d, dtype=torch.float32, device=device)
+        rot, mask = [], 0
+        for t, lay in enumerate(self._layouts):
+            if lay is not None and lay.value_rotate:
+                rot.append(lay.on(device)["value_rotation"])
+                mask |= 1 << t
+            else:
+                rot.append(eye)
+        # the coded tiers' value rotation: inside the Triton merge up to head_dim 128, else on the tier's partial
+        # states first (the merge's [d, d] operand exceeds shared memory above 128; see the decode wrapper)
+        pre_rot = []
+        if merge_backend == "triton" and d > 128 and not interp and mask:
+            for t in present:
+                if (mask >> t) & 1:
+                    w = kd.expand_extend_items(*items[t], hkv) if items[t][1] is not None else items[t][0]
+                    pre_rot.append((w[:, 3].to(torch.int64), rot[t]))
+            mask = 0
+        launch = {k: int(kopt[k]) for k in ("block_n", "num_warps", "num_stages") if int(kopt.get(k, 0) or 0) > 0}
+        launch.setdefault("num_warps", 8)    # offline sm_90 compile, d = 128, block_m 64: 4 warps spill 496 B, 8: 32 B
+        key_rot = {t: self._layouts[t].on(device)["key_rotation_t"] for t in present if self._layouts[t] is not None}
+        return dict(sched=sched, routes=routes, items=items, block_m=block_m, present=present, key_rot=key_rot,
+                    merge_backend=merge_backend, part_o=part_o, part_lse=part_lse,
+                    rotations=torch.stack(rot).contiguous(), rotate_mask=mask, pre_rot=pre_rot, launch=launch,
+                    num_q=sched.num_q, pages_per_split=pps)
+
+    def _run_tiles(self, q, kv_cache, scale, return_lse):
+        pl = self._plan
+        hq, hkv, d, n = pl["num_qo_heads"], pl["num_kv_heads"], pl["head_dim"], pl["num_q"]
+        if q.shape != (n, hq, d):
+            raise ValueError(f"q must be [{n}, {hq}, {d}] as planned, got {tuple(q.shape)}")
+        sched, po, plse = pl["sched"], pl["part_o"], pl["part_lse"]
+        qrot = {}
+        for t in pl["present"]:
+            tw, route, (work, ext) = sched.tiers[t], pl["routes"][t], pl["items"][t]
+            coded_fn, dense_fn, _ = _LAUNCHERS["reference" if route == "reference" else "triton"]
+            kw = dict(num_kv_heads=hkv, sm_scale=scale)
+            if route == "tiles":
+                kw.update(ext=ext, block_m=pl["block_m"], **pl["launch"])
+            lay = self._layouts[t]
+            if lay is None:
+                c = _tier_tensors(kv_cache[t], True)
+                dense_fn(q, c["k"], c["v"], work, tw.page_ids, tw.page_lens, po, plse, **kw)
+                continue
+            rk = pl["key_rot"][t]
+            if rk.data_ptr() not in qrot:             # one rotated copy of q per distinct key rotation
+                qrot[rk.data_ptr()] = (q.to(torch.float32) @ rk).contiguous()
+            if route == "tiles":
+                kw["kernel"] = "tc"
+            c = _tier_tensors(kv_cache[t], False)
+            coded_fn(qrot[rk.data_ptr()], *(c[k] for k in _CODED_NAMES), work, tw.page_ids, tw.page_lens, po, plse,
+                     layout=lay, **kw)
+        for slots, r in pl["pre_rot"]:
+            po.index_copy_(0, slots, torch.matmul(po.index_select(0, slots), r))
+        out = torch.empty(n, hq, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
+        _LAUNCHERS[pl["merge_backend"]][2](po, plse, sched.slot_ptr, pl["rotations"], out, lse, num_kv_heads=hkv,
+                                           rotate_mask=pl["rotate_mask"])
+        return (out, lse) if return_lse else out
 
     def _plan_rows(self, qo_indptr, kv_indptr, indices, page_tiers, page_lens, hq, hkv, d, p, backend, device):
         """Non-CPU backends: one decode row per (query token, kv head), the request's page list repeated."""
@@ -193,6 +345,8 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         if pl["backend"] != "cpu":
             if logits_soft_cap > 0:
                 raise NotImplementedError("logits_soft_cap needs the CPU backend (the Triton decode kernels have none)")
+            if pl["route"] == "tiles":
+                return self._run_tiles(q, kv_cache, scale, return_lse)
             out = torch.empty(q.shape[0], q.shape[1], d, dtype=torch.float32, device=q.device)
             out, lse = self._decode.run(q, kv_cache, sm_scale=scale, out=out, return_lse=True)
             return (out, lse) if return_lse else out

@@ -15,6 +15,10 @@ scales folded into the probabilities, zeros added once).
 The tree's field offsets are compile-time constants: the key part of the kernel is *generated* Python/Triton
 source for one layout (``level_bits``, ``head_dim``), written once to a cache directory and imported, so every
 field extraction is a constant shift and every LUT offset a constant. Launcher: :func:`get_kernel`.
+
+With ``EXTEND`` the ``G_PAD`` query rows are a block of new tokens times the GQA group (extend's prefix part,
+:mod:`sphkv_kernels.extend_tiles`; rows and output slots from ``_decode_kernels._query_rows``): each key tile is then
+expanded once for the whole block.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ _TEMPLATE = r'''
 import triton
 import triton.language as tl
 from sphkv_kernels._coded_rowwise_kernels import _field, _tile_words, _planes_asm, _planes, _tuple_set
+from sphkv_kernels._decode_kernels import _query_rows
 
 
 @triton.jit
@@ -50,11 +55,11 @@ def _qk(ws, lut_ptr, qs, S, DOT_T: tl.constexpr, BLOCK_N: tl.constexpr):
 def _coded_decode_tc_kernel(
     q_ptr, stride_qb, stride_qh,
     kc_ptr, kr_ptr, km_ptr, vc_ptr, vs_ptr, vz_ptr, lut_ptr,
-    work_ptr, page_ids_ptr, page_lens_ptr,
+    work_ptr, ext_ptr, page_ids_ptr, page_lens_ptr,
     po_ptr, pl_ptr, logit_ptr,
     num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, CH: tl.constexpr,
+    BLOCK_N: tl.constexpr, CH: tl.constexpr, EXTEND: tl.constexpr,
     KW: tl.constexpr, VBITS: tl.constexpr, VE: tl.constexpr, VGROUP: tl.constexpr, VB: tl.constexpr,
     NVG: tl.constexpr, HAS_MEAN: tl.constexpr, F16_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr,
     ASM_VALUES: tl.constexpr, PAIRED_WORDS: tl.constexpr, PROFILE: tl.constexpr,
@@ -69,8 +74,7 @@ def _coded_decode_tc_kernel(
     DOT_T: tl.constexpr = tl.float16 if F16_DOT else tl.float32
     TPP: tl.constexpr = PAGE_SIZE // BLOCK_N
     gq = tl.arange(0, G_PAD)
-    gmask = gq < GROUP
-    qrow = q_ptr + b.to(tl.int64) * stride_qb + (kvh * GROUP + gq).to(tl.int64) * stride_qh     # [G_PAD]
+    gmask, qrow, orow = _query_rows(q_ptr, stride_qb, stride_qh, ext_ptr, wid, b, kvh, slot, GROUP, G_PAD, EXTEND)
     cc = tl.arange(0, CH)
 {q_chunks}
     if HAS_MEAN:
@@ -136,12 +140,12 @@ def _coded_decode_tc_kernel(
                                   NVG * VE)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     lse2 = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    tl.store(pl_ptr + slot * GROUP + gq, lse2, mask=gmask)
+    tl.store(pl_ptr + orow, lse2, mask=gmask)
     jj = tl.arange(0, NB)
     for grp in tl.static_range(NVG):
         for e in tl.static_range(VE):
             col = grp * VGROUP + VE * jj + e
-            ob = po_ptr + (slot * GROUP + gq)[:, None] * HEAD_DIM + col[None, :]
+            ob = po_ptr + orow[:, None] * HEAD_DIM + col[None, :]
             tl.store(ob, (accs[grp * VE + e] + zs[grp][:, None]) / l_safe[:, None], mask=gmask[:, None])
 '''
 

@@ -275,13 +275,40 @@ def _coded_decode_kernel(
 # dense tier: partial attention over bf16 pages
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _query_rows(q_ptr, stride_qb, stride_qh, ext_ptr, wid, b, kvh, slot, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                EXTEND: tl.constexpr):
+    """The ``G_PAD`` query rows of work item ``wid``: ``(mask [G_PAD], q row pointers [G_PAD], partial row [G_PAD])``.
+
+    Decode (``EXTEND`` false): the ``GROUP`` query heads of kv head ``kvh`` of request ``b``, partial rows
+    ``slot * GROUP + g``. Extend: a block of new tokens times the group, row ``i`` = (token ``i // GROUP``, head
+    ``i % GROUP``), ``ext[wid] = (tok0, ntok, slot_stride)`` int32: tokens ``tok0 .. tok0 + ntok - 1`` (rows of
+    ``q``), token ``k``'s partial state at slot ``slot + k * slot_stride`` (every token its own slots, so the decode
+    merge combines them per (token, kv head))."""
+    gq = tl.arange(0, G_PAD)
+    if EXTEND:
+        tok0 = tl.load(ext_ptr + wid * 3)
+        ntok = tl.load(ext_ptr + wid * 3 + 1)
+        sstride = tl.load(ext_ptr + wid * 3 + 2).to(tl.int64)
+        tq = gq // GROUP
+        hq = gq % GROUP
+        gmask = tq < ntok
+        qrow = q_ptr + (tok0 + tq).to(tl.int64) * stride_qb + (kvh * GROUP + hq).to(tl.int64) * stride_qh
+        orow = (slot + tq.to(tl.int64) * sstride) * GROUP + hq
+    else:
+        gmask = gq < GROUP
+        qrow = q_ptr + b.to(tl.int64) * stride_qb + (kvh * GROUP + gq).to(tl.int64) * stride_qh
+        orow = slot * GROUP + gq
+    return gmask, qrow, orow
+
+
+@triton.jit
 def _dense_decode_kernel(
     q_ptr, stride_qb, stride_qh, k_ptr, v_ptr,
-    work_ptr, page_ids_ptr, page_lens_ptr,
+    work_ptr, ext_ptr, page_ids_ptr, page_lens_ptr,
     po_ptr, pl_ptr, logit_ptr,
     num_kv_heads, qk_scale,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr, STORE_LOGITS: tl.constexpr, EXTEND: tl.constexpr,
 ):
     wid = tl.program_id(0)
     row = tl.load(work_ptr + wid * 4)
@@ -291,9 +318,8 @@ def _dense_decode_kernel(
     b = row // num_kv_heads
     kvh = row % num_kv_heads
     g = tl.arange(0, G_PAD)
-    gmask = g < GROUP
+    gmask, qrow, orow = _query_rows(q_ptr, stride_qb, stride_qh, ext_ptr, wid, b, kvh, slot, GROUP, G_PAD, EXTEND)
     dcol = tl.arange(0, HEAD_DIM)
-    qrow = q_ptr + b.to(tl.int64) * stride_qb + (kvh * GROUP + g).to(tl.int64) * stride_qh
     q = tl.load(qrow[:, None] + dcol[None, :], mask=gmask[:, None], other=0.0)
     if F32_DOT:
         q = q.to(tl.float32)
@@ -328,9 +354,8 @@ def _dense_decode_kernel(
             acc = acc * alpha[:, None] + tl.dot(pr.to(vt.dtype), vt)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     lse2 = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    tl.store(pl_ptr + slot * GROUP + g, lse2, mask=gmask)
-    tl.store(po_ptr + (slot * GROUP + g)[:, None] * HEAD_DIM + dcol[None, :], acc / l_safe[:, None],
-             mask=gmask[:, None])
+    tl.store(pl_ptr + orow, lse2, mask=gmask)
+    tl.store(po_ptr + orow[:, None] * HEAD_DIM + dcol[None, :], acc / l_safe[:, None], mask=gmask[:, None])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from sphkv.values import ValueCode
 
 from .layout import CodedLayout
 
-__all__ = ["coded_decode_partial", "coded_decode_partial_reference", "coded_row_tables", "coded_row_tables_reference",
+__all__ = ["coded_decode_partial", "coded_decode_partial_reference", "expand_extend_items",
+           "coded_row_tables", "coded_row_tables_reference",
            "rowwise_row_table_elems", "dense_decode_partial",
            "dense_decode_partial_reference", "merge_partials", "merge_partials_reference",
            "interpreting", "LOG2E"]
@@ -46,6 +47,42 @@ def interpreting() -> bool:
 
 def _g_pad(group: int) -> int:
     return max(16, 1 << (group - 1).bit_length())
+
+
+def _check_ext(ext, work, block_m, group: int, logits) -> int:
+    """Rows per program: ``_g_pad(group)`` for decode items, ``block_m`` (default 64) for extend items ``ext``."""
+    if ext is None:
+        if block_m is not None:
+            raise ValueError(f"block_m={block_m} applies to extend items (ext) only")
+        return _g_pad(group)
+    block_m = 64 if block_m is None else int(block_m)
+    if block_m < 16 or block_m & (block_m - 1) or block_m < group:
+        raise ValueError(f"block_m={block_m} must be a power of two >= 16 and >= the GQA group {group}")
+    if logits is not None:
+        raise ValueError("logits (key mass) are a decode output; extend items (ext) do not write them")
+    assert ext.dtype == torch.int32 and ext.is_contiguous() and ext.shape == (work.shape[0], 3), \
+        f"ext must be [{work.shape[0]}, 3] int32, got {tuple(ext.shape)} {ext.dtype}"
+    assert ext.device == work.device, "ext must be on the work list's device"
+    return block_m
+
+
+def expand_extend_items(work: torch.Tensor, ext: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Extend items as per-token decode items: ``[sum(ext[:, 1]), 4]`` int32 ``(tok * num_kv_heads + kv_head, start,
+    end, slot + k * slot_stride)`` for token ``tok = ext[w, 0] + k`` — the rows index ``q`` ``[num_q, Hq, d]`` the
+    way a decode batch of ``num_q`` requests does (the references, and tiers the tensor-core kernel cannot read).
+
+    >>> work, ext = torch.tensor([[3, 0, 2, 10]], dtype=torch.int32), torch.tensor([[4, 2, 5]], dtype=torch.int32)
+    >>> expand_extend_items(work, ext, 2).tolist()
+    [[9, 0, 2, 10], [11, 0, 2, 15]]
+    """
+    w, e = work.to(torch.int64), ext.to(torch.int64)
+    n = e[:, 1].clamp_min(0)
+    wid = torch.repeat_interleave(torch.arange(w.shape[0], device=w.device), n)
+    k = torch.arange(wid.numel(), device=w.device) - (torch.cumsum(n, 0) - n)[wid]
+    tok = e[wid, 0] + k
+    rows = tok * num_kv_heads + w[wid, 0] % num_kv_heads
+    out = torch.stack([rows, w[wid, 1], w[wid, 2], w[wid, 3] + k * e[wid, 2]], 1)
+    return out.to(torch.int32).contiguous()
 
 
 def _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, page_size):
@@ -203,7 +240,8 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
                          num_stages: int | None = None, byte_lut: bool = True, profile: int = 0,
                          kernel: str = "auto", scratch: torch.Tensor | None = None, tab16: bool | None = None,
                          lut16: bool | None = None, asm_values: bool = True, maxnreg: int | None = None,
-                         prefetch: bool = False, row_tables: bool = False):
+                         prefetch: bool = False, row_tables: bool = False, ext: torch.Tensor | None = None,
+                         block_m: int | None = None):
     """Split-K partial attention over one coded tier's pages (Triton).
 
     Returns the compiled Triton kernel (diagnostics: ``n_regs``, ``n_spills``, ``metadata.shared``),
@@ -238,6 +276,10 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
     row_tables : the row-wise kernel reads each row's level-1 table from ``scratch`` as written by
         :func:`coded_row_tables` (same ``tab16``) instead of building one per work item (the other kernels
         ignore it).
+    ext : optional ``[W, 3]`` int32 — extend items (tensor-core kernel only, :mod:`sphkv_kernels.extend_tiles`):
+        item ``w`` covers query tokens ``ext[w, 0] .. + ext[w, 1] - 1`` (rows of ``q_rot``, at most
+        ``block_m // G`` of them) of its row's kv head, token ``k``'s state at slot ``work[w, 3] + k * ext[w, 2]``.
+    block_m : query rows per program with ``ext`` (tokens x group, a power of two >= 16; default 64).
 
     Examples
     --------
@@ -277,6 +319,9 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
             assert t.dtype == torch.float16 and t.is_contiguous() and t.shape == (num_pages, p, nvg)
     if kernel not in ("auto", "tc", "rowwise", "tile"):
         raise ValueError(f"kernel={kernel!r}; allowed: 'auto', 'tc', 'rowwise', 'tile'")
+    g_pad = _check_ext(ext, work, block_m, g, logits)
+    if ext is not None and kernel != "tc":
+        raise ValueError(f"ext (extend items) needs kernel='tc', got kernel={kernel!r}")
     w = work.shape[0]
     if w == 0:
         return None
@@ -303,9 +348,9 @@ def coded_decode_partial(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_z
         return get_kernel(layout)[(w,)](
             q_rot, q_rot.stride(0), q_rot.stride(1),
             k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, consts["lut16" if f16_dot else "lut"],
-            work, page_ids, page_lens, part_o, part_lse, logits if logits is not None else part_lse,
-            num_kv_heads, float(sm_scale) * LOG2E,
-            HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), PAGE_SIZE=p, BLOCK_N=block_n, CH=chunk_of(d),
+            work, ext if ext is not None else work, page_ids, page_lens, part_o, part_lse,
+            logits if logits is not None else part_lse, num_kv_heads, float(sm_scale) * LOG2E,
+            HEAD_DIM=d, GROUP=g, G_PAD=g_pad, PAGE_SIZE=p, BLOCK_N=block_n, CH=chunk_of(d), EXTEND=ext is not None,
             KW=kb // 4, VBITS=vbits, VE=ve, VGROUP=layout.value_group, VB=vb, NVG=max(nvg, 1),
             HAS_MEAN=layout.has_mean, F16_DOT=f16_dot, STORE_LOGITS=logits is not None,
             ASM_VALUES=bool(asm_values) and f16_dot and not interpreting(),
@@ -396,10 +441,13 @@ def _gather_queries(q, rows, num_kv_heads, g):
 def coded_decode_partial_reference(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, work, page_ids,
                                    page_lens, part_o, part_lse, *, layout: CodedLayout, num_kv_heads: int,
                                    sm_scale: float, logits=None, block_n=None, num_warps=None,
-                                   num_stages=None) -> None:
+                                   num_stages=None, ext=None, block_m=None) -> None:
     """Pure-PyTorch :func:`coded_decode_partial` (logits from codes via :func:`sphkv.logits.logits_lut`)."""
     p = layout.page_size
     _, _, d, g = _check_common(q_rot, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
+    if ext is not None:
+        _check_ext(ext, work, block_m, g, logits)
+        work = expand_extend_items(work, ext, num_kv_heads)
     if work.shape[0] == 0:
         return
     wid, ent = _entries(work)
@@ -425,14 +473,15 @@ def coded_decode_partial_reference(q_rot, k_codes, k_radius, k_mean, v_codes, v_
 # -------------------------------------------------------------------------------------------------
 def dense_decode_partial(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, *, num_kv_heads: int,
                          sm_scale: float, logits=None, block_n: int | None = None, num_warps: int | None = None,
-                         num_stages: int | None = None) -> None:
+                         num_stages: int | None = None, ext: torch.Tensor | None = None,
+                         block_m: int | None = None) -> None:
     """Split-K partial attention over dense-tier pages (Triton).
 
     Parameters
     ----------
     q : ``[B, Hq, d]`` bfloat16 / float16 / float32 — queries (not rotated).
     k_pages, v_pages : ``[num_pages, P, d]`` bfloat16 — a dense :class:`sphkv.pool.TierPool`'s arena.
-    work, page_ids, page_lens, part_o, part_lse, logits : as in :func:`coded_decode_partial`.
+    work, page_ids, page_lens, part_o, part_lse, logits, ext, block_m : as in :func:`coded_decode_partial`.
 
     Examples
     --------
@@ -457,23 +506,28 @@ def dense_decode_partial(q, k_pages, v_pages, work, page_ids, page_lens, part_o,
     b, hq, d, g = _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
     assert k_pages.shape[2] == d and k_pages.dtype == v_pages.dtype
     assert d >= 16 and p >= 16, "the dense kernel needs head_dim >= 16 and page_size >= 16"
+    g_pad = _check_ext(ext, work, block_m, g, logits)
     w = work.shape[0]
     if w == 0:
         return
     _dense_decode_kernel[(w,)](
-        q, q.stride(0), q.stride(1), k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse,
-        logits if logits is not None else part_lse, num_kv_heads, float(sm_scale) * LOG2E,
-        HEAD_DIM=d, GROUP=g, G_PAD=_g_pad(g), PAGE_SIZE=p, BLOCK_N=block_n or min(p, 64),
+        q, q.stride(0), q.stride(1), k_pages, v_pages, work, ext if ext is not None else work, page_ids, page_lens,
+        part_o, part_lse, logits if logits is not None else part_lse, num_kv_heads, float(sm_scale) * LOG2E,
+        HEAD_DIM=d, GROUP=g, G_PAD=g_pad, PAGE_SIZE=p, BLOCK_N=block_n or min(p, 64),
         F32_DOT=interpreting() or k_pages.dtype == torch.float32, STORE_LOGITS=logits is not None,
+        EXTEND=ext is not None,
         num_warps=num_warps or 4, num_stages=num_stages or 2)
 
 
 def dense_decode_partial_reference(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, *,
                                    num_kv_heads: int, sm_scale: float, logits=None, block_n=None, num_warps=None,
-                                   num_stages=None) -> None:
+                                   num_stages=None, ext=None, block_m=None) -> None:
     """Pure-PyTorch :func:`dense_decode_partial`."""
     p = k_pages.shape[1]
     _, _, d, g = _check_common(q, work, page_ids, page_lens, part_o, part_lse, logits, num_kv_heads, p)
+    if ext is not None:
+        _check_ext(ext, work, block_m, g, logits)
+        work = expand_extend_items(work, ext, num_kv_heads)
     if work.shape[0] == 0:
         return
     wid, ent = _entries(work)

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Extend (prefill over a paged, tiered prefix plus new dense tokens): pure-PyTorch reference only.
+"""Extend (prefill over a paged, tiered prefix plus new dense tokens): the pure-PyTorch reference.
 
-There is no Triton extend kernel yet: this reference is the documented fallback. It decodes the
-prefix pages of every (request, kv head) row to dense float32 keys/values (coded tiers through
-their codecs: this is a reference path, never the decode hot loop) and runs causal attention of the
-new tokens over ``prefix + new``. Queries see the whole prefix and the new tokens up to themselves.
+It decodes the prefix pages of every (request, kv head) row to dense float32 keys/values (coded
+tiers through their codecs: a reference path, never a hot loop) and runs causal attention of the new
+tokens over ``prefix + new``. Queries see the whole prefix and the new tokens up to themselves. The
+GPU form of the prefix part is :mod:`sphkv_kernels.extend_tiles` (through
+:class:`flashinfer_ext.BatchPrefillWithSphKVPagedKVCacheWrapper`, ``kernel_options={"extend": "tiles"}``),
+tested against this reference.
 """
 from __future__ import annotations
 

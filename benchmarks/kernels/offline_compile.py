@@ -5,6 +5,7 @@ shared memory per constexpr set from the cubin (``cuobjdump -res-usage`` of Trit
 
     python benchmarks/kernels/offline_compile.py            # merge: GQA 4/8, head_dim 64/128/256, several slots per step
     python benchmarks/kernels/offline_compile.py --rowwise  # row-wise decode (per-item / per-row tables) + row tables
+    python benchmarks/kernels/offline_compile.py --extend   # tensor-core coded + dense kernels, decode/extend blocks
 
 The local Triton may differ from the device's (3.8 here, 3.6 on the lent H200): treat the counts as indicative.
 """
@@ -80,9 +81,41 @@ def rowwise() -> None:
         _compile(_row_tables_kernel, sig, const, 4, f"row tables d={d}")
 
 
+def extend() -> None:
+    """The tensor-core coded kernel (sphkv-4, page 64, GQA 4) as decode (``G_PAD`` 16) and with extend blocks of
+    ``block_m`` 64 / 128 query rows (``EXTEND``), and the dense kernel's extend form, at head_dim 128 (and 64)."""
+    from sphkv import SphKVConfig
+    from sphkv_kernels._coded_tc_kernels import chunk_of, get_kernel
+    from sphkv_kernels._decode_kernels import _dense_decode_kernel
+    from sphkv_kernels.layout import CodedLayout
+
+    ptr = {"q_ptr": "*fp32", "stride_qb": "i32", "stride_qh": "i32", "kc_ptr": "*u8", "kr_ptr": "*fp16",
+           "km_ptr": "*bf16", "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "lut_ptr": "*fp16",
+           "work_ptr": "*i32", "ext_ptr": "*i32", "page_ids_ptr": "*i32", "page_lens_ptr": "*i32",
+           "po_ptr": "*fp32", "pl_ptr": "*fp32", "logit_ptr": "*fp32", "num_kv_heads": "i32", "qk_scale": "fp32"}
+    for d in (128, 64):
+        lay = CodedLayout.from_config(SphKVConfig.from_name("sphkv-4", head_dim=d, page_size=64))
+        for ext, g_pad, warps in ((False, 16, 2), (True, 64, 4), (True, 64, 8), (True, 128, 8)):
+            const = dict(HEAD_DIM=d, GROUP=4, G_PAD=g_pad, PAGE_SIZE=64, BLOCK_N=64, CH=chunk_of(d), EXTEND=ext,
+                         KW=lay.key_code_bytes // 4, VBITS=4, VE=2, VGROUP=lay.value_group, VB=lay.value_code_bytes,
+                         NVG=lay.num_value_groups, HAS_MEAN=lay.has_mean, F16_DOT=True, STORE_LOGITS=False,
+                         ASM_VALUES=True, PAIRED_WORDS=lay.key_code_bytes % 8 == 0, PROFILE=0)
+            _compile(get_kernel(lay), ptr, const, warps, f"tc d={d} EXTEND={ext} rows={g_pad} warps={warps}")
+    sig = {"q_ptr": "*bf16", "stride_qb": "i32", "stride_qh": "i32", "k_ptr": "*bf16", "v_ptr": "*bf16",
+           "work_ptr": "*i32", "ext_ptr": "*i32", "page_ids_ptr": "*i32", "page_lens_ptr": "*i32", "po_ptr": "*fp32",
+           "pl_ptr": "*fp32", "logit_ptr": "*fp32", "num_kv_heads": "i32", "qk_scale": "fp32"}
+    for ext, g_pad in ((False, 16), (True, 64)):
+        const = dict(HEAD_DIM=128, GROUP=4, G_PAD=g_pad, PAGE_SIZE=64, BLOCK_N=64, F32_DOT=False, STORE_LOGITS=False,
+                     EXTEND=ext)
+        _compile(_dense_decode_kernel, sig, const, 4, f"dense d=128 EXTEND={ext} rows={g_pad}")
+
+
 def main() -> int:
     if "--rowwise" in sys.argv:
         rowwise()
+        return 0
+    if "--extend" in sys.argv:
+        extend()
         return 0
     cuobjdump = CUOBJDUMP
     for group, d, tiers, sb in CASES:
