@@ -38,7 +38,8 @@ def test_dense_sinks_are_bf16_outside_the_pages_and_paid_from_the_budget(fractio
     for layer in range(L):
         k_hat, v_hat, keep = res.dense_view(layer)
         assert bool(keep[0, :, :s].all())
-        assert torch.equal(k_hat[0, :, :s], keys[layer][0, :, :s]) and torch.equal(v_hat[0, :, :s], values[layer][0, :, :s])
+        assert torch.equal(k_hat[0, :, :s], keys[layer][0, :, :s])
+        assert torch.equal(v_hat[0, :, :s], values[layer][0, :, :s])
         for h in range(HKV):
             pos, _, _, _ = res.store.gather(layer, h)
             assert int(pos.min()) >= s                                        # no sink in the store
@@ -111,3 +112,11 @@ def test_ada_c_tier_sits_between_4b_and_3b():
     assert all(a > b for a, b in zip(pb, pb[1:]))
     a35, b4 = ts.tiers[3].config, ts.tiers[2].config
     assert a35.value_bits == b4.value_bits and a35.angle_bits < b4.angle_bits
+
+
+def test_compress_cache_refuses_dense_sinks():
+    from sphkv_hf import SphKVCache
+    from sphkv_hf.retention import compress_cache
+
+    with pytest.raises(ValueError, match="dense_sinks=4"):
+        compress_cache(SphKVCache(None), 0.25, config=RetentionConfig(dense_sinks=4))

@@ -135,7 +135,8 @@ def main(argv=None) -> None:
         lo, hi = bootstrap(d[wins[0][0]:wins[0][1]], refs[0])
         extra = method.extra_row() if hasattr(method, "extra_row") else {}
         row = {"spec": spec, "bits_per_element": prefix.bits_per_element, "window_delta_pct": pct,
-               "ci95_first": [lo, hi], "retrieval_hits": hits, "token_nll": nll.tolist(), "seconds": round(time.time() - t1, 1),
+               "ci95_first": [lo, hi], "retrieval_hits": hits, "token_nll": nll.tolist(),
+               "seconds": round(time.time() - t1, 1),
                **{k: extra.get(k) for k in ("tokens_per_tier", "dropped_tokens", "plan_source")}}
         rows.append(row)
         tpt = extra.get("tokens_per_tier") or {}

@@ -124,7 +124,12 @@ class Segment:
 
 @dataclass
 class RetentionResult:
-    """Plan + paged store of a compressed prefill, with exact bytes (see the module docstring)."""
+    """Plan + paged store of a compressed prefill, with exact bytes (see the module docstring).
+
+    With ``dense_sinks = s > 0`` the first ``s`` positions are not in the store: they are ``sink_k`` / ``sink_v``
+    (bf16, counted in ``stored_bytes``), and ``plan`` covers positions ``s..N-1`` (``plan.tiers[..., i]`` is
+    position ``s + i``; its counts and ``tokens_per_tier`` leave the sinks out).
+    """
 
     plan: Plan
     store: PagedStore
@@ -198,7 +203,8 @@ class RetentionResult:
         """JSON-friendly numbers: bytes, bits per element, overheads, tokens per tier, per-layer bytes, timings."""
         b = self.store.bytes()
         return dict(budget_fraction=self.budget_fraction, budget_bytes=self.plan.budget_bytes + self.sink_bytes,
-                    stored_bytes=self.stored_bytes, dense_sinks=self.dense_sinks, sink_bytes=self.sink_bytes, bf16_bytes=self.bf16_bytes, bits_per_element=self.bits_per_element,
+                    stored_bytes=self.stored_bytes, dense_sinks=self.dense_sinks, sink_bytes=self.sink_bytes,
+                    bf16_bytes=self.bf16_bytes, bits_per_element=self.bits_per_element,
                     metadata_overhead=b.metadata_overhead, position_index_overhead=b.position_overhead,
                     tiers=[t.name for t in self.tierset.tiers], distortion=list(self.tierset.distortion),
                     layer_distortion=(self.calibration[2].tolist() if self.calibration and self.calibration[2]
