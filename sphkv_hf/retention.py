@@ -147,6 +147,9 @@ def compress_cache(cache: SphKVCache, budget_fraction: float | None = None, *, b
     bf16 bytes of every token held (global layers' positions + the windows), the windows' bytes come off it,
     and ``cache.stored_bytes() == result.stored_bytes + window bytes <= budget``.
     """
+    if config.dense_sinks:
+        raise ValueError(f"config.dense_sinks={config.dense_sinks} is not supported by compress_cache (its layers hold "
+                         "the store's pages only); keep sinks dense with CachePolicy(dense_sink=) or use dense_sinks=0")
     if not cache.layers:
         raise ValueError("the cache is empty: prefill before compress_cache")
     planned = [i for i, layer in enumerate(cache.layers) if layer.sliding_window is None]

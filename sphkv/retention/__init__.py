@@ -25,7 +25,7 @@ from .calibration import TierStats as TierStats, calibrate as calibrate, measure
 from .pipeline import VARIANTS as VARIANTS, RetentionConfig as RetentionConfig, RetentionResult as RetentionResult
 from .pipeline import Segment as Segment, ada_tierset as ada_tierset, compress_prefill as compress_prefill
 from .pipeline import compress_variant as compress_variant, eviction_tierset as eviction_tierset
-from .pipeline import rdkv_tierset as rdkv_tierset, ada_b_tierset as ada_b_tierset
+from .pipeline import rdkv_tierset as rdkv_tierset, ada_b_tierset as ada_b_tierset, ada_c_tierset as ada_c_tierset
 from .nodes import NodePlan as NodePlan, plan_nodes as plan_nodes
 from .replan import ShrinkReport as ShrinkReport, shrink_store as shrink_store
 from .utility import POLICIES as POLICIES, AttentionMassTracker as AttentionMassTracker
@@ -36,7 +36,8 @@ from .utility import max_attention as max_attention
 
 __all__ = ["Plan", "TierCosts", "allocate", "bf16_bytes", "budget_from_fraction", "TierStats", "calibrate",
            "measure_tiers", "VARIANTS", "RetentionConfig", "RetentionResult", "Segment", "ada_tierset",
-           "compress_prefill", "compress_variant", "eviction_tierset", "rdkv_tierset", "ada_b_tierset", "uniform_plans",
+           "compress_prefill", "compress_variant", "eviction_tierset", "rdkv_tierset", "ada_b_tierset", "ada_c_tierset",
+           "uniform_plans",
            "max_attention", "NodePlan", "plan_nodes", "ShrinkReport", "shrink_store",
            "POLICIES",
            "AttentionMassTracker", "RetentionInputs", "RetentionPolicy", "layer_utility", "make_policy",

@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..codebooks import optimal_level_bits
 from ..config import SphKVConfig
 from ..gridquant import grid_tierset
 from ..pages import PagedStore, paged_attention
-from ..tiers import Tier, TierSet
-from .allocation import Plan, TierCosts, allocate, bf16_bytes, budget_from_fraction
+from ..tiers import PAGE_META_BYTES, Tier, TierSet
+from .allocation import Plan, TierCosts, allocate, band_tiers, bf16_bytes, budget_from_fraction
 from .calibration import TierStats, calibrate
 from .utility import POLICIES, layer_utility, make_policy, protected_mask
 
 __all__ = ["RetentionConfig", "RetentionResult", "Segment", "compress_prefill", "compress_variant", "VARIANTS",
-           "ada_tierset", "ada_b_tierset", "rdkv_tierset", "eviction_tierset"]
+           "ada_tierset", "ada_b_tierset", "ada_c_tierset", "rdkv_tierset", "eviction_tierset"]
 
 _POLICY_PARAMS = {"snapkv": lambda c: dict(pool=c.pool, kernel=c.kernel), "pooled": lambda c: dict(kernel=c.kernel)}
 
@@ -52,6 +53,15 @@ class RetentionConfig:
     plan fits, protected tokens at the band's top, or ``lift`` tiers above it (``allocate(spread=, lift=)``);
     with ``band_sinks`` the protected tokens inside the band are the first ``band_sinks`` only (no recent
     window), e.g. one whole page so that lifted sinks do not pay for a mostly empty page.
+
+    ``dense_sinks`` keeps the first ``dense_sinks`` tokens of every (layer, kv head) in bf16 outside the pages
+    (as ``CachePolicy(dense_sink=)`` and the harness's ``+sink`` rows do): their bytes (``dense_sinks × d × 4``
+    plus :data:`sphkv.tiers.PAGE_META_BYTES` per (layer, kv head)) come off the budget and the allocator plans
+    the other tokens; ``sinks`` and ``band_sinks`` then count from the first paged token
+    (``max(sinks - dense_sinks, 0)`` of them protected, ``band_sinks`` of them protected in the band).
+    ``band_prior`` (``None``: ``prior``) replaces ``prior`` when the band applies (a uniform tier fits the
+    budget): there the utility only picks which tokens sit one tier lower, and a larger prior spreads those
+    demotions more evenly over the (layer, kv head)s; below the floor (drops) ``prior`` applies.
     """
 
     policy: str = "snapkv"
@@ -67,16 +77,20 @@ class RetentionConfig:
     spread: int | None = None
     lift: int = 0
     band_sinks: int | None = None
+    dense_sinks: int = 0
+    band_prior: float | None = None
     debug: bool = False
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r} is not registered; allowed: {sorted(POLICIES)}")
-        for name in ("sinks", "recent"):
+        for name in ("sinks", "recent", "dense_sinks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if not 0.0 <= self.prior < float("inf"):
             raise ValueError(f"prior={self.prior!r} must be finite and >= 0")
+        if self.band_prior is not None and not 0.0 <= self.band_prior < float("inf"):
+            raise ValueError(f"band_prior={self.band_prior!r} must be None or finite and >= 0")
         if self.spread is not None and (not isinstance(self.spread, int) or isinstance(self.spread, bool)
                                         or self.spread < 0):
             raise ValueError(f"spread={self.spread!r} must be None or an int >= 0")
@@ -110,7 +124,12 @@ class Segment:
 
 @dataclass
 class RetentionResult:
-    """Plan + paged store of a compressed prefill, with exact bytes (see the module docstring)."""
+    """Plan + paged store of a compressed prefill, with exact bytes (see the module docstring).
+
+    With ``dense_sinks = s > 0`` the first ``s`` positions are not in the store: they are ``sink_k`` / ``sink_v``
+    (bf16, counted in ``stored_bytes``), and ``plan`` covers positions ``s..N-1`` (``plan.tiers[..., i]`` is
+    position ``s + i``; its counts and ``tokens_per_tier`` leave the sinks out).
+    """
 
     plan: Plan
     store: PagedStore
@@ -122,10 +141,25 @@ class RetentionResult:
     tier_stats: list[TierStats] | None = None
     timings: dict = field(default_factory=dict)
     calibration: tuple | None = None          # (tierset, stats, layer_distortion) for reuse on the same model
+    sink_k: list[torch.Tensor] | None = None  # dense_sinks > 0: per layer [Hkv, s, d] bf16 (positions 0..s-1)
+    sink_v: list[torch.Tensor] | None = None
+
+    @property
+    def dense_sinks(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k[0].shape[-2]
+
+    @property
+    def sink_bytes(self) -> int:
+        """Bytes of the dense sinks: bf16 K and V plus one page's metadata per (layer, kv head); 0 without."""
+        if self.sink_k is None:
+            return 0
+        layers, (hkv, s, d) = len(self.sink_k), self.sink_k[0].shape
+        return layers * hkv * (s * d * 2 * 2 + PAGE_META_BYTES)
 
     @property
     def stored_bytes(self) -> int:
-        return self.store.bytes().stored_bytes
+        """Every stored byte: the store's pages (metadata included) plus the dense sinks."""
+        return self.store.bytes().stored_bytes + self.sink_bytes
 
     @property
     def bits_per_element(self) -> float:
@@ -137,8 +171,12 @@ class RetentionResult:
         out = []
         for h in range(self.store.num_kv_heads):
             pos, k, v, tier = self.store.gather(layer, h)
-            out.append([Segment(t, self.tierset.tiers[t].name, pos[tier == t], k[tier == t], v[tier == t])
-                        for t in range(len(self.tierset)) if bool((tier == t).any())])
+            segs = [Segment(t, self.tierset.tiers[t].name, pos[tier == t], k[tier == t], v[tier == t])
+                    for t in range(len(self.tierset)) if bool((tier == t).any())]
+            if self.sink_k is not None:
+                segs.insert(0, Segment(-1, "dense-sink", torch.arange(self.dense_sinks),
+                                       self.sink_k[layer][h].float(), self.sink_v[layer][h].float()))
+            out.append(segs)
         return out
 
     def dense_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,17 +187,24 @@ class RetentionResult:
         for h in range(hkv):
             pos, k, v, _ = self.store.gather(layer, h)
             k_hat[0, h, pos], v_hat[0, h, pos], keep[0, h, pos] = k, v, True
+            if self.sink_k is not None:
+                s = self.dense_sinks
+                k_hat[0, h, :s], v_hat[0, h, :s] = self.sink_k[layer][h].float(), self.sink_v[layer][h].float()
+                keep[0, h, :s] = True
         return k_hat, v_hat, keep
 
     def attention(self, layer: int, q: torch.Tensor, **kwargs):
-        """:func:`sphkv.pages.paged_attention` over this layer's pages."""
+        """:func:`sphkv.pages.paged_attention` over this layer's pages (no dense sinks: raises with them)."""
+        if self.sink_k is not None:
+            raise ValueError(f"dense_sinks={self.dense_sinks}: paged_attention covers the pages only, not the sinks")
         return paged_attention(q, self.store, layer, **kwargs)
 
     def summary(self) -> dict:
         """JSON-friendly numbers: bytes, bits per element, overheads, tokens per tier, per-layer bytes, timings."""
         b = self.store.bytes()
-        return dict(budget_fraction=self.budget_fraction, budget_bytes=self.plan.budget_bytes,
-                    stored_bytes=b.stored_bytes, bf16_bytes=self.bf16_bytes, bits_per_element=self.bits_per_element,
+        return dict(budget_fraction=self.budget_fraction, budget_bytes=self.plan.budget_bytes + self.sink_bytes,
+                    stored_bytes=self.stored_bytes, dense_sinks=self.dense_sinks, sink_bytes=self.sink_bytes,
+                    bf16_bytes=self.bf16_bytes, bits_per_element=self.bits_per_element,
                     metadata_overhead=b.metadata_overhead, position_index_overhead=b.position_overhead,
                     tiers=[t.name for t in self.tierset.tiers], distortion=list(self.tierset.distortion),
                     layer_distortion=(self.calibration[2].tolist() if self.calibration and self.calibration[2]
@@ -249,8 +294,6 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
         raise ValueError(f"head_dim {d} of the keys differs from tierset.head_dim={tierset.head_dim}")
     timings = {}
     utility = layer_utility(config.make_policy(), keys, queries, sm_scale=sm_scale, q_positions=q_positions)
-    if config.prior:
-        utility = utility + config.prior * utility.mean(-1, keepdim=True)
     timings["utility_s"] = time.perf_counter() - t0
     stats, layer_dist = None, None
     if calibration is not None:
@@ -264,21 +307,41 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
         if budget_fraction is None:
             raise ValueError("give budget_fraction or budget_bytes")
         budget_bytes = budget_from_fraction(budget_fraction, n, len(keys), hkv, d)
+    s = config.dense_sinks
+    if s >= n:
+        raise ValueError(f"dense_sinks={s} must be below the number of tokens {n}")
+    sink_bytes = len(keys) * hkv * (s * d * 2 * 2 + PAGE_META_BYTES) if s else 0
+    if budget_bytes - sink_bytes <= 0:
+        raise ValueError(f"budget_bytes={budget_bytes} does not cover the dense sinks ({sink_bytes} bytes for "
+                         f"dense_sinks={s})")
     t2 = time.perf_counter()
-    plan = allocate(utility, TierCosts.from_tierset(tierset), budget_bytes,
-                    protected=protected_mask(n, sinks=config.sinks, recent=config.recent),
+    m = n - s                                                   # the paged tokens: positions s..n-1
+    costs = TierCosts.from_tierset(tierset)
+    protected = protected_mask(m, sinks=max(config.sinks - s, 0), recent=config.recent)
+    band_protected = None if config.band_sinks is None else protected_mask(m, sinks=config.band_sinks, recent=0)
+    prior = config.prior
+    if config.band_prior is not None and config.spread is not None:
+        n_band = int((protected if band_protected is None else band_protected).sum())
+        if band_tiers(torch.full((len(keys) * hkv,), n_band), m, costs.page_bytes, costs.page_size,
+                      budget_bytes - sink_bytes, config.spread, config.lift) is not None:
+            prior = config.band_prior
+    if prior:
+        utility = utility + prior * utility.mean(-1, keepdim=True)
+    plan = allocate(utility[..., s:], costs, budget_bytes - sink_bytes, protected=protected,
                     layer_distortion=layer_dist, floor=config.floor, spread=config.spread,
-                    lift=config.lift, band_protected=(None if config.band_sinks is None else
-                                                      protected_mask(n, sinks=config.band_sinks, recent=0)))
+                    lift=config.lift, band_protected=band_protected)
     timings["allocate_s"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     store = PagedStore(tierset, plan.pages.sum((0, 1)).tolist(), num_layers=len(keys), num_kv_heads=hkv,
                        device=keys[0].device, debug=config.debug)
+    sink_drop = torch.full((hkv, s), len(tierset), dtype=plan.tiers.dtype)      # not in the store
     for layer, (k, v) in enumerate(zip(keys, values)):
-        store.write_plan(layer, k, v, plan.tiers[layer])
+        store.write_plan(layer, k, v, torch.cat([sink_drop, plan.tiers[layer]], -1) if s else plan.tiers[layer])
     timings["store_s"] = time.perf_counter() - t3
     assert store.bytes().stored_bytes == plan.stored_bytes
-    res = RetentionResult(plan, store, tierset, utility, n, budget_fraction, full, stats, timings)
+    res = RetentionResult(plan, store, tierset, utility, n, budget_fraction, full, stats, timings,
+                          sink_k=[k[:, :s].to(torch.bfloat16) for k in keys] if s else None,
+                          sink_v=[v[:, :s].to(torch.bfloat16) for v in values] if s else None)
     res.calibration = (tierset, stats, layer_dist)
     return res
 
@@ -314,6 +377,22 @@ def ada_b_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
                    head_dim=head_dim, page_size=page_size)
 
 
+def ada_c_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
+    """:func:`ada_b_tierset` with ``sphkv-4b-a3.5`` between ``sphkv-4b`` and ``sphkv-3b`` (uncalibrated).
+
+    ``sphkv-4b-a3.5`` is ``sphkv-4b`` with 3.5 instead of 4 angle bits per key coordinate (values unchanged;
+    3.76 bits per element at head_dim 64, against 4.01 and 3.01): just under the sphkv-4b rate a band plan
+    moves ~1/6 of the tokens a quarter bit down instead of ~1/24 of them a whole bit (to ``sphkv-3b``).
+    """
+    def mk(name: str, **over) -> Tier:
+        return Tier(name, SphKVConfig.from_name(name.split("-a")[0], head_dim=head_dim, page_size=page_size,
+                                                value_group=min(64, head_dim), **over))
+
+    a35 = mk("sphkv-4b-a3.5", level_bits=optimal_level_bits(head_dim, 3.5))
+    return TierSet((mk("sphkv-8"), mk("sphkv-5b"), mk("sphkv-4b"), a35, mk("sphkv-3b"), mk("sphkv-2b")),
+                   head_dim=head_dim, page_size=page_size)
+
+
 def rdkv_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
     """RDKV-style grid tiers ``bf16`` > ``int8`` > ``int4`` > ``int2`` (uncalibrated)."""
     return grid_tierset((16, 8, 4, 2), head_dim=head_dim, page_size=page_size)
@@ -324,9 +403,8 @@ def eviction_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
     return TierSet((Tier("dense"),), head_dim=head_dim, page_size=page_size, distortion=(0.0,))
 
 
-VARIANTS = {"ada+rdr": ada_tierset, "ada-b+rdr": ada_b_tierset, "rdkv": rdkv_tierset, "dense+rdr": eviction_tierset}
-
-
+VARIANTS = {"ada+rdr": ada_tierset, "ada-b+rdr": ada_b_tierset, "ada-c+rdr": ada_c_tierset, "rdkv": rdkv_tierset,
+            "dense+rdr": eviction_tierset}
 def compress_variant(name: str, keys, values, queries, budget_fraction: float, *,
                      config: RetentionConfig = RetentionConfig(), page_size: int = 64,
                      sm_scale: float | None = None, q_positions: torch.Tensor | None = None,

@@ -1,0 +1,151 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Continuation-NLL-only sweep of retention configs on one (model, corpus, context): no retrieval.
+
+``python -m benchmarks.quality.sweep_rdr --corpus essays --context 2048 --score-len 512 \
+    --spec 'ada+rdr@0.10' --spec 'ada+rdr-v0@0.10' --spec 'ada+rdr@0.10:prior=0' ...``
+
+One dense prefill (the same tokens and the same ``PrefillContext`` as :class:`benchmarks.quality.tasks.ContextTask`,
+whose first ``score_len`` scored targets are the harness's), then for each spec the method's compressed prefix and
+one continuation forward. A spec is a registered method name, optionally followed by ``:key=value,...`` overrides
+of its :class:`sphkv.retention.RetentionConfig` (RDR methods only; values parsed as Python literals) and
+``tierset=<VARIANTS name>``. Prints, per spec, the NLL over each ``window``-token slice of the scored targets and
+its change against ``full`` (percent), a paired bootstrap interval of the first window's change, the tokens per tier
+and the bytes; writes the rows (per-token NLL included) as JSON to ``--out``.
+
+A screening tool: the numbers it prints are the harness's continuation NLL for the first window only; the
+committed rows come from :mod:`benchmarks.quality.run` (which also scores retrieval).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_spec(spec: str):
+    """``(method name, RetentionConfig overrides, tier-set override or None)``."""
+    name, _, rest = spec.partition(":")
+    over, tierset = {}, None
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        if not _:
+            raise ValueError(f"override {item!r} of spec {spec!r} must be key=value")
+        if k == "tierset":
+            tierset = v
+        else:
+            over[k] = ast.literal_eval(v)
+    return name, over, tierset
+
+
+def build_method(spec: str):
+    from . import methods_rdr
+    from .run import load_methods
+
+    registry = load_methods()
+    name, over, tierset = parse_spec(spec)
+    if name not in registry:
+        raise SystemExit(f"unknown method {name!r}; registered: {sorted(registry)}")
+    method = registry[name].factory()
+    if over or tierset:
+        if not isinstance(method, methods_rdr.RDR):
+            raise SystemExit(f"overrides need an RDR method, {name!r} is {type(method).__name__}")
+        from sphkv.retention import RetentionConfig
+
+        base = method.config or (methods_rdr.ROBUST if method.variant == "ada+rdr" else RetentionConfig())
+        method.config = dataclasses.replace(base, **over)
+        if tierset:
+            method.tierset = tierset
+    return method
+
+
+def prefill(model, tok, corpus: str, ctx_len: int, score_len: int, retrieval: bool = False):
+    from .run import corpus_ids
+    from .tasks import ContextTask
+
+    ids = corpus_ids(tok, corpus, ctx_len + score_len + 1)
+    if retrieval:                                     # the harness's task: continuation + the 24 haystacks
+        return ContextTask(model, tok, ids, ctx_len, score_len=score_len)
+    task = ContextTask.__new__(ContextTask)           # the continuation prefill only (no retrieval haystacks)
+    task.model, task.tok, task.n, task.s, task.w, task.stride = model, tok, ctx_len, score_len, 32, 32
+    types = getattr(model.config, "layer_types", None) or []
+    task.sliding = "sliding_attention" in types
+    task.ids = ids[: ctx_len + score_len + 1]
+    task.ctx = task._prefill(task.ids[:ctx_len][None], None, 0)
+    return task
+
+
+@torch.no_grad()
+def token_nll(task, method) -> tuple[torch.Tensor, object]:
+    prefix = method.build(task.ctx)
+    cont = task.ids[task.n:]
+    logits, _ = task._forward(prefix, cont[:-1])
+    return F.cross_entropy(logits, cont[1:], reduction="none"), prefix
+
+
+def bootstrap(delta: torch.Tensor, ref: float, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of ``100 · mean(delta) / ref`` over tokens resampled with replacement."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, delta.numel(), (reps, delta.numel()), generator=g)
+    m = delta[idx].mean(1) * 100.0 / ref
+    return float(m.quantile(0.025)), float(m.quantile(0.975))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--corpus", default="essays")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--score-len", type=int, default=256)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--spec", action="append", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--retrieval", action="store_true", help="also score the 24 retrieval cases (as the harness)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from .models import load_model
+    from .run import load_methods
+
+    model, tok = load_model(args.model)
+    t0 = time.time()
+    task = prefill(model, tok, args.corpus, args.context, args.score_len, args.retrieval)
+    ref_tok, _ = token_nll(task, load_methods()["full"].factory())
+    w = args.window
+    wins = [(a, min(a + w, args.score_len)) for a in range(0, args.score_len, w)]
+    refs = [float(ref_tok[a:b].mean()) for a, b in wins]
+    print(f"[sweep] {args.model}/{args.corpus}/{args.context}: prefill + full {time.time() - t0:.0f}s, full NLL per "
+          f"window {', '.join(f'{r:.4f}' for r in refs)}", flush=True)
+    rows = [{"spec": "full", "token_nll": ref_tok.tolist(), "window_nll": refs}]
+    for spec in args.spec:
+        t1 = time.time()
+        method = build_method(spec)
+        hits = None
+        if args.retrieval:
+            res = task.run(method)
+            hits = sum(sum(h) for h in res.hits.values())
+        nll, prefix = token_nll(task, method)
+        d = nll - ref_tok
+        pct = [100.0 * float(d[a:b].mean()) / r for (a, b), r in zip(wins, refs)]
+        lo, hi = bootstrap(d[wins[0][0]:wins[0][1]], refs[0])
+        extra = method.extra_row() if hasattr(method, "extra_row") else {}
+        row = {"spec": spec, "bits_per_element": prefix.bits_per_element, "window_delta_pct": pct,
+               "ci95_first": [lo, hi], "retrieval_hits": hits, "token_nll": nll.tolist(),
+               "seconds": round(time.time() - t1, 1),
+               **{k: extra.get(k) for k in ("tokens_per_tier", "dropped_tokens", "plan_source")}}
+        rows.append(row)
+        tpt = extra.get("tokens_per_tier") or {}
+        print(f"[sweep] {spec:48s} bits {prefix.bits_per_element:.3f}  ΔNLL% "
+              + " ".join(f"{p:+.3f}" for p in pct) + f"  (95% [{lo:+.2f}, {hi:+.2f}])  dropped "
+              f"{extra.get('dropped_tokens')}  retrieval {hits}  tiers {tpt}  {row['seconds']}s", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
