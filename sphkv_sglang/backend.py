@@ -207,7 +207,8 @@ class SphKVAttnBackend(AttentionBackend):
     def _extend(self, q3, k3, v3, layer, local, plan, causal, cap):
         """New tokens: causal attention among themselves (:func:`~sphkv_sglang.ragged.ragged_attention`, the
         whole batch in one call), merged by log-sum-exp with the wrapper's prefix attention."""
-        o, lse = ragged_attention(q3, k3, v3, plan.q_lens, scale=layer.scaling, causal=causal, cap=cap)
+        o, lse = ragged_attention(q3, k3, v3, plan.q_lens, scale=layer.scaling, causal=causal, cap=cap,
+                                  compute_dtype=torch.float32 if plan.has_prefix else None)
         if plan.has_prefix:                           # merge with the cached prefix's state (rows without one: lse -inf)
             pre_o, pre_lse = self.wrapper.run(q3, self.store.layer_cache(local), sm_scale=layer.scaling,
                                               logits_soft_cap=cap, return_lse=True)

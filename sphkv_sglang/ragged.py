@@ -13,8 +13,9 @@ batch.
 Two implementations, one answer:
 
 * CPU without soft-capping: ATen's flash-attention kernel for CPU
-  (``aten._scaled_dot_product_flash_attention_for_cpu``) in the model dtype, float32 accumulation
-  and float32 log-sum-exp — SGLang's ``torch_native`` backend (SDPA) runs the same kernel;
+  (``aten._scaled_dot_product_flash_attention_for_cpu``), float32 accumulation and float32
+  log-sum-exp; in the model dtype (what SGLang's ``torch_native`` backend, SDPA, runs) when the output is
+  final, in float32 (``compute_dtype``) when it is merged with a cached prefix's state;
 * otherwise (soft-capping, CUDA): the float32 reference math of :func:`sphkv.attention.dense_attention`
   batched over the padded requests.
 
@@ -63,7 +64,8 @@ def _groups(q_lens: list[int]) -> list[list[int]]:
 
 
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens, *, scale: float,
-                     causal: bool = True, cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     causal: bool = True, cap: float = 0.0,
+                     compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every request's new tokens to its own new tokens, the whole batch in one call per group.
 
     Parameters
@@ -74,6 +76,8 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens, 
         request ``b - 1``'s.
     causal : query ``i`` of a request sees its keys ``<= i`` (else all of its request's keys).
     cap : ``> 0`` soft-caps the scaled logits, ``cap * tanh(s / cap)``.
+    compute_dtype : the flash kernel's input dtype (None: ``q``'s). ``torch.float32`` when the state is merged
+        with another one (a cached prefix): the model dtype would round the partial output before the merge.
 
     Returns
     -------
@@ -96,6 +100,8 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens, 
         rows = torch.tensor([starts[i] for i in group], device=q.device)[:, None] + pos[None, :]
         rows = torch.where(valid, rows, torch.zeros_like(rows))                      # padded rows read row 0
         qp, kp, vp = (x[rows].transpose(1, 2) for x in (q, k, v))                    # [B, H, n_max, d]
+        if flash and compute_dtype is not None:
+            qp, kp, vp = qp.to(compute_dtype), kp.to(compute_dtype), vp.to(compute_dtype)
         if flash:
             og, lg = _flash_cpu(qp, kp, vp, valid, scale=scale, causal=causal)
         else:

@@ -158,6 +158,8 @@ SERVING_ROWS = {   # README row label (prefix) → (field, ratio field in vs_den
     "`bench_kvbound_running_req`": ("bench_kvbound_running_req", "bench_kvbound_running_req_x", 1),
     "`bench_kvbound_mean_itl_ms`": ("bench_kvbound_mean_itl_ms", None, 1),
     "`bench_kvbound_mean_ttft_ms`": ("bench_kvbound_mean_ttft_ms", None, 1),
+    "`bench_kvbound` output tokens per server CPU-second": ("bench_kvbound_output_tok_per_server_cpu_s",
+                                                            "bench_kvbound_tok_per_server_cpu_s_x", 1),
     "continuation mean logprob": ("cont_logprob_mean", "cont_logprob_rel_diff", 100),
     "prefix hit rate": ("prefix_hit_rate", None, 1),
     "tokens per server CPU-second": ("total_tok_per_server_cpu_s", "tok_per_server_cpu_s_x", 1),

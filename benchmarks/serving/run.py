@@ -19,7 +19,8 @@ real server on 127.0.0.1 (SmolLM2-135M-Instruct; the CPU engine on a GPU-less ma
    few requests at once while the sphkv pool, same bytes, holds ``max_running_requests`` of them →
    ``bench_kvbound_output_tok_s`` / ``_mean_itl_ms`` / ``_mean_ttft_ms`` and, from the scheduler's
    ``Decode batch, #running-req: N`` log lines (``--decode-log-interval 1``), ``bench_kvbound_running_req``
-   (mean decode batch), ``_running_req_max``, ``_queue_req_max``, ``_retractions``. The ``random`` dataset
+   (mean decode batch), ``_running_req_max``, ``_queue_req_max``, ``_retractions``, and the server's CPU
+   seconds over the run → ``bench_kvbound_output_tok_per_server_cpu_s``. The ``random`` dataset
    needs a download and is not used;
 4. **multi-turn workload** — ``conversations`` chats of ``turns`` turns sharing one
    ``system_tokens`` system prompt, essay passages as user turns, greedy answers of
@@ -293,8 +294,9 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
             lap("bench_shared_prefix")
         if "kvbound" in datasets:
             requests.post(srv.url + "/flush_cache", timeout=60)
-            log0 = srv.log_path.stat().st_size
+            log0, cpu0 = srv.log_path.stat().st_size, srv.cpu_seconds()
             b = bench_serving(srv.url, model, w, "kvbound", logdir / f"{mode}-bench-kvbound.jsonl")
+            cpu = srv.cpu_seconds() - cpu0
             with open(srv.log_path, errors="replace") as f:
                 f.seek(log0)
                 st = scheduler_log_stats(f.read())
@@ -303,7 +305,8 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
                        bench_kvbound_running_req=st["running_req_mean"],
                        bench_kvbound_running_req_max=st["running_req_max"],
                        bench_kvbound_queue_req_max=st["queue_req_max"],
-                       bench_kvbound_retractions=st["retractions"])
+                       bench_kvbound_retractions=st["retractions"], bench_kvbound_server_cpu_s=cpu,
+                       bench_kvbound_output_tok_per_server_cpu_s=b["total_output_tokens"] / cpu)
             lap("bench_kvbound")
         if bench_only:
             rec["loadavg_1min"] = [os.getloadavg()[0]]
@@ -419,6 +422,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "bench_prefix_output_tok_s_x": s["bench_prefix_output_tok_s"] / d["bench_prefix_output_tok_s"],
                          "bench_kvbound_output_tok_s_x": s["bench_kvbound_output_tok_s"] / d["bench_kvbound_output_tok_s"],
                          "bench_kvbound_running_req_x": s["bench_kvbound_running_req"] / d["bench_kvbound_running_req"],
+                         "bench_kvbound_tok_per_server_cpu_s_x": s["bench_kvbound_output_tok_per_server_cpu_s"]
+                         / d["bench_kvbound_output_tok_per_server_cpu_s"],
                          "tok_per_server_cpu_s_x": s["total_tok_per_server_cpu_s"] / d["total_tok_per_server_cpu_s"],
                          "prefix_hit_rate_delta": s["prefix_hit_rate"] - d["prefix_hit_rate"],
                          "cont_logprob_rel_diff": abs(s["cont_logprob_mean"] - d["cont_logprob_mean"])

@@ -16,8 +16,8 @@ Rows:
 * ``extend_new_ragged`` / ``extend_new_loop`` — one layer's attention of an extend batch's new tokens among
   themselves (SmolLM2 shapes: 9 query heads, 3 kv heads, head_dim 64, bf16; ``batch`` requests of
   ``ctx``, ``ctx - 37``, ... tokens, and one chunk of ``chunk`` tokens): the backend's one padded-batch call
-  (``sphkv_sglang.ragged.ragged_attention``) and the former per-request float32 loop
-  (``ragged_attention_reference``); min / median of 3.
+  (``sphkv_sglang.ragged.ragged_attention``; ``_f32``: in float32, the backend's choice when the state is merged
+  with a cached prefix) and the former per-request float32 loop (``ragged_attention_reference``); min / median of 3.
 
 Usage::
 
@@ -161,7 +161,9 @@ def ragged_rows(batch: int, ctx: int, chunk: int = 4096) -> list[dict]:
         T = sum(lens)
         q = torch.randn(T, 9, 64, generator=gen).bfloat16()
         k, v = (torch.randn(T, 3, 64, generator=gen).bfloat16() for _ in range(2))
-        for name, fn in (("extend_new_ragged", ragged_attention), ("extend_new_loop", ragged_attention_reference)):
+        f32 = lambda *a, **kw: ragged_attention(*a, **kw, compute_dtype=torch.float32)  # noqa: E731
+        for name, fn in (("extend_new_ragged", ragged_attention), ("extend_new_ragged_f32", f32),
+                         ("extend_new_loop", ragged_attention_reference)):
             samples = []
             for _ in range(3):
                 t0 = clock()
