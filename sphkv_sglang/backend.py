@@ -17,7 +17,9 @@ on CUDA.
 * Extend (prefill, chunked prefill, mixed extend + decode batches): the new tokens attend to the
   cached prefix through the wrapper and to each other (causal) densely; the two states are merged by
   log-sum-exp; the K/V are written after reading, so a page completed in this forward is read densely
-  by every layer of it. A batch without any cached prefix runs SDPA exactly as ``torch_native`` does.
+  by every layer of it. The new tokens' own attention is one padded-batch call for the whole batch
+  (:func:`~sphkv_sglang.ragged.ragged_attention`: on CPU ATen's flash kernel in the model dtype, the one
+  ``torch_native``'s SDPA runs).
 * Logit soft-capping (``layer.logit_cap``) is applied in both parts.
 * Sliding-window layers (``layer.sliding_window_size > -1``) read only their window:
   :class:`~sphkv_sglang.window.SlidingWindowAttention` (a second plan per window + the head page, merged
@@ -32,13 +34,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
 
 from flashinfer_ext import BatchDecodeWithSphKVPagedKVCacheWrapper, BatchPrefillWithSphKVPagedKVCacheWrapper
-from sphkv.attention import dense_attention, merge_state
+from sphkv.attention import merge_state
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.layers.radix_attention import AttentionType
 
+from .ragged import ragged_attention
 from .window import SlidingWindowAttention, is_sliding
 
 __all__ = ["SphKVAttnBackend"]
@@ -203,31 +205,15 @@ class SphKVAttnBackend(AttentionBackend):
         self.forward_metadata.mass = None
 
     def _extend(self, q3, k3, v3, layer, local, plan, causal, cap):
-        """New tokens: causal attention among themselves, merged with the wrapper's prefix attention."""
-        hq, hkv = q3.shape[1], k3.shape[1]
-        out = torch.empty(q3.shape[0], hq, layer.v_head_dim, dtype=q3.dtype, device=q3.device)
-        if not plan.has_prefix and cap == 0:          # no cached prefix anywhere: exactly torch_native
-            for s, n in zip(plan.q_starts, plan.q_lens):
-                if n:
-                    qh, kh, vh = (x[s:s + n].transpose(0, 1)[None] for x in (q3, k3, v3))
-                    o = scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=layer.scaling,
-                                                     enable_gqa=hq != hkv)
-                    out[s:s + n] = o[0].transpose(0, 1)
-            return out
-        pre_o = pre_lse = None
-        if plan.has_prefix:
+        """New tokens: causal attention among themselves (:func:`~sphkv_sglang.ragged.ragged_attention`, the
+        whole batch in one call), merged by log-sum-exp with the wrapper's prefix attention."""
+        o, lse = ragged_attention(q3, k3, v3, plan.q_lens, scale=layer.scaling, causal=causal, cap=cap,
+                                  compute_dtype=torch.float32 if plan.has_prefix else None)
+        if plan.has_prefix:                           # merge with the cached prefix's state (rows without one: lse -inf)
             pre_o, pre_lse = self.wrapper.run(q3, self.store.layer_cache(local), sm_scale=layer.scaling,
                                               logits_soft_cap=cap, return_lse=True)
-        for s, n in zip(plan.q_starts, plan.q_lens):
-            if n == 0:
-                continue
-            vis = torch.ones(n, n, dtype=torch.bool, device=q3.device).tril() if causal else None
-            o, lse = dense_attention(q3[s:s + n], k3[s:s + n].transpose(0, 1), v3[s:s + n].transpose(0, 1),
-                                     scale=layer.scaling, visible=vis, cap=cap)     # [n, Hq, d], [n, Hq]
-            if pre_o is not None:
-                o, _ = merge_state(pre_o[s:s + n], pre_lse[s:s + n], o, lse)
-            out[s:s + n] = o.to(out.dtype)
-        return out
+            o, _ = merge_state(pre_o.float(), pre_lse.float(), o, lse)
+        return o.to(q3.dtype)
 
     @staticmethod
     def _check_layer(layer) -> None:

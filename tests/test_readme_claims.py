@@ -154,6 +154,12 @@ SERVING_ROWS = {   # README row label (prefix) → (field, ratio field in vs_den
     "`bench_mean_itl_ms`": ("bench_mean_itl_ms", None, 1),
     "`bench_mean_ttft_ms`": ("bench_mean_ttft_ms", None, 1),
     "`bench_prefix_output_tok_s`": ("bench_prefix_output_tok_s", "bench_prefix_output_tok_s_x", 1),
+    "`bench_kvbound_output_tok_s`": ("bench_kvbound_output_tok_s", "bench_kvbound_output_tok_s_x", 1),
+    "`bench_kvbound_running_req`": ("bench_kvbound_running_req", "bench_kvbound_running_req_x", 1),
+    "`bench_kvbound_mean_itl_ms`": ("bench_kvbound_mean_itl_ms", None, 1),
+    "`bench_kvbound_mean_ttft_ms`": ("bench_kvbound_mean_ttft_ms", None, 1),
+    "`bench_kvbound` output tokens per server CPU-second": ("bench_kvbound_output_tok_per_server_cpu_s",
+                                                            "bench_kvbound_tok_per_server_cpu_s_x", 1),
     "continuation mean logprob": ("cont_logprob_mean", "cont_logprob_rel_diff", 100),
     "prefix hit rate": ("prefix_hit_rate", None, 1),
     "tokens per server CPU-second": ("total_tok_per_server_cpu_s", "tok_per_server_cpu_s_x", 1),
@@ -219,6 +225,10 @@ PLUGIN_SERVING_ROWS = {   # sphkv_sglang/README.md "Measured" table: label prefi
         [r["vs_dense"]["bench_output_tok_s_x"]] if m == "sphkv" else []),
     "`bench_prefix_output_tok_s`": lambda r, m: [r["bench_prefix_output_tok_s"]] + (
         [r["vs_dense"]["bench_prefix_output_tok_s_x"]] if m == "sphkv" else []),
+    "`bench_kvbound_output_tok_s`": lambda r, m: [r["bench_kvbound_output_tok_s"]] + (
+        [r["vs_dense"]["bench_kvbound_output_tok_s_x"]] if m == "sphkv" else []),
+    "`bench_kvbound_running_req`": lambda r, m: [r["bench_kvbound_running_req"]] + (
+        [r["vs_dense"]["bench_kvbound_running_req_x"]] if m == "sphkv" else []),
     "continuation mean logprob": lambda r, m: [r["cont_logprob_mean"]] + (
         [100 * r["vs_dense"]["cont_logprob_rel_diff"]] if m == "sphkv" else []),
     "prefix hit rate": lambda r, m: [r["prefix_hit_rate"]],

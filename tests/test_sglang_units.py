@@ -522,3 +522,96 @@ def test_decode_through_the_static_plan_samples_attention_mass():
     assert float(mass[0]) == 0
     torch.testing.assert_close(float(mass.sum()), float(2 * 2 * 2 * 3), rtol=1e-4, atol=1e-4)
     assert all(float(mass[p]) > 0 for p in (1, 4, 5, 10))   # first and last page of each request were read
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ragged_new_token_attention_matches_the_per_request_loop(dtype):
+    """The extend's new-token attention, one padded-batch call (``ragged_attention``), against the former
+    per-request float32 loop (``ragged_attention_reference``) on random ragged batches: odd lengths, empty
+    requests, a decode row (length 1), GQA 9/3 and 4/4, soft-capping, bidirectional. bf16 goes through ATen's CPU
+    flash kernel (probabilities rounded to bf16 before P @ V), float32 and soft-capped batches through float32
+    math; lse is float32 in both."""
+    from sphkv_sglang.ragged import _groups, ragged_attention, ragged_attention_reference
+
+    gen = torch.Generator().manual_seed(11)
+    tol = dict(atol=1.5e-2, rtol=0) if dtype == torch.bfloat16 else dict(atol=2e-5, rtol=0)
+    for case in range(6):
+        lens = [int(x) for x in torch.randint(0, 70, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen)]
+        lens[0] = max(lens[0], 1) if case % 2 else 1
+        hq, hkv = (9, 3) if case % 3 else (4, 4)
+        T = sum(lens)
+        q = torch.randn(T, hq, 64, generator=gen).to(dtype)
+        k, v = (torch.randn(T, hkv, 64, generator=gen).to(dtype) for _ in range(2))
+        for causal in (True, False):
+            for cap in (0.0, 8.0):
+                o, lse = ragged_attention(q, k, v, lens, scale=0.125, causal=causal, cap=cap)
+                o_ref, lse_ref = ragged_attention_reference(q, k, v, lens, scale=0.125, causal=causal, cap=cap)
+                assert o.dtype == lse.dtype == torch.float32 and o.shape == (T, hq, 64) and lse.shape == (T, hq)
+                torch.testing.assert_close(o, o_ref, **(tol if cap == 0 else dict(atol=2e-5, rtol=0)))
+                torch.testing.assert_close(lse, lse_ref, atol=1e-3 if dtype == torch.bfloat16 else 2e-5, rtol=0)
+                o32, lse32 = ragged_attention(q, k, v, lens, scale=0.125, causal=causal, cap=cap,
+                                              compute_dtype=torch.float32)      # the state merged with a prefix
+                torch.testing.assert_close(o32, o_ref, atol=2e-5, rtol=0)
+                torch.testing.assert_close(lse32, lse_ref, atol=2e-5, rtol=0)
+    # the packing: padding never more than doubles a group's work; a typical batch is one group
+    lens = [37, 0, 5, 64, 63, 1, 2]
+    groups = _groups(lens)
+    assert sorted(i for g in groups for i in g) == [0, 2, 3, 4, 5, 6]
+    assert all(len(g) * lens[g[0]] ** 2 <= 2 * sum(lens[i] ** 2 for i in g) for g in groups)
+    assert len(_groups([100] * 6 + [90] * 3)) == 1
+    with pytest.raises(ValueError, match="q_lens"):
+        ragged_attention(q, k, v, [T + 1], scale=0.125)
+
+
+def test_backend_extend_with_prefix_is_the_merged_per_request_state():
+    """The real backend's extend (cached prefix through the wrapper, new tokens through ``ragged_attention``,
+    merged by log-sum-exp) gives what the former per-request path gives on a batch of one request with a cached
+    prefix and one without: the wrapper's prefix state merged with ``dense_attention`` per request."""
+    pytest.importorskip("sglang")
+    from sglang.srt.layers.radix_attention import AttentionType
+    from sglang.srt.runtime_context import get_parallel
+
+    from sphkv.attention import merge_state
+    from sphkv_sglang.backend import SphKVAttnBackend
+    from sphkv_sglang.pool import SphKVPool
+    from sphkv_sglang.ragged import ragged_attention_reference
+
+    h, g, d = 2, 3, 64
+    cfg = SphKVServeConfig(preset="sphkv-4", page_size=P, max_running_requests=2, staging_pages=6)
+    pool = SphKVPool(20 * P, P, torch.bfloat16, h, d, 1, "cpu", False, sphkv_config=cfg)
+    rt = torch.zeros(2, 9 * P, dtype=torch.int32)
+    rt[0, :4 * P] = torch.arange(P, 5 * P)
+    rt[1, :9 * P] = torch.arange(5 * P, 14 * P)
+    runner = SimpleNamespace(token_to_kv_pool=pool, device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=rt),
+                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: h * g))
+    with get_parallel().override(attn_tp_size=1):
+        be = SphKVAttnBackend(runner)
+    layer = SimpleNamespace(layer_id=0, tp_q_head_num=h * g, tp_k_head_num=h, qk_head_dim=d, v_head_dim=d,
+                            scaling=d ** -0.5, logit_cap=0.0, sliding_window_size=-1, is_cross_attention=False,
+                            attn_type=AttentionType.DECODER)
+    gen = torch.Generator().manual_seed(5)
+
+    def batch(q_lens, prefix):
+        seq = torch.tensor([a + n for a, n in zip(prefix, q_lens)])
+        loc = torch.cat([rt[r, a:a + n].long() for r, (a, n) in enumerate(zip(prefix, q_lens))])
+        return SimpleNamespace(forward_mode=SimpleNamespace(is_decode_or_idle=lambda: False), batch_size=2,
+                               out_cache_loc=loc, req_pool_indices=torch.arange(2), seq_lens=seq, seq_lens_cpu=seq,
+                               extend_seq_lens_cpu=list(q_lens), extend_seq_lens=torch.tensor(q_lens))
+
+    def qkv(n):
+        return (torch.randn(n, x * d, generator=gen).bfloat16() for x in (h * g, h, h))
+
+    fb = batch([29, 1], [0, 0])                               # request 0 caches 29 tokens (3 coded pages + a tail)
+    be.init_forward_metadata(fb)
+    be.forward_extend(*qkv(30), layer, fb)
+    fb = batch([3, 23], [29, 0])                              # request 0 extends its prefix; request 1 is fresh
+    be.init_forward_metadata(fb)
+    q, k, v = qkv(26)
+    q3, k3, v3 = q.reshape(-1, h * g, d), k.reshape(-1, h, d), v.reshape(-1, h, d)
+    pre_o, pre_lse = be.wrapper.run(q3, be.store.layer_cache(0), sm_scale=layer.scaling, return_lse=True)
+    out = be.forward_extend(q, k, v, layer, fb).float().reshape(26, h * g, d)
+    o, lse = ragged_attention_reference(q3, k3, v3, [3, 23], scale=layer.scaling)
+    ref, _ = merge_state(pre_o.float(), pre_lse.float(), o, lse)
+    assert torch.isinf(pre_lse[3:]).all() and torch.isfinite(pre_lse[:3]).all()   # only request 0 has a prefix
+    torch.testing.assert_close(out, ref.bfloat16().float(), atol=2e-2, rtol=0)
+    assert (out != ref.bfloat16().float()).float().mean() < 0.01    # one bf16 rounding, after the merge

@@ -13,8 +13,15 @@ real server on 127.0.0.1 (SmolLM2-135M-Instruct; the CPU engine on a GPU-less ma
    ``bench_output_len`` new tokens each, all sent at once) → ``bench_output_tok_s``,
    ``bench_mean_itl_ms``, ``bench_mean_ttft_ms``; ``generated-shared-prefix`` (``bench_gsp_groups``
    groups of ``bench_prompts / bench_gsp_groups`` questions sharing a ``bench_gsp_system_len``-token
-   system prompt) → ``bench_prefix_output_tok_s`` (and its ITL / TTFT). The ``random`` dataset needs a
-   download and is not used;
+   system prompt) → ``bench_prefix_output_tok_s`` (and its ITL / TTFT); ``kvbound`` — random-ids with
+   ``kvbound_prompts`` prompts of ``kvbound_input_len`` tokens (``kvbound_output_len`` new tokens each, all
+   in flight at once, ``--max-concurrency`` = the prompt count), sized so that the dense pool holds only a
+   few requests at once while the sphkv pool, same bytes, holds ``max_running_requests`` of them →
+   ``bench_kvbound_output_tok_s`` / ``_mean_itl_ms`` / ``_mean_ttft_ms`` and, from the scheduler's
+   ``Decode batch, #running-req: N`` log lines (``--decode-log-interval 1``), ``bench_kvbound_running_req``
+   (mean decode batch), ``_running_req_max``, ``_queue_req_max``, ``_retractions``, and the server's CPU
+   seconds over the run → ``bench_kvbound_output_tok_per_server_cpu_s``. The ``random`` dataset
+   needs a download and is not used;
 4. **multi-turn workload** — ``conversations`` chats of ``turns`` turns sharing one
    ``system_tokens`` system prompt, essay passages as user turns, greedy answers of
    ``answer_tokens``; turns are interleaved across conversations (all first turns, then all second
@@ -27,8 +34,8 @@ of one record per mode (``mode``, ``max_total_num_tokens``, ``throughput_tok_s``
 ``prefix_hit_rate``, ``cont_logprob_mean``, ...) and a PNG plot. Wall-clock throughput on a shared
 machine moves with other processes' load, so each record also has the server's own CPU seconds
 during the workload and tokens per server CPU-second, the 1-minute load average, and the seconds
-of every phase (``phase_s``). ``--quick`` (``QUICK``): 276 s for both modes on the 2-core machine at
-load 1.4-2.1 (2026-12-02).
+of every phase (``phase_s``). ``--quick`` (``QUICK``): 502 s for both modes on the 2-core machine at
+load 1.5-3.3 (2026-12-02; the KV-bound run ~90-100 s of it per mode).
 """
 from __future__ import annotations
 
@@ -70,28 +77,38 @@ class Workload:
     bench_gsp_groups: int = 4
     bench_gsp_system_len: int = 512
     bench_gsp_question_len: int = 64
+    kvbound_prompts: int = 16
+    kvbound_input_len: int = 4096
+    kvbound_output_len: int = 64
 
     def __post_init__(self):
         for name in ("conversations", "turns", "system_tokens", "user_tokens", "answer_tokens", "concurrency",
                      "dense_tokens", "context", "continuation", "stream_tokens", "max_running_requests",
                      "bench_prompts", "bench_input_len", "bench_output_len", "bench_gsp_groups",
-                     "bench_gsp_system_len", "bench_gsp_question_len"):
+                     "bench_gsp_system_len", "bench_gsp_question_len", "kvbound_prompts", "kvbound_input_len",
+                     "kvbound_output_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
         if self.context + self.continuation + 64 > self.dense_tokens:
             raise ValueError(f"context+continuation ({self.context}+{self.continuation}) must fit dense_tokens="
                              f"{self.dense_tokens}")
+        if self.kvbound_input_len + self.kvbound_output_len > self.dense_tokens:
+            raise ValueError(f"kvbound_input_len+kvbound_output_len ({self.kvbound_input_len}+"
+                             f"{self.kvbound_output_len}) must fit dense_tokens={self.dense_tokens}: the dense "
+                             f"server could not hold even one request")
 
 
-# Measured 2026-12-02 on the shared 2-core machine (load 1.4-2.1): 276 s for both modes (server start 26-36 s,
-# each bench_serving dataset ~21 s of which ~15 s is the client's start-up, the multi-turn workload 45-61 s).
+# Measured 2026-12-02 on the shared 2-core machine (load 1.5-3.3): 502 s for both modes (server start 37-43 s,
+# random-ids / shared prefix 23-30 s each of which ~15 s is the client's start-up, the KV-bound run 86-101 s, the
+# multi-turn workload 52-56 s). The KV-bound run (16 x 1,536-token prompts, 64 new tokens): the dense pool
+# (4,608 tokens) holds 2 requests at a time, the sphkv pool (17,792) reaches max_running_requests = 8.
 # The multi-turn workload outgrows the dense pool (4,608 tokens; the sphkv server ends with 11,776 in its tree), so
 # the capacity shows in the prefix hit rate; the quality probe reads a 1K cached prefix (the former 4K prefix's
 # prefill alone took 3.5 min on the dense torch_native server in stop 16's attempt).
 QUICK = Workload(conversations=12, turns=3, system_tokens=1024, user_tokens=256, answer_tokens=16, concurrency=4,
                  dense_tokens=4608, context=1024, continuation=128, stream_tokens=32, bench_prompts=16,
                  bench_input_len=128, bench_output_len=32, bench_gsp_groups=2, bench_gsp_system_len=256,
-                 bench_gsp_question_len=32)
+                 bench_gsp_question_len=32, kvbound_prompts=16, kvbound_input_len=1536, kvbound_output_len=64)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -186,15 +203,23 @@ def workload(url: str, tok, system: str, users: list[list[str]], w: Workload) ->
 
 
 def bench_serving(url: str, model: Path, w: Workload, dataset: str, out: Path) -> dict:
-    """Run ``python -m sglang.bench_serving`` against ``url``; returns its JSON result line."""
+    """Run ``python -m sglang.bench_serving`` against ``url``; returns its JSON result line.
+
+    ``dataset``: ``random-ids``, ``generated-shared-prefix`` or ``kvbound`` (random-ids with the
+    ``kvbound_*`` sizes: long prompts, all sent at once, so the dense pool binds)."""
     import subprocess
 
+    prompts = w.kvbound_prompts if dataset == "kvbound" else w.bench_prompts
     cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", url,
-           "--model", str(model), "--tokenizer", str(model), "--dataset-name", dataset,
-           "--num-prompts", str(w.bench_prompts), "--seed", "1", "--disable-tqdm", "--output-file", str(out)]
+           "--model", str(model), "--tokenizer", str(model),
+           "--dataset-name", "random-ids" if dataset == "kvbound" else dataset,
+           "--num-prompts", str(prompts), "--seed", "1", "--disable-tqdm", "--output-file", str(out)]
     if dataset == "random-ids":
         cmd += ["--random-input-len", str(w.bench_input_len), "--random-output-len", str(w.bench_output_len),
                 "--random-range-ratio", "1.0"]
+    elif dataset == "kvbound":
+        cmd += ["--random-input-len", str(w.kvbound_input_len), "--random-output-len", str(w.kvbound_output_len),
+                "--random-range-ratio", "1.0", "--max-concurrency", str(prompts)]
     else:
         cmd += ["--gsp-num-groups", str(w.bench_gsp_groups),
                 "--gsp-prompts-per-group", str(max(1, w.bench_prompts // w.bench_gsp_groups)),
@@ -209,6 +234,20 @@ def bench_serving(url: str, model: Path, w: Workload, dataset: str, out: Path) -
     return json.loads(out.read_text().strip().splitlines()[-1])
 
 
+def scheduler_log_stats(text: str) -> dict:
+    """Batch sizes the scheduler logged in ``text`` (a slice of a server log): ``Decode batch, #running-req: N``
+    lines (one per decode step with ``--decode-log-interval 1``) → mean / max running requests; queued
+    requests seen; ``KV cache pool is full. Retract requests.`` lines → retractions."""
+    import re
+
+    running = [int(m) for m in re.findall(r"Decode batch, #running-req: (\d+)", text)]
+    queued = [int(m) for m in re.findall(r"Decode batch, .*?#queue-req: (\d+)", text)]
+    return {"decode_steps_logged": len(running),
+            "running_req_mean": statistics.fmean(running) if running else 0.0,
+            "running_req_max": max(running, default=0), "queue_req_max": max(queued, default=0),
+            "retractions": text.count("KV cache pool is full. Retract requests.")}
+
+
 def server_state(url: str) -> dict:
     state = requests.get(url + "/get_server_info", timeout=60).json()["internal_states"][0]
     return {"max_total_num_tokens": state["memory_usage"]["token_capacity"],
@@ -216,12 +255,12 @@ def server_state(url: str) -> dict:
 
 
 def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir: Path, *, bench_only: bool = False,
-             datasets: tuple[str, ...] = ("random-ids", "generated-shared-prefix")) -> dict:
+             datasets: tuple[str, ...] = ("random-ids", "generated-shared-prefix", "kvbound")) -> dict:
     tok, ctx, cont, system, users = inputs
     # SGLang's 300 s scheduler watchdog kills a server whose one forward (a long prefill) is slower
     # than that, which happens on the shared 2-core machine under other jobs' load
     common = ["--max-running-requests", str(w.max_running_requests), "--enable-cache-report",
-              "--watchdog-timeout", "3600"]
+              "--watchdog-timeout", "3600", "--decode-log-interval", "1"]
     if mode == "dense":
         srv = ServerProcess(model, sphkv=False, args=["--max-total-tokens", str(w.dense_tokens), *common],
                             log_path=logdir / "dense.log")
@@ -253,6 +292,22 @@ def run_mode(mode: str, w: Workload, model: Path, inputs, kv_bytes: int, logdir:
             rec.update(bench_prefix_output_tok_s=b["output_throughput"], bench_prefix_mean_itl_ms=b["mean_itl_ms"],
                        bench_prefix_mean_ttft_ms=b["mean_ttft_ms"], bench_prefix_completed=b["completed"])
             lap("bench_shared_prefix")
+        if "kvbound" in datasets:
+            requests.post(srv.url + "/flush_cache", timeout=60)
+            log0, cpu0 = srv.log_path.stat().st_size, srv.cpu_seconds()
+            b = bench_serving(srv.url, model, w, "kvbound", logdir / f"{mode}-bench-kvbound.jsonl")
+            cpu = srv.cpu_seconds() - cpu0
+            with open(srv.log_path, errors="replace") as f:
+                f.seek(log0)
+                st = scheduler_log_stats(f.read())
+            rec.update(bench_kvbound_output_tok_s=b["output_throughput"], bench_kvbound_mean_itl_ms=b["mean_itl_ms"],
+                       bench_kvbound_mean_ttft_ms=b["mean_ttft_ms"], bench_kvbound_completed=b["completed"],
+                       bench_kvbound_running_req=st["running_req_mean"],
+                       bench_kvbound_running_req_max=st["running_req_max"],
+                       bench_kvbound_queue_req_max=st["queue_req_max"],
+                       bench_kvbound_retractions=st["retractions"], bench_kvbound_server_cpu_s=cpu,
+                       bench_kvbound_output_tok_per_server_cpu_s=b["total_output_tokens"] / cpu)
+            lap("bench_kvbound")
         if bench_only:
             rec["loadavg_1min"] = [os.getloadavg()[0]]
             return rec
@@ -301,6 +356,7 @@ def plot(records: list[dict], path: Path) -> None:
 PLOT_TITLES = dict([("max_total_num_tokens", "tokens in the same KV memory"), ("throughput_tok_s", "output tokens / s"),
             ("bench_output_tok_s", "bench_serving random-ids tok/s"),
             ("bench_prefix_output_tok_s", "bench_serving shared-prefix tok/s"),
+            ("bench_kvbound_output_tok_s", "bench_serving KV-bound tok/s"),
             ("prefix_hit_rate", "prefix hit rate"), ("ttft_mean_s", "mean TTFT (s)"),
             ("total_tok_per_server_cpu_s", "tokens / server CPU-s"), ("single_stream_tok_s", "one stream, tokens / s"),
             ("cont_logprob_mean", "continuation mean logprob")])
@@ -323,14 +379,16 @@ def merge_records(path: Path, records: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="the QUICK workload: 276 s for both modes on the 2-core machine at load 1.4-2.1 "
-                         "(2026-12-02; make serving-quick with retention --quick: 380 s)")
+                    help="the QUICK workload: 502 s for both modes on the 2-core machine at load 1.5-3.3 "
+                         "(2026-12-02; make serving-quick with retention --quick: 588 s)")
     ap.add_argument("--model", type=Path, default=ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--modes", default="dense,sphkv")
     ap.add_argument("--bench-only", action="store_true",
                     help="only python -m sglang.bench_serving (the datasets of --datasets), no quality / workload")
-    ap.add_argument("--datasets", default="random-ids,generated-shared-prefix")
+    ap.add_argument("--datasets", default="random-ids,generated-shared-prefix,kvbound",
+                    help="bench_serving runs: random-ids, generated-shared-prefix, kvbound (random-ids with "
+                         "kvbound_prompts x kvbound_input_len-token prompts: the dense pool binds)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a Workload field, e.g. --set conversations=8")
     args = ap.parse_args(argv)
@@ -362,6 +420,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "throughput_x": s["throughput_tok_s"] / d["throughput_tok_s"],
                          "bench_output_tok_s_x": s["bench_output_tok_s"] / d["bench_output_tok_s"],
                          "bench_prefix_output_tok_s_x": s["bench_prefix_output_tok_s"] / d["bench_prefix_output_tok_s"],
+                         "bench_kvbound_output_tok_s_x": s["bench_kvbound_output_tok_s"] / d["bench_kvbound_output_tok_s"],
+                         "bench_kvbound_running_req_x": s["bench_kvbound_running_req"] / d["bench_kvbound_running_req"],
+                         "bench_kvbound_tok_per_server_cpu_s_x": s["bench_kvbound_output_tok_per_server_cpu_s"]
+                         / d["bench_kvbound_output_tok_per_server_cpu_s"],
                          "tok_per_server_cpu_s_x": s["total_tok_per_server_cpu_s"] / d["total_tok_per_server_cpu_s"],
                          "prefix_hit_rate_delta": s["prefix_hit_rate"] - d["prefix_hit_rate"],
                          "cont_logprob_rel_diff": abs(s["cont_logprob_mean"] - d["cont_logprob_mean"])

@@ -13,6 +13,11 @@ Rows:
 * ``window_decode`` — one decode forward of the real ``SphKVAttnBackend`` over a ``SphKVPool`` with a
   sliding layer (window 37, page 16) and a global layer, 8 requests (needs SGLang importable); min / median
   of 5 blocks of 6 forwards.
+* ``extend_new_ragged`` / ``extend_new_loop`` — one layer's attention of an extend batch's new tokens among
+  themselves (SmolLM2 shapes: 9 query heads, 3 kv heads, head_dim 64, bf16; ``batch`` requests of
+  ``ctx``, ``ctx - 37``, ... tokens, and one chunk of ``chunk`` tokens): the backend's one padded-batch call
+  (``sphkv_sglang.ragged.ragged_attention``; ``_f32``: in float32, the backend's choice when the state is merged
+  with a cached prefix) and the former per-request float32 loop (``ragged_attention_reference``); min / median of 3.
 
 Usage::
 
@@ -147,6 +152,27 @@ def window_rows(batch: int = 8) -> list[dict]:
     return [_row("window_decode", blocks, batch=batch, window=37, page_size=P)]
 
 
+def ragged_rows(batch: int, ctx: int, chunk: int = 4096) -> list[dict]:
+    from sphkv_sglang.ragged import ragged_attention, ragged_attention_reference
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for lens in ([max(1, ctx - 37 * i) for i in range(batch)], [chunk]):
+        T = sum(lens)
+        q = torch.randn(T, 9, 64, generator=gen).bfloat16()
+        k, v = (torch.randn(T, 3, 64, generator=gen).bfloat16() for _ in range(2))
+        f32 = lambda *a, **kw: ragged_attention(*a, **kw, compute_dtype=torch.float32)  # noqa: E731
+        for name, fn in (("extend_new_ragged", ragged_attention), ("extend_new_ragged_f32", f32),
+                         ("extend_new_loop", ragged_attention_reference)):
+            samples = []
+            for _ in range(3):
+                t0 = clock()
+                fn(q, k, v, lens, scale=0.125)
+                samples.append(clock() - t0)
+            rows.append(_row(name, samples, q_lens=lens))
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -157,7 +183,8 @@ def main(argv=None) -> None:
     if args.batch < 1 or args.ctx < 1:
         raise SystemExit(f"--batch {args.batch} and --ctx {args.ctx} must be >= 1")
     torch.set_num_threads(1)
-    rows = store_rows(args.batch, args.ctx) + ([] if args.no_window else window_rows())
+    rows = (store_rows(args.batch, args.ctx) + ([] if args.no_window else window_rows())
+            + ragged_rows(args.batch, args.ctx))
     print(f"{'row':<16}{'min ms':>10}{'median ms':>12}")
     for r in rows:
         print(f"{r['name']:<16}{r['min_ms']:>10.2f}{r['median_ms']:>12.2f}")
