@@ -41,7 +41,7 @@ from .run import RESULTS, ROOT, _post, merge_records
 MODEL = Path(os.environ.get("SPHKV_MODEL", ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"))
 POLICIES = ("heuristic", "rdr")
 
-__all__ = ["RetentionWorkload", "QUICK", "FULL", "run", "main"]
+__all__ = ["RetentionWorkload", "QUICK", "FULL", "run", "main", "paired_delta"]
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,11 @@ class RetentionWorkload:
 
 
 # 14 MiB on SmolLM2-135M: 4 dense staging pages (5.6 MiB), then ~1.7K logical tokens of which the
-# sphkv-4 tier holds ~1K; the workload's ~1.6K distinct tokens (plus the continuation probes) overflow
-# the top tier (demotion) and come near the pool's size (eviction), so retention decides.
-QUICK = RetentionWorkload(conversations=3, turns=3, system_tokens=256, user_tokens=128, answer_tokens=6,
-                          continuation_tokens=24, budget=14 << 20)
+# sphkv-4 tier holds ~1K; the workload's ~2.1K distinct tokens (plus the continuation probes) overflow
+# the top tier (demotion) and the pool (eviction), so retention decides. 96 continuation tokens per
+# conversation: the paired rdr - heuristic difference gets an interval narrow enough to read.
+QUICK = RetentionWorkload(conversations=4, turns=3, system_tokens=256, user_tokens=128, answer_tokens=6,
+                          continuation_tokens=96, budget=14 << 20)
 FULL = RetentionWorkload()
 
 
@@ -137,16 +138,43 @@ def chat(url: str, tok, system: str, users, w: RetentionWorkload) -> dict:
 
 def continuation(url: str, prefixes: list[list[int]], conts: list[list[int]]) -> dict:
     """Mean logprob of each conversation's continuation tokens ``conts[c]`` after ``prefixes[c]``."""
-    lps, cached, prompt = [], 0, 0
+    lps, per_token, cached, prompt = [], [], 0, 0
     for prefix, cont in zip(prefixes, conts):
         out = _post(url, timeout=1800, payload={"input_ids": list(prefix) + list(cont), "return_logprob": True,
                           "logprob_start_len": len(prefix), "sampling_params": {"max_new_tokens": 1, "temperature": 0}})
         vals = [x[0] for x in out["meta_info"]["input_token_logprobs"] if x[0] is not None][-len(cont):]
         lps.append(statistics.fmean(vals))
+        per_token.append(vals)
         cached += out["meta_info"]["cached_tokens"]
         prompt += len(prefix) + len(cont)
     return {"cont_logprob_mean": statistics.fmean(lps), "cont_logprob_per_conv": lps,
-            "cont_cached_tokens": cached, "cont_prompt_tokens": prompt}
+            "cont_token_logprobs": per_token, "cont_cached_tokens": cached, "cont_prompt_tokens": prompt}
+
+
+def paired_delta(a: list[list[float]], b: list[list[float]], *, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean per-token logprob difference ``a - b`` over the same continuation tokens (conversation by
+    conversation), with a 95% bootstrap interval that resamples whole conversations (tokens of one
+    conversation are not independent). ``a``, ``b``: per conversation, the continuation tokens' logprobs.
+
+    >>> d = paired_delta([[-1.0, -2.0], [-3.0]], [[-1.5, -2.0], [-3.5]])
+    >>> round(d["mean"], 4), d["tokens"], d["conversations"]
+    (0.3333, 3, 2)
+    """
+    import random
+
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("paired_delta needs the same conversations and continuation tokens on both sides")
+    diffs = [[x - y for x, y in zip(xa, xb)] for xa, xb in zip(a, b)]
+
+    def mean_of(convs):
+        n = sum(len(c) for c in convs)
+        return sum(sum(c) for c in convs) / max(n, 1)
+
+    rng = random.Random(seed)
+    boot = sorted(mean_of([diffs[rng.randrange(len(diffs))] for _ in diffs]) for _ in range(resamples))
+    return {"mean": mean_of(diffs), "ci95": [boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]],
+            "tokens": sum(len(c) for c in diffs), "conversations": len(diffs),
+            "per_conv": [statistics.fmean(c) if c else 0.0 for c in diffs]}
 
 
 def _agreement(answers, reference) -> dict:
@@ -208,17 +236,27 @@ def run(w: RetentionWorkload, model: Path, logdir: Path, policies=POLICIES, out:
         rec = {"mode": f"sphkv-{pol}", "retention": pol, "kv_budget_bytes": w.budget,
                "max_total_num_tokens": r["max_total_num_tokens"], "start_s": r["start_s"],
                **{k: v for k, v in r.items() if k not in ("answers", "history_ids", "state", "start_s",
-                                                          "max_total_num_tokens")},
+                                                          "max_total_num_tokens", "cont_token_logprobs")},
                **_agreement(r["answers"], ref["answers"]),
                "cont_logprob_dense": ref["cont_logprob_mean"], "dense_prefix_hit_rate": ref["prefix_hit_rate"],
                "pages_demoted": st.get("pages_demoted"), "demoted_nodes": st.get("demoted_nodes"),
                "evicted_tokens": st.get("evicted_tokens"), "bytes_per_tier": st.get("bytes_per_tier"),
                "tiers": st.get("tiers"), "rdr_plans": st.get("rdr_plans"),
                "rdr_exact_wins": st.get("rdr_exact_wins"), "rdr_uniform_wins": st.get("rdr_uniform_wins"),
+               "cont_logprob_delta_vs_dense": paired_delta(r["cont_token_logprobs"], ref["cont_token_logprobs"]),
                "workload": asdict(w), "loadavg_1min": os.getloadavg()[0]}
+        if pol != "heuristic" and "heuristic" in res:   # the comparison the issue asks for, paired per token
+            rec["cont_logprob_delta_vs_heuristic"] = paired_delta(r["cont_token_logprobs"],
+                                                                  res["heuristic"]["cont_token_logprobs"])
         print(f"[{rec['mode']}] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in rec.items() if k not in ("workload", "cont_logprob_per_conv")),
+                                               for k, v in rec.items() if k not in ("workload", "cont_logprob_per_conv")
+                                               and not k.startswith("cont_logprob_delta")),
               flush=True)
+        for key in ("cont_logprob_delta_vs_dense", "cont_logprob_delta_vs_heuristic"):
+            if key in rec:
+                d = rec[key]
+                print(f"[{rec['mode']}] {key}: {d['mean']:+.4f} nats/token, 95% CI [{d['ci95'][0]:+.4f}, "
+                      f"{d['ci95'][1]:+.4f}] over {d['tokens']} tokens of {d['conversations']} conversations", flush=True)
         records.append(rec)
     if out is not None:
         merge_records(out, records)
