@@ -55,6 +55,20 @@ def _tier_tensors(entry, dense: bool) -> dict:
     return {n: getattr(entry, n) for n in names}
 
 
+
+def _value_rotations(layouts, head_dim: int, device) -> tuple[list[torch.Tensor], int]:
+    """Per tier, the ``[head_dim, head_dim]`` float32 value rotation the merge undoes (identity where a tier has
+    none) and the bit mask of the tiers that have one (bit ``t`` set: tier ``t``'s partials are rotated)."""
+    eye = torch.eye(head_dim, dtype=torch.float32, device=device)
+    rot, mask = [], 0
+    for t, lay in enumerate(layouts):
+        if lay is not None and lay.value_rotate:
+            rot.append(lay.on(device)["value_rotation"])
+            mask |= 1 << t
+        else:
+            rot.append(eye)
+    return rot, mask
+
 class BatchDecodeWithSphKVPagedKVCacheWrapper:
     """Decode attention of one new token per request over tier-homogeneous Spherical KV pages.
 
@@ -181,14 +195,7 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         else:
             part_o = torch.empty(sched.num_slots, group, head_dim, dtype=torch.float32, device=device)
             part_lse = torch.empty(sched.num_slots, group, dtype=torch.float32, device=device)
-        eye = torch.eye(head_dim, dtype=torch.float32, device=device)
-        rot, rotate_mask = [], 0
-        for t, lay in enumerate(self._layouts):
-            if lay is not None and lay.value_rotate:
-                rot.append(lay.on(device)["value_rotation"])
-                rotate_mask |= 1 << t
-            else:
-                rot.append(eye)
+        rot, rotate_mask = _value_rotations(self._layouts, head_dim, device)
         present = [t for t in range(len(self._tiers)) if sched.tiers[t].num_items > 0]
         # per tier: the Triton kernels where they support the layout, else the reference (documented);
         # under the CPU interpreter every layout the kernels compile for runs through them

@@ -39,7 +39,7 @@ from sphkv_kernels.extend_tiles import extend_pages_per_split, schedule_extend
 from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import entry_page_lens
 
-from .decode import BatchDecodeWithSphKVPagedKVCacheWrapper, _tier_tensors, resolve_backend
+from .decode import BatchDecodeWithSphKVPagedKVCacheWrapper, _tier_tensors, _value_rotations, resolve_backend
 
 __all__ = ["BatchPrefillWithSphKVPagedKVCacheWrapper", "merge_state", "DEFAULT_EXTEND"]
 
@@ -241,14 +241,7 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         merge_backend = "triton" if kernel_ok else "reference"
         part_o = torch.empty(sched.num_slots, g, d, dtype=torch.float32, device=device)
         part_lse = torch.empty(sched.num_slots, g, dtype=torch.float32, device=device)
-        eye = torch.eye(d, dtype=torch.float32, device=device)
-        rot, mask = [], 0
-        for t, lay in enumerate(self._layouts):
-            if lay is not None and lay.value_rotate:
-                rot.append(lay.on(device)["value_rotation"])
-                mask |= 1 << t
-            else:
-                rot.append(eye)
+        rot, mask = _value_rotations(self._layouts, d, device)
         # the coded tiers' value rotation: inside the Triton merge up to head_dim 128, else on the tier's partial
         # states first (the merge's [d, d] operand exceeds shared memory above 128; see the decode wrapper)
         pre_rot = []

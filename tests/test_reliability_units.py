@@ -335,39 +335,12 @@ def test_pool_invariants_under_random_sequences(ops):
 def _decode_outputs(poison: bool) -> list[torch.Tensor]:
     """Outputs of a 2-layer backend over a sphkv pool: one prefill, then 12 decode steps in which each of two
     requests fills a page (page 16; prompts of 20 and 27 tokens)."""
-    from sglang.srt.layers.radix_attention import AttentionType
-    from sglang.srt.runtime_context import get_parallel
+    from sphkv_sglang.testing import SeamBackend
 
-    from sphkv_sglang.backend import SphKVAttnBackend
-    from sphkv_sglang.pool import SphKVPool
-
-    p, h, g, d, b = 16, 2, 3, 64, 2
-    cfg = SphKVServeConfig(preset="sphkv-4", page_size=p, max_running_requests=b, staging_pages=6)
-    pool = SphKVPool(20 * p, p, torch.bfloat16, h, d, 2, "cpu", False, sphkv_config=cfg)
-    if poison:
-        enable_poison(pool.store)
+    p, b = 16, 2
     rt = torch.stack([torch.arange((1 + r * 8) * p, (9 + r * 8) * p, dtype=torch.int32) for r in range(b)])
-    runner = SimpleNamespace(token_to_kv_pool=pool, device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=rt),
-                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: h * g))
-    with get_parallel().override(attn_tp_size=1):
-        be = SphKVAttnBackend(runner)
-    layers = [SimpleNamespace(layer_id=i, tp_q_head_num=h * g, tp_k_head_num=h, qk_head_dim=d, v_head_dim=d,
-                              scaling=d ** -0.5, logit_cap=0.0, sliding_window_size=-1, is_cross_attention=False,
-                              attn_type=AttentionType.DECODER) for i in range(2)]
-    gen = torch.Generator().manual_seed(0)
-
-    def forward(q_lens, prefix, decode):
-        seq = torch.tensor([a + n for a, n in zip(prefix, q_lens)])
-        loc = torch.cat([rt[r, a:a + n].long() for r, (a, n) in enumerate(zip(prefix, q_lens))])
-        fb = SimpleNamespace(forward_mode=SimpleNamespace(is_decode_or_idle=lambda: decode), batch_size=b,
-                             out_cache_loc=loc, req_pool_indices=torch.arange(b), seq_lens=seq, seq_lens_cpu=seq,
-                             extend_seq_lens_cpu=list(q_lens), extend_seq_lens=torch.tensor(q_lens))
-        be.init_forward_metadata(fb)
-        n, outs = sum(q_lens), []
-        for layer in layers:
-            q, k, v = (torch.randn(n, x * d, generator=gen).bfloat16() for x in (h * g, h, h))
-            outs.append((be.forward_decode if decode else be.forward_extend)(q, k, v, layer, fb).float())
-        return torch.stack(outs)
+    forward = SeamBackend(rt, page_size=p, kv_heads=2, group=3, head_dim=64, seed=0,
+                          prepare_pool=(lambda pool: enable_poison(pool.store)) if poison else None).forward
 
     lens = [20, 27]
     out = [forward(lens, [0, 0], False)]

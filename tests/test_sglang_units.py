@@ -466,40 +466,14 @@ def _decode_step_outputs(sample_mass: bool):
     """A 2-layer backend over a sphkv pool (page 8, 2 kv heads): a prefill of 29 and 42 tokens (coded pages and
     a staged tail each), then one decode step, sampled for attention mass or not; returns the step's outputs,
     the pool's page mass, and the decode plan."""
-    from sglang.srt.layers.radix_attention import AttentionType
-    from sglang.srt.runtime_context import get_parallel
-
     from sphkv_sglang import backend as backend_mod
-    from sphkv_sglang.backend import SphKVAttnBackend
-    from sphkv_sglang.pool import SphKVPool
+    from sphkv_sglang.testing import SeamBackend
 
-    h, g, d = 2, 3, 64
-    cfg = SphKVServeConfig(preset="sphkv-4", page_size=P, max_running_requests=2, staging_pages=6)
-    pool = SphKVPool(20 * P, P, torch.bfloat16, h, d, 2, "cpu", False, sphkv_config=cfg)
     rt = torch.zeros(2, 9 * P, dtype=torch.int32)
     rt[0, :4 * P] = torch.arange(P, 5 * P)                 # request 0: pages 1..4
     rt[1, :9 * P] = torch.arange(5 * P, 14 * P)            # request 1: pages 5..13
-    runner = SimpleNamespace(token_to_kv_pool=pool, device="cpu", req_to_token_pool=SimpleNamespace(req_to_token=rt),
-                             model_config=SimpleNamespace(get_max_num_attention_heads=lambda: h * g))
-    with get_parallel().override(attn_tp_size=1):
-        be = SphKVAttnBackend(runner)
-    layers = [SimpleNamespace(layer_id=i, tp_q_head_num=h * g, tp_k_head_num=h, qk_head_dim=d, v_head_dim=d,
-                              scaling=d ** -0.5, logit_cap=0.0, sliding_window_size=-1, is_cross_attention=False,
-                              attn_type=AttentionType.DECODER) for i in range(2)]
-    gen = torch.Generator().manual_seed(3)
-
-    def forward(q_lens, prefix, decode):
-        seq = torch.tensor([a + n for a, n in zip(prefix, q_lens)])
-        loc = torch.cat([rt[r, a:a + n].long() for r, (a, n) in enumerate(zip(prefix, q_lens))])
-        fb = SimpleNamespace(forward_mode=SimpleNamespace(is_decode_or_idle=lambda: decode), batch_size=2,
-                             out_cache_loc=loc, req_pool_indices=torch.arange(2), seq_lens=seq, seq_lens_cpu=seq,
-                             extend_seq_lens_cpu=list(q_lens), extend_seq_lens=torch.tensor(q_lens))
-        be.init_forward_metadata(fb)
-        n, outs = sum(q_lens), []
-        for layer in layers:
-            q, k, v = (torch.randn(n, x * d, generator=gen).bfloat16() for x in (h * g, h, h))
-            outs.append((be.forward_decode if decode else be.forward_extend)(q, k, v, layer, fb).float())
-        return torch.stack(outs)
+    seam = SeamBackend(rt, page_size=P, kv_heads=2, group=3, head_dim=64, seed=3)
+    pool, be, forward = seam.pool, seam.backend, seam.forward
 
     forward([29, 42], [0, 0], False)
     pool.store.page_mass.zero_()
