@@ -50,28 +50,30 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
 
     Parameters
     ----------
-    q : ``[n, Hq, d]``; k : ``[Hkv, m, d]``; v : ``[Hkv, m, dv]``.
-    visible : ``[n, m]`` bool — key ``j`` is visible to query ``i`` (None: every key).
+    q : ``[..., n, Hq, d]``; k : ``[..., Hkv, m, d]``; v : ``[..., Hkv, m, dv]`` (``...``: optional batch dims,
+        one request each).
+    visible : ``[..., n, m]`` bool — key ``j`` is visible to query ``i`` (None: every key).
     cap : ``> 0`` soft-caps the scaled logits, ``cap * tanh(s / cap)``, before masking.
 
     Returns
     -------
-    ``(o [n, Hq, dv], lse [n, Hq])`` float32 (:func:`attention_state`; zeros / ``-inf`` where nothing is visible).
+    ``(o [..., n, Hq, dv], lse [..., n, Hq])`` float32 (:func:`attention_state`; zeros / ``-inf`` where nothing is
+    visible).
     """
-    hq, hkv = q.shape[1], k.shape[0]
+    hq, hkv = q.shape[-2], k.shape[-3]
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
     g = hq // hkv
-    qf = q.float().transpose(0, 1)                                            # [Hq, n, d]
-    kf = k.float().repeat_interleave(g, 0)                                    # [Hq, m, d]
-    vf = v.float().repeat_interleave(g, 0)
-    sc = (qf @ kf.transpose(1, 2)) * scale                                    # [Hq, n, m]
+    qf = q.float().transpose(-3, -2)                                          # [..., Hq, n, d]
+    kf = k.float().repeat_interleave(g, -3)                                   # [..., Hq, m, d]
+    vf = v.float().repeat_interleave(g, -3)
+    sc = (qf @ kf.transpose(-1, -2)) * scale                                  # [..., Hq, n, m]
     if cap > 0:
         sc = cap * torch.tanh(sc / cap)
     if visible is not None:
-        sc = sc.masked_fill(~visible.to(sc.device), float("-inf"))
-    o, lse = attention_state(sc, vf)                                          # [Hq, n, dv], [Hq, n]
-    return o.transpose(0, 1).contiguous(), lse.transpose(0, 1).contiguous()
+        sc = sc.masked_fill(~visible.to(sc.device).unsqueeze(-3), float("-inf"))
+    o, lse = attention_state(sc, vf)                                          # [..., Hq, n, dv], [..., Hq, n]
+    return o.transpose(-3, -2).contiguous(), lse.transpose(-2, -1).contiguous()
 
 
 def causal_tail_hidden(t: int, m: int, g: int, device=None) -> torch.Tensor:

@@ -116,23 +116,17 @@ def enable_poison(store) -> None:
     table.reset = poisoned_reset
     plan_pages = store.plan_pages
 
-    def checked_plan(slots, lens):
-        poison_freed_slots()
-        plan = plan_pages(slots, lens)
-        # A decode plan is built before the forward writes each request's new token (its last slot, possibly
-        # on a freshly allocated, still poisoned page): check every token but the last of each request.
-        _check_plan(store, plan_pages(slots, (lens - 1).clamp(min=0)), (slots, lens))
+    def checked(build):
+        def plan(slots, lens, *args, **kwargs):
+            poison_freed_slots()
+            out = build(slots, lens, *args, **kwargs)
+            # A decode plan is built before the forward writes each request's new token (its last slot, possibly
+            # on a freshly allocated, still poisoned page): check every token but the last of each request,
+            # through a host-side plan of that prefix (the static decode plan has no host copy to check).
+            _check_plan(store, plan_pages(slots, (lens - 1).clamp(min=0)), (slots, lens))
+            return out
         return plan
 
-    plan_static = store.plan_pages_static
-
-    def checked_static(slots, lens, max_pages, out=None):
-        # the decode plan (static shapes): the same check, through a host-side plan of the same prefix
-        poison_freed_slots()
-        plan = plan_static(slots, lens, max_pages, out)
-        _check_plan(store, plan_pages(slots, (lens - 1).clamp(min=0)), (slots, lens))
-        return plan
-
-    store.plan_pages = checked_plan
-    store.plan_pages_static = checked_static
+    store.plan_pages = checked(plan_pages)
+    store.plan_pages_static = checked(store.plan_pages_static)
     poisoned_reset()

@@ -16,8 +16,7 @@ Two implementations, one answer:
   (``aten._scaled_dot_product_flash_attention_for_cpu``), float32 accumulation and float32
   log-sum-exp; in the model dtype (what SGLang's ``torch_native`` backend, SDPA, runs) when the output is
   final, in float32 (``compute_dtype``) when it is merged with a cached prefix's state;
-* otherwise (soft-capping, CUDA): the float32 reference math of :func:`sphkv.attention.dense_attention`
-  batched over the padded requests.
+* otherwise (soft-capping, CUDA): :func:`sphkv.attention.dense_attention` (float32) over the padded batch.
 
 :func:`ragged_attention_reference` is the former per-request loop over ``dense_attention``; the seam
 test ``tests/test_sglang_units.py`` compares the two on random ragged batches.
@@ -26,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from sphkv.attention import attention_state, dense_attention
+from sphkv.attention import dense_attention
 
 __all__ = ["ragged_attention", "ragged_attention_reference"]
 
@@ -125,19 +124,14 @@ def _flash_cpu(qp, kp, vp, valid, *, scale, causal):
 
 
 def _math(qp, kp, vp, valid, *, scale, causal, cap):
-    """float32 reference math, batched: ``[B, Hkv, g, n, d]`` queries against ``[B, Hkv, 1, n, d]`` keys."""
-    B, hq, n, d = qp.shape
-    hkv = kp.shape[1]
-    g = hq // hkv
-    sc = (qp.float().reshape(B, hkv, g, n, d) @ kp.float()[:, :, None].transpose(-1, -2)) * scale   # [B,Hkv,g,n,n]
-    if cap > 0:
-        sc = cap * torch.tanh(sc / cap)
-    vis = valid[:, None, :].expand(B, n, n)                                          # key j is real
+    """float32 reference math (:func:`sphkv.attention.dense_attention` over the padded batch): ``[B, H, n, d]``
+    in, ``(o [B, Hq, n, dv], lse [B, Hq, n])`` out."""
+    n = qp.shape[2]
+    vis = valid[:, None, :].expand(-1, n, n)                                         # [B, n, n]: key j is real
     if causal:
         vis = vis & torch.ones(n, n, dtype=torch.bool, device=qp.device).tril()
-    sc = sc.masked_fill(~vis[:, None, None], float("-inf"))
-    o, lse = attention_state(sc, vp.float()[:, :, None])                            # [B,Hkv,g,n,dv], [B,Hkv,g,n]
-    return o.reshape(B, hq, n, -1), lse.reshape(B, hq, n)
+    o, lse = dense_attention(qp.transpose(1, 2), kp, vp, scale=scale, visible=vis, cap=cap)   # [B, n, Hq, dv]
+    return o.transpose(1, 2), lse.transpose(1, 2)
 
 
 def ragged_attention_reference(q, k, v, q_lens, *, scale: float, causal: bool = True, cap: float = 0.0):
