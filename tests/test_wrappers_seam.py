@@ -168,3 +168,30 @@ def test_seam_reference():
 def test_seam_cuda_triton():
     """Same batches on a GPU: the Triton decode kernels behind the wrapper (one row per query token)."""
     _run_seam("cuda", "triton")
+
+
+@pytest.mark.gpu
+def test_ragged_new_token_attention_cuda():
+    """The backend's batched extend path below SGLang on a GPU: ``sphkv_sglang.ragged.ragged_attention`` (the new
+    tokens of every request among themselves, one padded-batch call per length group) on CUDA against the
+    per-request float32 loop on the CPU, on random ragged batches (odd lengths, an empty request, a decode row,
+    GQA 9/3 and 4/4, causal and bidirectional, soft-capping), bf16 and float32 inputs."""
+    from sphkv_sglang.ragged import ragged_attention, ragged_attention_reference
+
+    gen = torch.Generator().manual_seed(23)
+    for case in range(6):
+        lens = [int(x) for x in torch.randint(0, 90, (int(torch.randint(2, 8, (1,), generator=gen)),), generator=gen)]
+        lens[0], lens[-1] = 1, 0 if case % 2 else lens[-1]
+        hq, hkv = (9, 3) if case % 3 else (4, 4)
+        T = sum(lens)
+        for dtype in (torch.bfloat16, torch.float32):
+            q = torch.randn(T, hq, 64, generator=gen).to(dtype)
+            k, v = (torch.randn(T, hkv, 64, generator=gen).to(dtype) for _ in range(2))
+            for causal, cap in ((True, 0.0), (False, 0.0), (True, 8.0)):
+                o_ref, lse_ref = ragged_attention_reference(q, k, v, lens, scale=0.125, causal=causal, cap=cap)
+                o, lse = ragged_attention(q.cuda(), k.cuda(), v.cuda(), lens, scale=0.125, causal=causal, cap=cap,
+                                          compute_dtype=torch.float32)
+                assert o.device.type == "cuda" and o.dtype == lse.dtype == torch.float32
+                # float32 math on both sides (TF32 off by default for matmul): only summation order differs
+                torch.testing.assert_close(o.cpu(), o_ref, atol=1e-4, rtol=0)
+                torch.testing.assert_close(lse.cpu(), lse_ref, atol=1e-4, rtol=0)
