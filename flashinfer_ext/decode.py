@@ -11,7 +11,7 @@ import torch
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier, TierSet
 from sphkv_kernels.decode import (DEFAULT_CODED_KERNEL, LOG2E, _warn_once, default_tab16, interpreting,
-                                  rowwise_row_table_elems, rowwise_scratch_elems, rowwise_supported)
+                                  prefers_tc, rowwise_row_table_elems, rowwise_scratch_elems, rowwise_supported)
 from sphkv_kernels.layout import KERNEL_HEAD_DIMS, CodedLayout
 from sphkv_kernels.schedule import DecodeSchedule, entry_page_lens, schedule_decode
 
@@ -153,7 +153,9 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
             (tokens per tile), ``num_warps``, ``num_stages`` (0 or absent: the launcher's default),
             ``programs_per_sm`` (split-K target when ``pages_per_split`` is None; default
             :data:`CODED_PROGRAMS_PER_SM` when a coded tier is present, 2 for dense-only batches, as
-            measured on an H100 — NOTES.md), and for coded tiers ``kernel`` (``"rowwise"``/``"tile"``),
+            measured on an H100 — NOTES.md), and for coded tiers ``kernel`` (``"rowwise"``/``"tile"``/``"tc"``;
+            absent or ``"auto"``: on CUDA the tensor-core kernel from head_dim
+            :data:`sphkv_kernels.decode.TC_MIN_HEAD_DIM` up where it covers the tier, else the row-wise one),
             ``maxnreg``, ``tab16``, ``lut16``, ``asm_values``, ``prefetch`` (see
             :func:`sphkv_kernels.decode.coded_decode_partial`), ``row_tables`` (1: per-row level-1 tables
             and the query rotation in one launch per coded tier, :func:`sphkv_kernels.decode.coded_row_tables`; 0:
@@ -248,21 +250,29 @@ class BatchDecodeWithSphKVPagedKVCacheWrapper:
         use_tables = (backend == "triton" and bool(int(kopt.get("row_tables", head_dim >= ROW_TABLES_MIN_HEAD_DIM)))
                       and variant.get("kernel", "auto") in ("auto", "rowwise")
                       and (variant.get("kernel") == "rowwise" or DEFAULT_CODED_KERNEL == "rowwise"))
-        tables, variants, tab16s = {}, {}, {}
+        tables, variants, tab16s, tc_tiers = {}, {}, {}, set()
         for t in present:
             lay = self._layouts[t]
             if lay is None:
                 continue
-            if use_tables and tier_backend[t] == "triton" and rowwise_supported(lay, group):
-                tab16s[t] = tab16 = bool(variant.get("tab16", default_tab16()))
+            v_t = dict(variant)
+            # kernel "auto" on a GPU: the tensor-core kernel where it measured faster (TC_MIN_HEAD_DIM), per tier
+            if (v_t.get("kernel", "auto") == "auto" and tier_backend[t] == "triton" and device.type == "cuda"
+                    and not interpreting() and prefers_tc(lay, group)):
+                v_t["kernel"] = "tc"
+            if v_t.get("kernel") == "tc":
+                tc_tiers.add(t)
+            if (use_tables and t not in tc_tiers and tier_backend[t] == "triton"
+                    and rowwise_supported(lay, group)):
+                tab16s[t] = tab16 = bool(v_t.get("tab16", default_tab16()))
                 tables[t] = torch.empty(rowwise_row_table_elems(lay, group, rows), dtype=torch.float32, device=device)
-                variants[t] = json.dumps(dict(variant, row_tables=True, tab16=tab16), sort_keys=True)
+                variants[t] = json.dumps(dict(v_t, row_tables=True, tab16=tab16), sort_keys=True)
             else:
-                variants[t] = json.dumps(variant, sort_keys=True) if variant else ""
+                variants[t] = json.dumps(v_t, sort_keys=True) if v_t else ""
         # rotations no row-table launch writes: torch.matmul in run()
         torch_rot = sorted({qrot_of[t] for t in qrot_of if t not in tables})
         need = max([rowwise_scratch_elems(self._layouts[t], group, sched.tiers[t].num_items) for t in present
-                    if t not in tables and self._layouts[t] is not None
+                    if t not in tables and t not in tc_tiers and self._layouts[t] is not None
                     and rowwise_supported(self._layouts[t], group)] + [0])
         scratch = torch.empty(need, dtype=torch.float32, device=device) if need and backend == "triton" else None
         logits = {}

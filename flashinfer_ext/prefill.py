@@ -12,7 +12,10 @@ Backends: ``"cpu"`` — the C++ page-tile kernels of :mod:`sphkv_kernels.cpu_dec
 per row share one expansion of each page); ``"triton"`` / ``"reference"`` — two routes, picked by
 ``plan(..., kernel_options={"extend": ...})``:
 
-* ``"rows"`` (default, :data:`DEFAULT_EXTEND`): each query token becomes one row of
+* ``"auto"`` (default, :data:`DEFAULT_EXTEND`): ``"tiles"`` on CUDA when some request of the batch has at least
+  :data:`TILES_MIN_NEW_TOKENS` new tokens (an extend), else ``"rows"`` (a decode batch: one token per request, where
+  the decode kernels are the fast path; also every CPU/interpreter plan);
+* ``"rows"``: each query token becomes one row of
   :class:`~flashinfer_ext.decode.BatchDecodeWithSphKVPagedKVCacheWrapper` (the row's page list repeated per token:
   every prefix key is decoded once per (new token, kv head); H200 run 10: 130.5 ms for 4K new tokens over a 32K
   coded prefix vs FlashInfer's paged prefill 6.72 ms);
@@ -20,7 +23,8 @@ per row share one expansion of each page); ``"triton"`` / ``"reference"`` — tw
   tokens) expands each coded key tile once and multiplies it by the block's ``block_m`` query rows (new tokens x GQA
   group) on tensor cores; the per-token states are merged by the decode merge. A coded tier the tensor-core kernel
   cannot read runs as per-token decode items of the row-wise/tile kernels (logged), a layout without any kernel
-  through the reference (logged). Checked under the Triton interpreter only (not yet timed on a GPU).
+  through the reference (logged). H200 run 11: 83.9 ms vs rows 129.7 ms (1 x 4K new over 32K) and 645.8 vs 1,070.7 ms
+  (8 x), max |diff| vs the extend reference 8.4e-3 (rows 6.3e-3); FlashInfer's paged bf16 prefill 6.6 / 50.8 ms.
 
 ``"auto"`` picks Triton on CUDA, else the CPU kernels where they build, else the reference.
 """
@@ -41,13 +45,21 @@ from sphkv_kernels.schedule import entry_page_lens
 
 from .decode import BatchDecodeWithSphKVPagedKVCacheWrapper, _tier_tensors, _value_rotations, resolve_backend
 
-__all__ = ["BatchPrefillWithSphKVPagedKVCacheWrapper", "merge_state", "DEFAULT_EXTEND"]
+__all__ = ["BatchPrefillWithSphKVPagedKVCacheWrapper", "merge_state", "DEFAULT_EXTEND", "TILES_MIN_NEW_TOKENS"]
 
 _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
-# the Triton/reference route of ``plan(..., kernel_options={"extend": ...})`` when not given: "rows" (one decode row
-# per new token; timed on the H200) until "tiles" (one key-tile expansion per block of new tokens) is timed
-DEFAULT_EXTEND = os.environ.get("SPHKV_EXTEND", "rows")
-_EXTEND_ROUTES = ("rows", "tiles")
+# the Triton/reference route of ``plan(..., kernel_options={"extend": ...})`` when not given: "auto" = "tiles" (one
+# key-tile expansion per block of new tokens; H200 run 11: 1.55x faster than "rows" at 1 x 4K new over a 32K prefix,
+# 1.66x at 8 x) on CUDA when a request has >= TILES_MIN_NEW_TOKENS new tokens, else "rows" (decode rows)
+DEFAULT_EXTEND = os.environ.get("SPHKV_EXTEND", "auto")
+_EXTEND_ROUTES = ("auto", "rows", "tiles")
+# "auto": the fewest new tokens of the batch's longest request for "tiles" (a tiles program expands a key tile once for
+# block_m // group tokens, 16 at Llama's group 4; run 11: one such expansion costs about 10 decode rows' work)
+TILES_MIN_NEW_TOKENS = int(os.environ.get("SPHKV_TILES_MIN_NEW_TOKENS", "16"))
+# "tiles": query rows per program (new tokens x GQA group) up to head_dim 128. H200 run 12, 1 x 4K new over a 32K
+# prefix, prefix part alone: block_m 64 / 8 warps 83.5 ms, 64 / 4 warps 61.0, **128 / 8 warps 45.4**, 128 / 16 warps
+# 117.8, 256 / 16 warps 71.7 (block_n 32: slower everywhere). Above head_dim 128: 64 (registers; not timed)
+TILES_BLOCK_M = 128
 _TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm")
 # tiles route, tier kernels: the Triton launchers or their pure-PyTorch references (same signatures)
 _LAUNCHERS = {
@@ -113,9 +125,10 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         page_lens : optional ``[nnz]`` int — valid tokens of every entry.
         device : where ``run`` computes (default: ``paged_kv_indices``' device).
         kernel_options : Triton/reference backends: ``extend`` — ``"rows"`` (one decode row per new token, the
-            decode wrapper) or ``"tiles"`` (:mod:`sphkv_kernels.extend_tiles`; default :data:`DEFAULT_EXTEND`);
+            decode wrapper), ``"tiles"`` (:mod:`sphkv_kernels.extend_tiles`) or ``"auto"`` (tiles on CUDA when a
+            request has >= :data:`TILES_MIN_NEW_TOKENS` new tokens, else rows; default :data:`DEFAULT_EXTEND`);
             for ``"tiles"``: ``block_m`` (query rows per program, new tokens x GQA group, a power of two >= 16,
-            default 64), ``block_n`` (keys per tile), ``num_warps`` (default 8), ``num_stages``,
+            default :data:`TILES_BLOCK_M` up to head_dim 128, else 64), ``block_n`` (keys per tile), ``num_warps`` (default 8), ``num_stages``,
             ``pages_per_split`` (default: split-K only while the token blocks leave the GPU short of
             ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split).
         """
@@ -130,6 +143,12 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             raise ValueError(f"kernel_options['extend']={route!r}; allowed: {_EXTEND_ROUTES}")
         device = torch.device(device) if device is not None else paged_kv_indices.device
         backend = resolve_backend(self._backend_request, device)
+        if route == "auto":
+            route = "rows"
+            if backend == "triton" and device.type == "cuda" and qo_indptr.numel() > 1:
+                # the longest request's new tokens: host values where the engine plans (SGLang: CPU tensors)
+                longest = int((qo_indptr[1:] - qo_indptr[:-1]).max())
+                route = "tiles" if longest >= TILES_MIN_NEW_TOKENS else "rows"
         rows = paged_kv_indptr.numel() - 1
         batch = qo_indptr.numel() - 1
         if rows != batch * num_kv_heads:
@@ -199,7 +218,7 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         """Triton/reference backends, ``extend="tiles"``: the :class:`~sphkv_kernels.extend_tiles.ExtendSchedule`,
         each present tier's route and the partial-state buffers."""
         g = hq // hkv
-        block_m = int(kopt.get("block_m", 0)) or max(64, 1 << (g - 1).bit_length())
+        block_m = int(kopt.get("block_m", 0)) or max(TILES_BLOCK_M if d <= 128 else 64, 1 << (g - 1).bit_length())
         if block_m < 16 or block_m & (block_m - 1) or block_m < g:
             raise ValueError(f"kernel_options['block_m']={block_m} must be a power of two >= 16 and >= the "
                              f"GQA group {g}")

@@ -131,6 +131,17 @@ def tc_supported(layout: CodedLayout, group: int) -> bool:
 # which coded kernel ``kernel="auto"`` runs where it is supported: "rowwise" (default: measured fastest on the
 # H200, 307 µs vs 357 µs for "tc" at 8 x 32K, NOTES.md) or "tc" (the tensor-core kernel, opt-in)
 DEFAULT_CODED_KERNEL = os.environ.get("SPHKV_CODED_KERNEL", "rowwise")
+# from this head_dim up the wrappers run the tensor-core kernel where it covers the layout (on CUDA): H200 run 12,
+# 8 x 32K 32/8/256 in a CUDA graph, tc 938.3 us vs row-wise 1,131.8 us (the row-wise kernel at d = 256: 255 registers
+# plus a 1,328 B stack); at d = 128 / 64 and GQA 8 the row-wise kernel stays faster (run 12: 180.4 vs 218.9 us at
+# 32/8/64, 452.8 vs 525.2 us at 64/8/128; run 2: 307 vs 357 us at 32/8/128)
+TC_MIN_HEAD_DIM = int(os.environ.get("SPHKV_TC_MIN_HEAD_DIM", "256"))
+
+
+def prefers_tc(layout: CodedLayout, group: int) -> bool:
+    """Whether ``kernel="auto"`` on a GPU should be the tensor-core kernel for this tier (:data:`TC_MIN_HEAD_DIM`,
+    :func:`tc_supported`); the wrappers resolve it per tier at plan time (no row-wise level-1 tables for it)."""
+    return tc_supported(layout, group) and (DEFAULT_CODED_KERNEL == "tc" or layout.head_dim >= TC_MIN_HEAD_DIM)
 _WARNED: set = set()
 
 

@@ -204,6 +204,19 @@ def test_rowwise_kernel_rejects_unsupported_layouts(device):
              tw.page_lens, po, pl, layout=lay, num_kv_heads=1, sm_scale=0.125, kernel="rowwise")
 
 
+def test_auto_kernel_prefers_tc_only_where_measured_faster():
+    """``kernel="auto"`` on a GPU: the tensor-core kernel from ``TC_MIN_HEAD_DIM`` (256) up where it covers the
+    layout (H200 run 12: 938 vs 1,132 us at 8 x 32K 32/8/256), the row-wise kernel below (faster at 64 and 128)."""
+    from sphkv_kernels.decode import TC_MIN_HEAD_DIM, prefers_tc, tc_supported
+
+    assert TC_MIN_HEAD_DIM == int(os.environ.get("SPHKV_TC_MIN_HEAD_DIM", "256"))
+    for d in (64, 128, 256):
+        lay = CodedLayout.from_config(SphKVConfig.from_name("sphkv-4", head_dim=d, page_size=64))
+        assert tc_supported(lay, 4)
+        assert prefers_tc(lay, 4) == (d >= TC_MIN_HEAD_DIM)
+        assert not prefers_tc(lay, 17)                  # group > 16: the tc kernel does not cover it
+
+
 @pytest.mark.parametrize("value_bits", [2, 3, 8, 16])
 def test_coded_tier_value_bits(device, value_bits):
     tiers = [_coded("sphkv-4", 64, 16, value_bits=value_bits, value_group=32 if value_bits != 16 else 64)]

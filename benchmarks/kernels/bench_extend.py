@@ -229,6 +229,30 @@ def measure(batch: int, prefix: int, new: int, preset: str, fp8: bool, rows_rout
     return row
 
 
+def sweep_tiles(variants, batch: int, prefix: int, new: int, preset: str) -> list:
+    """Each tiles ``kernel_options`` variant: checked against the extend reference at the small shape
+    (``check_max_abs_diff``), then its prefix part timed at ``batch`` (``prefix_ms``, one CUDA graph). A failure is
+    written into the variant's ``note``."""
+    q = torch.randn(batch * new, HQ, D, dtype=torch.bfloat16, device="cuda")
+    out, pool = [], None
+    for opts in variants:
+        r = dict(options=opts, batch=batch, prefix=prefix, new=new)
+        try:
+            r["check_max_abs_diff"] = check_routes(preset, ("tiles",), options=opts)["tiles"]
+            w, pool, plan_s = ada_prefix(batch, prefix, new, preset, "tiles", opts, pool=pool)
+            r["plan_ms"] = round(plan_s * 1e3, 1)
+            r["pages_per_split"] = w._plan["pages_per_split"]
+            r["prefix_ms"] = round(_time_us(lambda: w.run(q, [pool], return_lse=True), rep_ms=200)[0] / 1e3, 3)
+            del w
+        except Exception as exc:  # noqa: BLE001 - written into the variant
+            r["note"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        print(f"  tiles {json.dumps(opts)}: prefix {r.get('prefix_ms')} ms, check {r.get('check_max_abs_diff')} "
+              f"{r.get('note', '')}", flush=True)
+        out.append(r)
+        torch.cuda.empty_cache()
+    return out
+
+
 def smoke(out_dir: Path) -> dict:
     """CPU, Triton interpreter: both routes at a tiny shape (GQA 4, head_dim 64, page 16; 2 requests x (32 + 3))
     against the pure-PyTorch extend reference."""
@@ -258,6 +282,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-rows", dest="rows", action="store_false", help="skip the rows route (slow)")
     ap.add_argument("--tiles-options", type=json.loads, default={},
                     help='kernel_options of the tiles route, JSON (e.g. \'{"block_m": 128, "num_warps": 8}\')')
+    ap.add_argument("--tiles-sweep", type=json.loads, default=None,
+                    help="JSON list of tiles kernel_options: each checked and its prefix part timed at the first "
+                         "--batches value (key tiles_sweep); the other columns are not timed")
+    ap.add_argument("--check-only", action="store_true",
+                    help="only the routes' checks against the reference (compiles their kernels, no timing)")
     ap.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results" / "decode_extend.json")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (CI)")
     ap.add_argument("--out-dir", type=Path, default=None, help="--smoke's output folder (default: a temp dir)")
@@ -280,6 +309,15 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001
             res[key.replace("max_abs_diff", "note")] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"check {route} failed: {type(exc).__name__}: {str(exc)[:300]}")
+    if args.check_only:
+        return 0
+    if args.tiles_sweep is not None:
+        res["tiles_sweep"] = sweep_tiles(args.tiles_sweep, args.batches[0], args.prefix, args.new, args.preset)
+        res["seconds"] = round(time.time() - t0, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1))
+        print(f"wrote {args.out} in {res['seconds']} s")
+        return 0
     print(f"{'batch':>5} {'prefix':>7} {'new':>5} | {'ADA prefix':>10} {'FI new':>8} {'merge':>7} {'ADA total':>10} | "
           f"{'FI bf16':>9} {'FI fp8':>9} | {'x bf16':>7} | {'tiles ms':>9} {'x bf16':>7}  (µs unless ms)")
     for b in args.batches:

@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 # One device call: software check, kernel tests on CUDA, the decode sweep, the end-to-end step.
 # Usage on the device machine (repo root): bash benchmarks/kernels/gpu_run.sh [stages...]
-#   stages: check seam (tests/test_wrappers_seam.py) tests kt (kernel tests only) decode ncu e2e tcsave jitsave
+#   stages: check seam (tests/test_wrappers_seam.py) tests kt (kernel tests only) decode ncu e2e tcsave jitsave extend
+#   xsweep (TILES_SWEEP: extend tiles variants compiled in parallel, then timed; EXTEND_TAG names extend's logs)
 #   (default: check tests decode e2e); PYTEST_ARGS passes e.g. '-n 12' to the tests stage (TEST_FILES, TESTS_LOG
 #   override its files and log name);
 #   BENCH_ARGS passes extra arguments to bench_decode.py. FlashInfer, if carried, is .fi/site.tgz (a trimmed
@@ -57,8 +58,19 @@ for s in $stages; do
              for so in $(find .fiws -path '*/cached_ops/*/*.so'); do n=$(basename "$so" .so); mkdir -p /tmp/fijit/$n && cp "$so" /tmp/fijit/$n/; done
              tar czf "$OUT/fi_jit.tgz" -C /tmp/fijit . && ls -la "$OUT/fi_jit.tgz" ;;
     warm) python3 benchmarks/kernels/bench_decode.py --warm ${WARM_ARGS:-} > "$LOGS/warm.log" 2>&1; echo "warm: rc $? ($(tail -1 "$LOGS/warm.log"))" ;;
-    extend) timeout ${EXTEND_TIMEOUT:-240} python3 benchmarks/kernels/bench_extend.py --out "$LOGS/decode_extend.json" ${EXTEND_ARGS:-} 2>&1 \
-             | tee "$LOGS/extend.log" | tail -20 ;;
+    extend) timeout ${EXTEND_TIMEOUT:-240} python3 benchmarks/kernels/bench_extend.py --out "$LOGS/decode_extend${EXTEND_TAG:-}.json" ${EXTEND_ARGS:-} 2>&1 \
+             | tee "$LOGS/extend${EXTEND_TAG:-}.log" | tail -20 ;;
+    xsweep) # the extend tiles route's launch variants (TILES_SWEEP, a JSON list): compiled in parallel (one process each,
+            # plus bench_decode with DECODE_WARM_ARGS if set), then timed one after the other (bench_extend --tiles-sweep)
+            i=0
+            for v in $(python3 -c 'import json,os; [print(json.dumps(x, separators=(",", ":"))) for x in json.loads(os.environ["TILES_SWEEP"])]'); do
+              python3 benchmarks/kernels/bench_extend.py --check-only --tiles-options "$v" > "$LOGS/xcompile$i.log" 2>&1 &
+              i=$((i + 1))
+            done
+            [ -n "${DECODE_WARM_ARGS:-}" ] && python3 benchmarks/kernels/bench_decode.py ${DECODE_WARM_ARGS} --out-dir /tmp/dwarm > "$LOGS/xcompile_decode.log" 2>&1 &
+            wait; echo "xsweep: compiled $i variants"
+            timeout ${EXTEND_TIMEOUT:-240} python3 benchmarks/kernels/bench_extend.py --tiles-sweep "$TILES_SWEEP" --batches ${SWEEP_BATCH:-1} \
+              --out "$LOGS/extend_sweep.json" 2>&1 | tee "$LOGS/extend_sweep.log" | tail -20 ;;
     kt) timeout 240 python3 -m pytest -q -rf tests/test_kernels_decode.py -p no:cacheprovider 2>&1 \
              | tee "$LOGS/tests.log" | tail -15 ;;
     decode) timeout ${DECODE_TIMEOUT:-420} python3 benchmarks/kernels/bench_decode.py --out-dir "$LOGS" ${BENCH_ARGS:-} 2>&1 \
