@@ -105,6 +105,38 @@ def test_merge_rotation_placement_matches_oracle(device, merge_rotation):
                page_lens=cache.page_lens, kernel_options=dict(merge_rotation="after"))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (head_dim 256 is too slow under the interpreter)")
+def test_head_dim_256_runs_the_tc_kernel_and_matches_oracle():
+    """head_dim 256 on CUDA: ``kernel="auto"`` plans the tensor-core kernel for the coded tier (TC_MIN_HEAD_DIM; no
+    row-wise level-1 tables) and the output equals the oracle on a
+    dense + sphkv-4 batch; the step captures in a CUDA graph."""
+    d, p, hkv, g = 256, 64, 2, 4
+    ts = [Tier("dense"),
+          Tier("sphkv-4", SphKVConfig.from_name("sphkv-4", head_dim=d, page_size=p))]
+    cache = random_paged_cache(ts, seq_lens=[301, 130, 77], num_kv_heads=hkv, head_dim=d, page_size=p,
+                               device="cuda", seed=17)
+    w = _wrapper(ts, "cuda", "auto")
+    w.plan(cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, hkv * g, hkv, d, p,
+           page_lens=cache.page_lens, pages_per_split=2)
+    assert '"kernel": "tc"' in w._plan["variants"][1] and not w._plan["tables"]
+    q = torch.randn(3, hkv * g, d, device="cuda")
+    out, lse = w.run(q, cache.pools, return_lse=True)
+    ref_out, ref_lse = dense_oracle(q, cache, sm_scale=d ** -0.5)
+    torch.testing.assert_close(out.double().cpu(), ref_out, **_tol("cuda", "triton"))
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, **_tol("cuda", "triton"))
+    graph_out = torch.empty_like(out)
+    w.run(q, cache.pools, out=graph_out)                     # compile outside the capture
+    torch.cuda.synchronize()
+    g_ = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_):
+        w.run(q, cache.pools, out=graph_out)
+    graph_out.zero_()
+    g_.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(graph_out, out, atol=1e-5, rtol=0)
+
+
 def test_flashinfer_last_page_len_convention(device):
     """Without ``page_lens``, every entry is full except each row's last (``last_page_len``)."""
     ts = TierSet.default(head_dim=64, page_size=16)

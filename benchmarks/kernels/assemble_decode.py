@@ -112,8 +112,9 @@ def _tail_shape(log: Path) -> dict:
 
 
 def main() -> int:
-    """decode.json from H200 runs 6, 7 (2026-12-02, second session, calls 1 and 2; the per-row table launch) and 9
-    (third session, call 2: GQA 8 and head_dim 64/256 at 8 x 32K, FlashInfer in the same run).
+    """decode.json from H200 runs 6, 7 (2026-12-02, second session, calls 1 and 2; the per-row table launch), 9
+    (third session, call 2: GQA 8 and head_dim 64/256 at 8 x 32K, FlashInfer in the same run) and 14 (fourth session:
+    head_dim 256 with the tensor-core kernel, in a CUDA graph).
 
     run 7 (call 2, commit 7a138cc = the code in the tree): 1 x 8K/32K/128K, 8 x 32K, 32 x 32K with FlashInfer in the same
     run; its sweep was cut by its timeout after timing ADA at 8 x 32K head_dim 64 (``_tail_shape``), before that
@@ -155,13 +156,25 @@ def main() -> int:
             r["note"] = ("eager timing: at head_dim 256 the merge runs the PyTorch reference on CUDA (the Triton merge's "
                          "[256, 256] rotation needs 256 KB of shared memory), which does not capture in a CUDA graph")
         rows.append(r)
+    # run 14 (2026-12-02, fourth session, call 4): head_dim 256 at 8 x 32K with the new default there (kernel "auto" =
+    # the tensor-core kernel from TC_MIN_HEAD_DIM, no row tables; the value rotation before the Triton merge), in a
+    # CUDA graph, FlashInfer in the same run; it replaces run 9's eager row-wise one. The row-wise kernel on the same
+    # shape: decode_h200_run12_tc.json (ada_us, with the tc kernel as ada_us_compare) and decode_h200_run13.log.
+    r14 = json.loads((RES / "decode_h200_run14_d256.json").read_text())["rows"]
+    new = {shape(r): r for r in r14}
+    rows = [r for r in rows if shape(r) not in new]
+    for r in new.values():
+        r.update(run="h200-run14", source="decode_h200_run14_d256.json (fourth session, call 4: tc kernel by default "
+                                          "at head_dim 256, pre-rotation merge, CUDA graph)")
+        rows.append(r)
     key = lambda r: (r["num_qo_heads"] != 32 or r["head_dim"] != 128, r["batch"], r["context"])  # noqa: E731
     rows.sort(key=key)                                       # the 32/8/128 grid first (README lookup), then extras
     res = dict(device="NVIDIA H200", copy_gb_s=rows[0]["copy_gb_s"], torch="2.11.0+cu130", triton="3.6.0",
                tuned={"best": {}}, rows=rows, encode=[],
                not_measured=[],
-               note="Rows from three H200 calls of 2026-12-02 (runs 6, 7 and 9; each row names its run and source; see "
-                    "benchmarks/kernels/assemble_decode.py) with the row-wise ADA kernel at its defaults (block 64, "
+               note="Rows from four H200 calls of 2026-12-02 (runs 6, 7, 9 and 14; each row names its run and source; "
+                    "see benchmarks/kernels/assemble_decode.py) with the row-wise ADA kernel at its defaults (head_dim "
+                    "256: the tensor-core kernel, its default there since run 14) (block 64, "
                     "1 warp, float16 tables, 8 programs/SM, per-row level-1 tables from head_dim 128) and the blocked "
                     "merge (64 slots per step); FlashInfer 0.7.2.post1 JIT-built on the device. ada_us_compare: the "
                     "same shape with other kernel_options in the same run; ada_tables_us / ada_kernel_us / "

@@ -274,6 +274,9 @@ def breakdown(w, pool, q, hkv: int, d: int, out) -> dict:
     qrot = (q.float() @ lay.on("cuda")["key_rotation_t"]).contiguous()
     res = dict(ada_programs=tw.num_items, ada_slots_per_row=round(sched.num_slots / sched.num_rows, 1))
     kw = dict(layout=lay, num_kv_heads=hkv, sm_scale=d ** -0.5, scratch=pl["scratch"])
+    planned = json.loads(pl["variants"].get(0) or "{}")     # the kernel the plan resolved (e.g. "tc" at head_dim 256)
+    if planned.get("kernel", "auto") != "auto":
+        kw["kernel"] = planned["kernel"]
     if 0 in pl["tables"]:                            # per-row tables: time their launch, then the kernel reading them
         from sphkv_kernels import coded_row_tables
         tkw = dict(layout=lay, num_kv_heads=hkv, sm_scale=d ** -0.5, tab16=pl["tab16s"][0])
