@@ -60,7 +60,8 @@ TILES_MIN_NEW_TOKENS = int(os.environ.get("SPHKV_TILES_MIN_NEW_TOKENS", "16"))
 # prefix, prefix part alone: block_m 64 / 8 warps 83.5 ms, 64 / 4 warps 61.0, **128 / 8 warps 45.4**, 128 / 16 warps
 # 117.8, 256 / 16 warps 71.7 (block_n 32: slower everywhere). Above head_dim 128: 64 (registers; not timed)
 TILES_BLOCK_M = 128
-_TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm")
+_TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm",
+                 "profile")
 # tiles route, tier kernels: the Triton launchers or their pure-PyTorch references (same signatures)
 _LAUNCHERS = {
     "triton": (kd.coded_decode_partial, kd.dense_decode_partial, kd.merge_partials),
@@ -130,7 +131,9 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             for ``"tiles"``: ``block_m`` (query rows per program, new tokens x GQA group, a power of two >= 16,
             default :data:`TILES_BLOCK_M` up to head_dim 128, else 64), ``block_n`` (keys per tile), ``num_warps`` (default 8), ``num_stages``,
             ``pages_per_split`` (default: split-K only while the token blocks leave the GPU short of
-            ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split).
+            ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split); ``profile`` (timing
+            diagnostics of the tensor-core kernel, the output is then wrong: 1 leaves the key expansion out, 2 the
+            value unpacking, 3 both; :func:`sphkv_kernels.decode.coded_decode_partial`).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -272,11 +275,14 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             mask = 0
         launch = {k: int(kopt[k]) for k in ("block_n", "num_warps", "num_stages") if int(kopt.get(k, 0) or 0) > 0}
         launch.setdefault("num_warps", 8)    # offline sm_90 compile, d = 128, block_m 64: 4 warps spill 496 B, 8: 32 B
+        profile = int(kopt.get("profile", 0) or 0)  # timing diagnostics of the coded tc kernel only: the output is wrong
+        if profile not in (0, 1, 2, 3):
+            raise ValueError(f"kernel_options['profile']={profile} must be 0 (off), 1, 2 or 3")
         key_rot = {t: self._layouts[t].on(device)["key_rotation_t"] for t in present if self._layouts[t] is not None}
         return dict(sched=sched, routes=routes, items=items, block_m=block_m, present=present, key_rot=key_rot,
                     merge_backend=merge_backend, part_o=part_o, part_lse=part_lse,
                     rotations=torch.stack(rot).contiguous(), rotate_mask=mask, pre_rot=pre_rot, launch=launch,
-                    num_q=sched.num_q, pages_per_split=pps)
+                    num_q=sched.num_q, pages_per_split=pps, profile=profile)
 
     def _run_tiles(self, q, kv_cache, scale, return_lse):
         pl = self._plan
@@ -301,6 +307,8 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
                 qrot[rk.data_ptr()] = (q.to(torch.float32) @ rk).contiguous()
             if route == "tiles":
                 kw["kernel"] = "tc"
+                if pl["profile"]:
+                    kw["profile"] = pl["profile"]
             c = _tier_tensors(kv_cache[t], False)
             coded_fn(qrot[rk.data_ptr()], *(c[k] for k in _CODED_NAMES), work, tw.page_ids, tw.page_lens, po, plse,
                      layout=lay, **kw)
