@@ -4,7 +4,8 @@
 * :mod:`~sphkv_kernels.encode` — pages of keys/values → angle codes + radius + page mean, packed values;
 * :mod:`~sphkv_kernels.decode` — paged split-K decode per tier (coded and dense) and the exact merge;
 * :mod:`~sphkv_kernels.schedule` — the split-K work schedule built once per batch;
-* :mod:`~sphkv_kernels.extend` — extend (prefill over a coded prefix): reference fallback only;
+* :mod:`~sphkv_kernels.extend` — the pure-PyTorch extend reference (prefill over a coded prefix);
+* :mod:`~sphkv_kernels.extend_tiles` — the extend schedule of the tensor-core kernel's block-of-new-tokens form;
 * :mod:`~sphkv_kernels.cpu_decode` — the CPU kernels (C++, compiled on first use): paged attention over
   coded and dense tier pages in page-sized tiles, decode-partial and many-queries-per-row forms;
 * :mod:`~sphkv_kernels.layout` — the compile-time description of a coded tier.
