@@ -48,7 +48,8 @@ _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
 # per new token; timed on the H200) until "tiles" (one key-tile expansion per block of new tokens) is timed
 DEFAULT_EXTEND = os.environ.get("SPHKV_EXTEND", "rows")
 _EXTEND_ROUTES = ("rows", "tiles")
-_TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm")
+_TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm",
+                 "flash")
 # tiles route, tier kernels: the Triton launchers or their pure-PyTorch references (same signatures)
 _LAUNCHERS = {
     "triton": (kd.coded_decode_partial, kd.dense_decode_partial, kd.merge_partials),
@@ -117,7 +118,9 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             for ``"tiles"``: ``block_m`` (query rows per program, new tokens x GQA group, a power of two >= 16,
             default 64), ``block_n`` (keys per tile), ``num_warps`` (default 8), ``num_stages``,
             ``pages_per_split`` (default: split-K only while the token blocks leave the GPU short of
-            ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split).
+            ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split). CPU backend: ``flash`` —
+            the extend route of :func:`sphkv_kernels.cpu_decode.coded_prefix_attention_cpu` (``"bfloat16"``,
+            ``"float32"`` or ``"off"``; default :data:`sphkv_kernels.cpu_decode.FLASH`).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -182,7 +185,12 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             keep = (grp[t] > 0) & (q_len > 0)
             it = torch.stack([q_start, q_len, h_of, start, start + grp[t], torch.zeros_like(start)], 1)[keep]
             items.append((it.contiguous(), ids[ent].contiguous(), lens[ent].contiguous()))
-        self._plan = dict(common, items=items, rotations=self._rotations(device))
+        flash = kopt.get("flash")
+        if flash is not None:
+            from sphkv_kernels.cpu_decode import _flash_code
+
+            _flash_code(str(flash))                           # a clear error now, not at run()
+        self._plan = dict(common, items=items, rotations=self._rotations(device), flash=flash)
 
     def _rotations(self, device):
         rot = []
@@ -361,7 +369,7 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
                 c = _tier_tensors(kv_cache[t], True)
                 cpu.dense_prefix_attention_cpu(qf, c["k"], c["v"], items, ids, lens, out, lse,
                                                num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap, merge=True)
+                                               soft_cap=logits_soft_cap, merge=True, flash=pl["flash"])
             else:
                 rk, rv = pl["rotations"][t]
                 key = rk.data_ptr()
@@ -370,7 +378,8 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
                 c = _tier_tensors(kv_cache[t], False)
                 cpu.coded_prefix_attention_cpu(qrot[key], *(c[k] for k in _CODED_NAMES), items, ids, lens, out, lse,
                                                layout=lay, num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap, merge=True, value_rotation=rv)
+                                               soft_cap=logits_soft_cap, merge=True, value_rotation=rv,
+                                               flash=pl["flash"])
         if not return_lse:
             return out
         return out, lse * math.log(2.0)

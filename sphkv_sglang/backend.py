@@ -31,6 +31,7 @@ layers, summed over query heads); extend forwards do not sample it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,11 @@ class SphKVAttnBackend(AttentionBackend):
         self.mass_wrapper = BatchDecodeWithSphKVPagedKVCacheWrapper(
             torch.empty(1 << 20, dtype=torch.uint8, device=self.device), tiers=self.store.wrapper_tiers,
             backend=backend)
+        # extend over a cached prefix on CPU: page tiles through ATen's flash kernel in the model dtype (bf16 / fp16
+        # models: bfloat16 tiles, as SGLang's torch_native SDPA attends in bf16), float32 for float32 models
+        # (SPHKV_CPU_FLASH names another route: "float32", "off")
+        self.extend_options = None if backend != "cpu" else {"flash": os.environ.get("SPHKV_CPU_FLASH") or (
+            "float32" if self.store.dtype == torch.float32 else "bfloat16")}
         self.forward_metadata: _BatchPlan | None = None
         self._decodes = 0
         self.window = SlidingWindowAttention(self)
@@ -138,7 +144,8 @@ class SphKVAttnBackend(AttentionBackend):
         if plan.has_prefix:
             pp = st.plan_pages(self.req_to_token_pool.req_to_token[fb.req_pool_indices], lens)
             self.wrapper.plan(qo, pp["indptr"], pp["indices"], pp["page_tiers"], None, self.num_q_heads, st.H,
-                              st.d, st.P, page_lens=pp["page_lens"], device=self.device)
+                              st.d, st.P, page_lens=pp["page_lens"], device=self.device,
+                              kernel_options=self.extend_options)
             plan.pages = pp["pages"]
         self.forward_metadata = plan
 

@@ -68,15 +68,20 @@ def test_decode_wrapper_cpu_backend_matches_oracle(seq_lens, page_size, group, n
     torch.testing.assert_close(mass.double(), ref_mass, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "cpu-flash-f32", "cpu-flash-bf16", "reference"])
 @pytest.mark.parametrize("seq_lens,q_lens,page_size,group,cap", [
-    ([17, 54, 97], [1, 7, 23], 16, 3, 0.0),       # 23 new tokens x 3 heads: the ATen tile-product path
+    ([17, 54, 97], [1, 7, 23], 16, 3, 0.0),       # 23 new tokens x 3 heads: the ATen tile-product / flash path
     ([33, 80], [5, 1], 16, 1, 0.0),
     ([70, 9], [3, 4], 16, 2, 2.5),                # logit soft-capping
+    ([200, 61, 0, 129], [37, 16, 20, 15], 16, 4, 0.0),   # flash route: > 8 pages (two tiles), a request without pages
 ])
 def test_prefill_wrapper_matches_oracle(backend, seq_lens, q_lens, page_size, group, cap):
+    """``cpu``: the per-page route (``flash="off"``); ``cpu-flash-*``: items of >= FLASH_MIN_TOKENS new tokens through
+    page tiles and ATen's flash kernel (float32: the per-page route's tolerance; bfloat16: its inputs rounded to bf16)."""
     if backend == "reference" and cap > 0:
         pytest.skip("soft-capping is a CPU-kernel feature (the decode kernels have none)")
+    flash = {"cpu": "off", "cpu-flash-f32": "float32", "cpu-flash-bf16": "bfloat16"}.get(backend)
+    backend = "reference" if backend == "reference" else "cpu"
     ts = _tiers(page_size)
     hkv = 2
     cache = random_paged_cache(ts.tiers, seq_lens=seq_lens, num_kv_heads=hkv, head_dim=64, page_size=page_size,
@@ -86,10 +91,16 @@ def test_prefill_wrapper_matches_oracle(backend, seq_lens, q_lens, page_size, gr
         qo.append(qo[-1] + m)
     w = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=ts, backend=backend)
     w.plan(torch.tensor(qo), cache.indptr, cache.indices, cache.page_tiers, cache.last_page_len, hkv * group, hkv,
-           64, page_size, page_lens=cache.page_lens)
+           64, page_size, page_lens=cache.page_lens, kernel_options={"flash": flash} if flash else None)
     q = torch.randn(qo[-1], hkv * group, 64)
     out, lse = w.run(q, cache.pools, sm_scale=0.11, logits_soft_cap=cap, return_lse=True)
     ref_out, ref_lse = _oracle_tokens(q, cache, qo, 0.11, cap)
+    if flash == "bfloat16":     # q, keys, values rounded to bf16 (relative 2**-9): logits move by ~|s| * 3e-3
+        torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=2e-2)
+        has = torch.isfinite(ref_lse)
+        assert float((out.double() - ref_out)[has].abs().mean()) < 2e-3
+        return
     torch.testing.assert_close(out.double(), ref_out, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-4, rtol=2e-4)
 
