@@ -6,7 +6,9 @@
 * :mod:`~sphkv_kernels.schedule` — the split-K work schedule built once per batch;
 * :mod:`~sphkv_kernels.extend` — extend (prefill over a coded prefix): reference fallback only;
 * :mod:`~sphkv_kernels.cpu_decode` — the CPU kernels (C++, compiled on first use): paged attention over
-  coded and dense tier pages in page-sized tiles, decode-partial and many-queries-per-row forms;
+  coded and dense tier pages in page-sized tiles, decode-partial and many-queries-per-row forms (extend:
+  8-page tiles through ATen's CPU flash kernel);
+* :mod:`~sphkv_kernels.cpu_encode` — the CPU page encoder (C++), the CPU form of ``encode_pages``;
 * :mod:`~sphkv_kernels.layout` — the compile-time description of a coded tier.
 
 Importing this package neither imports Triton eagerly nor patches anything. Kernels run on CUDA, or
