@@ -49,7 +49,7 @@ _CODED_NAMES = ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale", "v_zero")
 DEFAULT_EXTEND = os.environ.get("SPHKV_EXTEND", "rows")
 _EXTEND_ROUTES = ("rows", "tiles")
 _TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm",
-                 "flash")
+                 "flash", "cascade")
 # tiles route, tier kernels: the Triton launchers or their pure-PyTorch references (same signatures)
 _LAUNCHERS = {
     "triton": (kd.coded_decode_partial, kd.dense_decode_partial, kd.merge_partials),
@@ -120,7 +120,9 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             ``pages_per_split`` (default: split-K only while the token blocks leave the GPU short of
             ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split). CPU backend: ``flash`` —
             the extend route of :func:`sphkv_kernels.cpu_decode.coded_prefix_attention_cpu` (``"bfloat16"``,
-            ``"float32"`` or ``"off"``; default :data:`sphkv_kernels.cpu_decode.FLASH`).
+            ``"float32"`` or ``"off"``; default :data:`sphkv_kernels.cpu_decode.FLASH`); ``cascade`` — requests
+            that share leading pages read them once, all their queries as rows of one item
+            (:mod:`sphkv_kernels.cpu_cascade`; default ``True``).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -159,32 +161,12 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
                 qo_indptr, paged_kv_indptr, paged_kv_indices, page_tiers, page_lens, num_qo_heads, num_kv_heads,
                 head_dim, page_size, backend, device))
             return
-        kv_indptr = paged_kv_indptr.to(device=device, dtype=torch.int64)
-        tiers = page_tiers.to(device=device, dtype=torch.int64)
-        counts = kv_indptr[1:] - kv_indptr[:-1]
-        row_of = torch.repeat_interleave(torch.arange(rows, device=device), counts)
-        num_t = len(self._tiers)
-        key = tiers * rows + row_of
-        order = torch.sort(key, stable=True).indices
-        grp = torch.bincount(key, minlength=num_t * rows).view(num_t, rows)
-        per_tier = grp.sum(1).tolist()                     # host values: the CPU backend only
-        r_all = torch.arange(rows, device=device)
-        b_of, h_of = r_all // num_kv_heads, r_all % num_kv_heads
-        q_start, q_len = qo_indptr[:-1][b_of], (qo_indptr[1:] - qo_indptr[:-1])[b_of]
-        items, base = [], 0
-        ids = paged_kv_indices.to(device=device, dtype=torch.int32)
-        lens = page_lens.to(device=device, dtype=torch.int32)
-        for t in range(num_t):
-            n_t = per_tier[t]
-            ent = order[base:base + n_t]
-            base += n_t
-            if n_t == 0:
-                items.append(None)
-                continue
-            start = torch.cumsum(grp[t], 0) - grp[t]
-            keep = (grp[t] > 0) & (q_len > 0)
-            it = torch.stack([q_start, q_len, h_of, start, start + grp[t], torch.zeros_like(start)], 1)[keep]
-            items.append((it.contiguous(), ids[ent].contiguous(), lens[ent].contiguous()))
+        from sphkv_kernels.cpu_cascade import cpu_items
+
+        # per tier, passes of CPU-kernel items; requests sharing leading pages read them once (cascade)
+        items = cpu_items(qo_indptr, paged_kv_indptr, paged_kv_indices, page_tiers, page_lens,
+                          num_kv_heads=num_kv_heads, num_tiers=len(self._tiers),
+                          cascade=bool(kopt.get("cascade", True)))
         flash = kopt.get("flash")
         if flash is not None:
             from sphkv_kernels.cpu_decode import _flash_code
@@ -360,26 +342,24 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         out = torch.zeros(n, hq, d)
         lse = torch.full((n, hq), float("-inf"))
         qrot = {}
-        for t, entry in enumerate(pl["items"]):
-            if entry is None:
-                continue
-            items, ids, lens = entry
-            lay = self._layouts[t]
-            if lay is None:
-                c = _tier_tensors(kv_cache[t], True)
-                cpu.dense_prefix_attention_cpu(qf, c["k"], c["v"], items, ids, lens, out, lse,
-                                               num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap, merge=True, flash=pl["flash"])
-            else:
-                rk, rv = pl["rotations"][t]
-                key = rk.data_ptr()
-                if key not in qrot:
-                    qrot[key] = (qf @ rk).contiguous()
-                c = _tier_tensors(kv_cache[t], False)
-                cpu.coded_prefix_attention_cpu(qrot[key], *(c[k] for k in _CODED_NAMES), items, ids, lens, out, lse,
-                                               layout=lay, num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap, merge=True, value_rotation=rv,
-                                               flash=pl["flash"])
+        for t, passes in enumerate(pl["items"]):
+            for items, ids, lens in passes:
+                lay = self._layouts[t]
+                if lay is None:
+                    c = _tier_tensors(kv_cache[t], True)
+                    cpu.dense_prefix_attention_cpu(qf, c["k"], c["v"], items, ids, lens, out, lse,
+                                                   num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
+                                                   soft_cap=logits_soft_cap, merge=True, flash=pl["flash"])
+                else:
+                    rk, rv = pl["rotations"][t]
+                    key = rk.data_ptr()
+                    if key not in qrot:
+                        qrot[key] = (qf @ rk).contiguous()
+                    c = _tier_tensors(kv_cache[t], False)
+                    cpu.coded_prefix_attention_cpu(qrot[key], *(c[k] for k in _CODED_NAMES), items, ids, lens, out, lse,
+                                                   layout=lay, num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
+                                                   soft_cap=logits_soft_cap, merge=True, value_rotation=rv,
+                                                   flash=pl["flash"])
         if not return_lse:
             return out
         return out, lse * math.log(2.0)
