@@ -36,7 +36,7 @@ import torch
 
 from .layout import CodedLayout
 
-__all__ = ["load", "available", "coded_decode_partial_cpu", "dense_decode_partial_cpu",
+__all__ = ["load", "available", "coded_decode_partial_cpu", "dense_decode_partial_cpu", "coded_expand_cpu",
            "coded_prefix_attention_cpu", "dense_prefix_attention_cpu", "LOG2E"]
 
 logger = logging.getLogger(__name__)
@@ -532,6 +532,54 @@ void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, 
          flash);
 }
 
+// Expand whole coded pages: k_out / v_out [n, P, d] float32 — keys in the rotated domain with the page mean added,
+// values in the storage domain (tokens >= page_lens[i] are zero). Copy-on-write / demotion reads, not attention.
+void coded_expand(torch::Tensor page_ids, torch::Tensor page_lens, torch::Tensor k_out, torch::Tensor v_out,
+                  torch::Tensor k_codes, torch::Tensor k_radius, torch::Tensor k_mean, torch::Tensor v_codes,
+                  torch::Tensor v_scale, torch::Tensor v_zero, torch::Tensor lut, torch::Tensor level_info,
+                  int64_t vbits, int64_t vgroup, bool has_mean) {
+  CodedSrc s;
+  s.P = k_codes.size(1); s.d = k_out.size(2); s.kb = k_codes.size(2); s.vb = v_codes.size(2);
+  s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
+  s.vc = v_codes.data_ptr<uint8_t>(); s.vs = v_scale.data_ptr<at::Half>(); s.vz = v_zero.data_ptr<at::Half>();
+  s.nvg = v_scale.size(2);
+  const float* lp = lut.data_ptr<float>();
+  const int64_t nl = lut.size(0);
+  std::vector<float> cosT(nl), sinT(nl);
+  for (int64_t i = 0; i < nl; ++i) { cosT[i] = lp[2 * i]; sinT[i] = lp[2 * i + 1]; }
+  s.cosT = cosT.data(); s.sinT = sinT.data();
+  const int64_t* li = level_info.data_ptr<int64_t>();
+  s.L = int(level_info.size(0));
+  TORCH_CHECK(s.L <= 8, "unsupported layout");
+  for (int l = 0; l < s.L; ++l) { s.lb[l] = int(li[3 * l]); s.lo[l] = int(li[3 * l + 1]); s.lt[l] = int(li[3 * l + 2]); }
+  s.vbits = int(vbits); s.vgroup = int(vgroup); s.has_mean = has_mean;
+  const int64_t n = page_ids.size(0), P = s.P, d = s.d;
+  const int32_t* pid = page_ids.data_ptr<int32_t>();
+  const int32_t* plen = page_lens.data_ptr<int32_t>();
+  float* ko = k_out.data_ptr<float>();
+  float* vo = v_out.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    Scratch scr(d, P, s.bytes(), s.groups());
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t np = plen[i];
+      float* kd = ko + i * P * d;
+      float* vd = vo + i * P * d;
+      std::fill(kd, kd + P * d, 0.f);
+      std::fill(vd, vd + P * d, 0.f);
+      if (np <= 0) continue;
+      const at::BFloat16* mean = nullptr;
+      const float* K = s.keys(pid[i], np, scr, &mean);
+      for (int64_t x = 0; x < d; ++x) {
+        const float mu = mean != nullptr ? static_cast<float>(mean[x]) : 0.f;
+        for (int64_t t = 0; t < np; ++t) kd[t * d + x] = K[x * P + t] + mu;
+      }
+      const float* V = s.values(pid[i], np, scr);
+      for (int64_t x = 0; x < d; ++x)
+        for (int64_t t = 0; t < np; ++t) vd[t * d + x] = V[x * P + t];
+    }
+  });
+}
+
 void dense_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, torch::Tensor page_lens,
                   torch::Tensor out_o, torch::Tensor out_lse, c10::optional<torch::Tensor> logits,
                   torch::Tensor k_pages, torch::Tensor v_pages, int64_t num_kv_heads, double scale_log2,
@@ -585,7 +633,7 @@ def load():
 
             tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:10]
             _module = load_inline(name=f"sphkv_cpu_attn_{tag}", cpp_sources=_SOURCE,
-                                  functions=["coded_attend", "dense_attend"],
+                                  functions=["coded_attend", "dense_attend", "coded_expand"],
                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp-simd"], verbose=False)
             logger.info("sphkv: CPU attention kernel loaded (%s)", tag)
         except Exception as e:                                   # no compiler, no headers, build error
@@ -700,6 +748,26 @@ def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scal
                         v_scale, v_zero, lut, li, layout.value_bits, layout.value_group, layout.has_mean,
                         num_kv_heads, float(sm_scale) * LOG2E, float(soft_cap), 2 if merge else 1, MM_THRESHOLD,
                         value_rotation, _flash_code(flash))
+
+
+def coded_expand_cpu(pool, page_ids: torch.Tensor, page_lens: torch.Tensor, *, layout: CodedLayout):
+    """Dense keys and values of coded pages, ``(k, v)`` ``[n, P, d]`` float32 in the original domain (tokens past
+    ``page_lens[i]`` are zero): ``pool`` a coded :class:`sphkv.pool.TierPool` (CPU), ``page_ids`` / ``page_lens``
+    ``[n]``. The C++ page expansion of the attention kernels, then the inverse rotations — what
+    ``sphkv.pages.arenas``' ADA ``decode`` computes, for copy-on-write and demotion reads (not attention)."""
+    _check_cpu(page_ids, pool.k_codes)
+    n, P, d = page_ids.numel(), layout.page_size, layout.head_dim
+    k = torch.empty(n, P, d)
+    v = torch.empty(n, P, d)
+    if n:
+        li, lut = _consts(layout)
+        load().coded_expand(page_ids.to(torch.int32).contiguous(), page_lens.to(torch.int32).contiguous(), k, v,
+                            pool.k_codes, pool.k_radius, pool.k_mean, pool.v_codes, pool.v_scale, pool.v_zero, lut, li,
+                            layout.value_bits, layout.value_group, layout.has_mean)
+    k = k @ layout.key_rotation.to(torch.float32)
+    if layout.value_rotation is not None:
+        v = v @ layout.value_rotation.to(torch.float32)
+    return k, v
 
 
 def dense_prefix_attention_cpu(q, k_pages, v_pages, items, page_ids, page_lens, out, lse, *, num_kv_heads: int,

@@ -436,10 +436,18 @@ class SphKVStore:
         self._counters["pages_demoted"] += len(moves)
 
     def _decode(self, layer: int, tier: int, phys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion only, never attention)."""
+        """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion and copy-on-write, never
+        attention)."""
         ids = self._page_ids(phys)
-        k, v = _ADA.decode(self.arenas[tier][layer], ids, torch.full_like(ids, self.P))     # [n * H * P, d]
         shape = (phys.numel(), self.H, self.P, self.d)
+        if self._encoders is not None:                 # CPU: the C++ page expansion (sphkv_kernels.cpu_decode)
+            from sphkv_kernels.cpu_decode import coded_expand_cpu
+            from sphkv_kernels.layout import CodedLayout
+
+            k, v = coded_expand_cpu(self.arenas[tier][layer], ids, torch.full_like(ids, self.P),
+                                    layout=CodedLayout.from_config(self.tiers[tier].config))
+            return k.view(shape), v.view(shape)
+        k, v = _ADA.decode(self.arenas[tier][layer], ids, torch.full_like(ids, self.P))     # [n * H * P, d]
         return k.view(shape), v.view(shape)
 
     # -- retention signal, free, accounting ---------------------------------------------------------

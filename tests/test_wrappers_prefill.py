@@ -184,3 +184,23 @@ def test_cascade_reads_shared_pages_once_and_matches_oracle(q_lens, flash):
     for out, lse in outs:
         torch.testing.assert_close(out.double(), ref_out, atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(lse.double(), ref_lse, atol=2e-4, rtol=2e-4)
+
+
+def test_coded_expand_cpu_equals_the_codec_decode():
+    """The C++ page expansion used for copy-on-write / demotion reads equals the codec's decode (original domain),
+    partial pages included (zeros past a page's length)."""
+    from sphkv.pages.arenas import TIER_KINDS
+    from sphkv_kernels.layout import CodedLayout
+
+    ts = _tiers(16, ("sphkv-3", "sphkv-2"))
+    cache = random_paged_cache(ts.tiers, seq_lens=[61, 37], num_kv_heads=2, head_dim=64, page_size=16, seed=3)
+    for t in (1, 2):
+        pool = cache.pools[t]
+        ids = torch.arange(min(pool.num_pages, 5), dtype=torch.int32)
+        lens = torch.tensor([16, 9, 1, 16, 4][:ids.numel()], dtype=torch.int32)
+        k, v = cpu_decode.coded_expand_cpu(pool, ids, lens, layout=CodedLayout.from_config(ts.tiers[t].config))
+        rk, rv = TIER_KINDS["ada"].decode(pool, ids.long(), lens.long())
+        valid = torch.arange(16)[None, :] < lens[:, None]
+        torch.testing.assert_close(k[valid], rk, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v[valid], rv, atol=1e-4, rtol=1e-4)
+        assert bool((k[~valid] == 0).all()) and bool((v[~valid] == 0).all())
