@@ -106,6 +106,12 @@ class SphKVAttnBackend(AttentionBackend):
         # (SPHKV_CPU_FLASH names another route: "float32", "off")
         self.extend_options = None if backend != "cpu" else {"flash": os.environ.get("SPHKV_CPU_FLASH") or (
             "float32" if self.store.dtype == torch.float32 else "bfloat16")}
+        # the new tokens' own attention when merged with a cached prefix: the model dtype (ATen's flash kernel, as
+        # SGLang's torch_native SDPA and an uncached request run it) when the prefix part is in bfloat16 tiles too;
+        # float32 otherwise. Measured on the partial-page reuse prompt of tests/test_sglang_server.py (2026-12-02):
+        # first-token logprob cold -1.6615, warm (230 cached) -1.6800 with bf16 vs -1.7213 with float32 (sphkv-8).
+        flash = (self.extend_options or {}).get("flash")
+        self._ragged_dtype = None if flash == "bfloat16" else torch.float32
         self.forward_metadata: _BatchPlan | None = None
         self._decodes = 0
         self.window = SlidingWindowAttention(self)
@@ -215,7 +221,7 @@ class SphKVAttnBackend(AttentionBackend):
         """New tokens: causal attention among themselves (:func:`~sphkv_sglang.ragged.ragged_attention`, the
         whole batch in one call), merged by log-sum-exp with the wrapper's prefix attention."""
         o, lse = ragged_attention(q3, k3, v3, plan.q_lens, scale=layer.scaling, causal=causal, cap=cap,
-                                  compute_dtype=torch.float32 if plan.has_prefix else None)
+                                  compute_dtype=self._ragged_dtype if plan.has_prefix else None)
         if plan.has_prefix:                           # merge with the cached prefix's state (rows without one: lse -inf)
             pre_o, pre_lse = self.wrapper.run(q3, self.store.layer_cache(local), sm_scale=layer.scaling,
                                               logits_soft_cap=cap, return_lse=True)
