@@ -16,8 +16,8 @@ one token-major key/value tile (page means added to the keys), and ATen's CPU fl
 (``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel SGLang's ``torch_native`` SDPA runs)
 attends all of the row's queries — new tokens x GQA group, folded into the rows of one head — to it; the
 tiles' (output, log-sum-exp) states merge in float32. Per-page logits cost 17.6 ms for 300 new tokens
-over 24 coded 64-token pages (3 kv heads, 9 query heads, one thread), the flash route 8.8 ms (float32)
-or 4.6 ms (bfloat16 tiles and queries; float32 accumulation). The tile is at most 8 pages: a
+over 24 coded 64-token pages (3 kv heads, 9 query heads, one thread), the flash route 9.8 ms (float32)
+or 4.5 ms (bfloat16 tiles and queries; float32 accumulation) (``benchmarks/results/seam-cpu-path.json``). The tile is at most 8 pages: a
 cache-sized block, never the whole prefix.
 
 The source is compiled with ``torch.utils.cpp_extension.load_inline`` (cached under
