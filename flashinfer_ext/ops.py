@@ -8,7 +8,8 @@ implementation does nothing. A mutated argument is never optional: torch 2.11's 
 bookkeeping (``custom_ops.adinplaceorview_impl``) fails with ``IndexError`` on a mutated ``Tensor?``
 passed as ``None``, so "absent" travels as an empty tensor (:func:`absent`, ``numel() == 0``).
 ``backend`` is ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``),
-``"cpu"`` (the C++ CPU kernels of :mod:`sphkv_kernels.cpu_decode`; decode ops) or ``"reference"``
+``"cpu"`` (the C++ CPU kernels of :mod:`sphkv_kernels.cpu_decode` (decode ops) and
+:mod:`sphkv_kernels.cpu_encode` (``encode_pages``)) or ``"reference"``
 (pure PyTorch, any device). A coded tier's codec travels as ``config``: the JSON
 of its :class:`sphkv.SphKVConfig` (see :func:`config_key`).
 """
@@ -137,7 +138,10 @@ def _(part_o, part_lse, slot_ptr, rotations, out, lse, num_kv_heads, rotate_mask
 def encode_pages(k: torch.Tensor, v: torch.Tensor, page_ids: torch.Tensor, page_lens: torch.Tensor,
                  k_codes: torch.Tensor, k_radius: torch.Tensor, k_mean: torch.Tensor, v_codes: torch.Tensor,
                  v_scale: torch.Tensor, v_zero: torch.Tensor, config: str, backend: str) -> None:
-    fn = _pick(backend, _enc.encode_pages, _enc.encode_pages_reference)
+    from sphkv_kernels import cpu_encode
+
+    fn = _pick(backend, _enc.encode_pages, _enc.encode_pages_reference,
+               cpu_encode.encode_pages_cpu if cpu_encode.available() else _enc.encode_pages_reference)
     fn(k, v, page_ids, page_lens, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, layout=layout_of(config))
 
 

@@ -61,7 +61,7 @@ TILES_MIN_NEW_TOKENS = int(os.environ.get("SPHKV_TILES_MIN_NEW_TOKENS", "16"))
 # 117.8, 256 / 16 warps 71.7 (block_n 32: slower everywhere). Above head_dim 128: 64 (registers; not timed)
 TILES_BLOCK_M = 128
 _TILE_OPTIONS = ("extend", "block_m", "block_n", "num_warps", "num_stages", "pages_per_split", "programs_per_sm",
-                 "profile")
+                 "profile", "flash", "cascade")
 # tiles route, tier kernels: the Triton launchers or their pure-PyTorch references (same signatures)
 _LAUNCHERS = {
     "triton": (kd.coded_decode_partial, kd.dense_decode_partial, kd.merge_partials),
@@ -133,7 +133,11 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
             ``pages_per_split`` (default: split-K only while the token blocks leave the GPU short of
             ``programs_per_sm`` (default 4) programs per SM; the interpreter: no split); ``profile`` (timing
             diagnostics of the tensor-core kernel, the output is then wrong: 1 leaves the key expansion out, 2 the
-            value unpacking, 3 both; :func:`sphkv_kernels.decode.coded_decode_partial`).
+            value unpacking, 3 both; :func:`sphkv_kernels.decode.coded_decode_partial`). CPU backend: ``flash`` —
+            the extend route of :func:`sphkv_kernels.cpu_decode.coded_prefix_attention_cpu` (``"bfloat16"``,
+            ``"float32"`` or ``"off"``; default :data:`sphkv_kernels.cpu_decode.FLASH`); ``cascade`` — requests
+            that share leading pages read them once, all their queries as rows of one item
+            (:mod:`sphkv_kernels.cpu_cascade`; default ``True``).
         """
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads={num_qo_heads} must be a multiple of num_kv_heads={num_kv_heads}")
@@ -178,33 +182,18 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
                 qo_indptr, paged_kv_indptr, paged_kv_indices, page_tiers, page_lens, num_qo_heads, num_kv_heads,
                 head_dim, page_size, backend, device))
             return
-        kv_indptr = paged_kv_indptr.to(device=device, dtype=torch.int64)
-        tiers = page_tiers.to(device=device, dtype=torch.int64)
-        counts = kv_indptr[1:] - kv_indptr[:-1]
-        row_of = torch.repeat_interleave(torch.arange(rows, device=device), counts)
-        num_t = len(self._tiers)
-        key = tiers * rows + row_of
-        order = torch.sort(key, stable=True).indices
-        grp = torch.bincount(key, minlength=num_t * rows).view(num_t, rows)
-        per_tier = grp.sum(1).tolist()                     # host values: the CPU backend only
-        r_all = torch.arange(rows, device=device)
-        b_of, h_of = r_all // num_kv_heads, r_all % num_kv_heads
-        q_start, q_len = qo_indptr[:-1][b_of], (qo_indptr[1:] - qo_indptr[:-1])[b_of]
-        items, base = [], 0
-        ids = paged_kv_indices.to(device=device, dtype=torch.int32)
-        lens = page_lens.to(device=device, dtype=torch.int32)
-        for t in range(num_t):
-            n_t = per_tier[t]
-            ent = order[base:base + n_t]
-            base += n_t
-            if n_t == 0:
-                items.append(None)
-                continue
-            start = torch.cumsum(grp[t], 0) - grp[t]
-            keep = (grp[t] > 0) & (q_len > 0)
-            it = torch.stack([q_start, q_len, h_of, start, start + grp[t], torch.zeros_like(start)], 1)[keep]
-            items.append((it.contiguous(), ids[ent].contiguous(), lens[ent].contiguous()))
-        self._plan = dict(common, items=items, rotations=self._rotations(device))
+        from sphkv_kernels.cpu_cascade import cpu_items
+
+        # per tier, passes of CPU-kernel items; requests sharing leading pages read them once (cascade)
+        items = cpu_items(qo_indptr, paged_kv_indptr, paged_kv_indices, page_tiers, page_lens,
+                          num_kv_heads=num_kv_heads, num_tiers=len(self._tiers),
+                          cascade=bool(kopt.get("cascade", True)))
+        flash = kopt.get("flash")
+        if flash is not None:
+            from sphkv_kernels.cpu_decode import _flash_code
+
+            _flash_code(str(flash))                           # a clear error now, not at run()
+        self._plan = dict(common, items=items, rotations=self._rotations(device), flash=flash)
 
     def _rotations(self, device):
         rot = []
@@ -379,25 +368,24 @@ class BatchPrefillWithSphKVPagedKVCacheWrapper:
         out = torch.zeros(n, hq, d)
         lse = torch.full((n, hq), float("-inf"))
         qrot = {}
-        for t, entry in enumerate(pl["items"]):
-            if entry is None:
-                continue
-            items, ids, lens = entry
-            lay = self._layouts[t]
-            if lay is None:
-                c = _tier_tensors(kv_cache[t], True)
-                cpu.dense_prefix_attention_cpu(qf, c["k"], c["v"], items, ids, lens, out, lse,
-                                               num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap, merge=True)
-            else:
-                rk, rv = pl["rotations"][t]
-                key = rk.data_ptr()
-                if key not in qrot:
-                    qrot[key] = (qf @ rk).contiguous()
-                c = _tier_tensors(kv_cache[t], False)
-                cpu.coded_prefix_attention_cpu(qrot[key], *(c[k] for k in _CODED_NAMES), items, ids, lens, out, lse,
-                                               layout=lay, num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
-                                               soft_cap=logits_soft_cap, merge=True, value_rotation=rv)
+        for t, passes in enumerate(pl["items"]):
+            for items, ids, lens in passes:
+                lay = self._layouts[t]
+                if lay is None:
+                    c = _tier_tensors(kv_cache[t], True)
+                    cpu.dense_prefix_attention_cpu(qf, c["k"], c["v"], items, ids, lens, out, lse,
+                                                   num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
+                                                   soft_cap=logits_soft_cap, merge=True, flash=pl["flash"])
+                else:
+                    rk, rv = pl["rotations"][t]
+                    key = rk.data_ptr()
+                    if key not in qrot:
+                        qrot[key] = (qf @ rk).contiguous()
+                    c = _tier_tensors(kv_cache[t], False)
+                    cpu.coded_prefix_attention_cpu(qrot[key], *(c[k] for k in _CODED_NAMES), items, ids, lens, out, lse,
+                                                   layout=lay, num_kv_heads=pl["num_kv_heads"], sm_scale=scale,
+                                                   soft_cap=logits_soft_cap, merge=True, value_rotation=rv,
+                                                   flash=pl["flash"])
         if not return_lse:
             return out
         return out, lse * math.log(2.0)

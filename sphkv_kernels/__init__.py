@@ -7,7 +7,9 @@
 * :mod:`~sphkv_kernels.extend` — the pure-PyTorch extend reference (prefill over a coded prefix);
 * :mod:`~sphkv_kernels.extend_tiles` — the extend schedule of the tensor-core kernel's block-of-new-tokens form;
 * :mod:`~sphkv_kernels.cpu_decode` — the CPU kernels (C++, compiled on first use): paged attention over
-  coded and dense tier pages in page-sized tiles, decode-partial and many-queries-per-row forms;
+  coded and dense tier pages in page-sized tiles, decode-partial and many-queries-per-row forms (extend:
+  8-page tiles through ATen's CPU flash kernel);
+* :mod:`~sphkv_kernels.cpu_encode` — the CPU page encoder (C++), the CPU form of ``encode_pages``;
 * :mod:`~sphkv_kernels.layout` — the compile-time description of a coded tier.
 
 Importing this package neither imports Triton eagerly nor patches anything. Kernels run on CUDA, or

@@ -10,6 +10,16 @@ dequantized into another, logits for all queries of the row (GQA group x new tok
 tile, and an online softmax accumulates in float32. No dense copy of a prefix exists beyond one
 page tile; nothing is written to the arenas.
 
+Extend rows with many new tokens (``>= FLASH_MIN_TOKENS``, no soft cap) take the *flash route* instead
+(``flash="float32"`` / ``"bfloat16"``, :data:`FLASH`): up to ``FLASH_PAGES`` (8) pages are expanded into
+one token-major key/value tile (page means added to the keys), and ATen's CPU flash-attention kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel SGLang's ``torch_native`` SDPA runs)
+attends all of the row's queries — new tokens x GQA group, folded into the rows of one head — to it; the
+tiles' (output, log-sum-exp) states merge in float32. Per-page logits cost 17.6 ms for 300 new tokens
+over 24 coded 64-token pages (3 kv heads, 9 query heads, one thread), the flash route 9.8 ms (float32)
+or 4.5 ms (bfloat16 tiles and queries; float32 accumulation) (``benchmarks/results/seam-cpu-path.json``). The tile is at most 8 pages: a
+cache-sized block, never the whole prefix.
+
 The source is compiled with ``torch.utils.cpp_extension.load_inline`` (cached under
 ``~/.cache/torch_extensions``, keyed by a hash of the source). :func:`load` returns ``None`` (logged
 once) when no compiler is available or ``SPHKV_CPU_KERNEL=0``; callers then use the pure-PyTorch
@@ -26,7 +36,7 @@ import torch
 
 from .layout import CodedLayout
 
-__all__ = ["load", "available", "coded_decode_partial_cpu", "dense_decode_partial_cpu",
+__all__ = ["load", "available", "coded_decode_partial_cpu", "dense_decode_partial_cpu", "coded_expand_cpu",
            "coded_prefix_attention_cpu", "dense_prefix_attention_cpu", "LOG2E"]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +60,7 @@ _SOURCE = r"""
 namespace {
 
 constexpr int64_t PROF_NO_KEYS = 1 << 16, PROF_NO_VALUES = 1 << 17;  // timing only
+constexpr int64_t FLASH_PAGES = 8;                                   // pages per key tile of the flash route
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // 2**x for x <= 0 (softmax weights), vectorizable; relative error < 1e-8 + float rounding; -inf and x < -126 give 0.
@@ -283,7 +294,7 @@ template <typename Src>
 void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, const torch::Tensor& page_ids,
             const torch::Tensor& page_lens, torch::Tensor& out_o, torch::Tensor& out_lse,
             const c10::optional<torch::Tensor>& logits, int64_t num_kv_heads, double scale_log2, double soft_cap,
-            int64_t mode, int64_t mm_threshold, const float* vr = nullptr) {
+            int64_t mode, int64_t mm_threshold, const float* vr = nullptr, int64_t flash = 0) {
   const int64_t Hq = q.size(1), d = q.size(2), G = Hq / num_kv_heads, P = src.P;
   const int64_t W = items.size(0);
   const float* qp = q.data_ptr<float>();
@@ -310,6 +321,68 @@ void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, 
           float* qd = Qb.data() + (t * G + g) * d;
           for (int64_t i = 0; i < d; ++i) qd[i] = qs[i] * sc;
         }
+      // Flash route (extend, modes 1-2, no soft cap): up to FLASH_PAGES pages at a time are expanded into a token-major
+      // tile [n, d] (keys with their page mean added, values in the storage domain) and ATen's CPU flash-attention
+      // kernel attends all M = T * G rows of the item (GQA group folded into rows: one kv head) to it, in float32 or
+      // bfloat16 (flash & 0xff = 1 / 2); the tiles' (output, log-sum-exp) states merge into (acc, m) here.
+      const int64_t fdt = flash & 0xff, fmin = flash >> 8;
+      if (fdt != 0 && mode != 0 && soft_cap == 0 && lg == nullptr && T >= fmin) {
+        const auto st = fdt == 2 ? torch::kBFloat16 : torch::kFloat32;
+        const double sm = scale_log2 / 1.4426950408889634;
+        torch::Tensor Qf = torch::empty({1, 1, M, d}, torch::kFloat32);
+        float* qf = Qf.data_ptr<float>();
+        for (int64_t t = 0; t < T; ++t)
+          std::memcpy(qf + t * G * d, qp + ((t0 + t) * Hq + h * G) * d, sizeof(float) * G * d);
+        const torch::Tensor Qc = fdt == 2 ? Qf.to(st) : Qf;
+        torch::Tensor Kt = torch::empty({FLASH_PAGES * P, d}, torch::kFloat32);
+        torch::Tensor Vt = torch::empty({FLASH_PAGES * P, d}, torch::kFloat32);
+        float* kt = Kt.data_ptr<float>();
+        float* vt = Vt.data_ptr<float>();
+        for (int64_t e = e0; e < e1;) {
+          int64_t n = 0, pages = 0;
+          for (; e < e1 && pages < FLASH_PAGES; ++e) {
+            const int64_t page = pid[e], np = plen[e];
+            if (np <= 0) continue;
+            const at::BFloat16* mean = nullptr;
+            const float* K = src.keys(page, np, scr, &mean);                               // [d, P] planar
+            for (int64_t x = 0; x < d; ++x) {
+              const float mu = mean != nullptr ? static_cast<float>(mean[x]) : 0.f;
+              const float* kx = K + x * P;
+              for (int64_t t = 0; t < np; ++t) kt[(n + t) * d + x] = kx[t] + mu;
+            }
+            const float* V = src.values(page, np, scr);
+            for (int64_t x = 0; x < d; ++x) {
+              const float* vx = V + x * P;
+              for (int64_t t = 0; t < np; ++t) vt[(n + t) * d + x] = vx[t];
+            }
+            n += np; ++pages;
+          }
+          if (n == 0) continue;
+          auto Kc = Kt.narrow(0, 0, n).view({1, 1, n, d});
+          auto Vc = Vt.narrow(0, 0, n).view({1, 1, n, d});
+          if (fdt == 2) { Kc = Kc.to(st); Vc = Vc.to(st); }
+          auto res = at::_scaled_dot_product_flash_attention_for_cpu(Qc, Kc, Vc, 0.0, false, c10::nullopt, sm);
+          const torch::Tensor oc = std::get<0>(res).to(torch::kFloat32).contiguous();
+          const torch::Tensor lc = std::get<1>(res).to(torch::kFloat32).contiguous();
+          const float* ocp = oc.data_ptr<float>();
+          const float* lcp = lc.data_ptr<float>();
+          for (int64_t i = 0; i < M; ++i) {
+            const float lt = lcp[i] * 1.4426950408889634f;
+            float* ai = acc.data() + i * d;
+            const float* oi = ocp + i * d;
+            if (m[i] == NEG_INF) {
+              for (int64_t x = 0; x < d; ++x) ai[x] = oi[x];
+              m[i] = lt;
+            } else {
+              const float mx = std::max(m[i], lt), wa = std::exp2(m[i] - mx), wb = std::exp2(lt - mx), sw = wa + wb;
+              const float is = 1.f / sw;
+              for (int64_t x = 0; x < d; ++x) ai[x] = (ai[x] * wa + oi[x] * wb) * is;
+              m[i] = mx + std::log2(sw);
+            }
+          }
+        }
+        for (int64_t i = 0; i < M; ++i) l[i] = m[i] == NEG_INF ? 0.f : 1.f;
+      } else {
       const bool use_mm = M >= (mm_threshold & 0xffff);
       torch::Tensor Qt, At;
       if (use_mm) {
@@ -379,6 +452,7 @@ void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, 
           At.addmm_(St, torch::from_blob(const_cast<float*>(V), {n, d}, {1, P}, torch::kFloat32));
         }
       }
+      }
       for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t i = t * G + g;
@@ -432,7 +506,7 @@ void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, 
                   torch::Tensor k_codes, torch::Tensor k_radius, torch::Tensor k_mean, torch::Tensor v_codes,
                   torch::Tensor v_scale, torch::Tensor v_zero, torch::Tensor lut, torch::Tensor level_info,
                   int64_t vbits, int64_t vgroup, bool has_mean, int64_t num_kv_heads, double scale_log2,
-                  double soft_cap, int64_t mode, int64_t mm_threshold, c10::optional<torch::Tensor> vrot) {
+                  double soft_cap, int64_t mode, int64_t mm_threshold, c10::optional<torch::Tensor> vrot, int64_t flash) {
   CodedSrc s;
   s.P = k_codes.size(1); s.d = q.size(2); s.kb = k_codes.size(2); s.vb = v_codes.size(2);
   s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
@@ -454,27 +528,89 @@ void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, 
                 "value rotation must be a contiguous float32 [d, d] tensor");
     vr = vrot->data_ptr<float>();
   }
-  attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold, vr);
+  attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold, vr,
+         flash);
+}
+
+// Expand whole coded pages: k_out / v_out [n, P, d] float32 — keys in the rotated domain with the page mean added,
+// values in the storage domain (tokens >= page_lens[i] are zero). Copy-on-write / demotion reads, not attention.
+void coded_expand(torch::Tensor page_ids, torch::Tensor page_lens, torch::Tensor k_out, torch::Tensor v_out,
+                  torch::Tensor k_codes, torch::Tensor k_radius, torch::Tensor k_mean, torch::Tensor v_codes,
+                  torch::Tensor v_scale, torch::Tensor v_zero, torch::Tensor lut, torch::Tensor level_info,
+                  int64_t vbits, int64_t vgroup, bool has_mean) {
+  CodedSrc s;
+  s.P = k_codes.size(1); s.d = k_out.size(2); s.kb = k_codes.size(2); s.vb = v_codes.size(2);
+  s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
+  s.vc = v_codes.data_ptr<uint8_t>(); s.vs = v_scale.data_ptr<at::Half>(); s.vz = v_zero.data_ptr<at::Half>();
+  s.nvg = v_scale.size(2);
+  const float* lp = lut.data_ptr<float>();
+  const int64_t nl = lut.size(0);
+  std::vector<float> cosT(nl), sinT(nl);
+  for (int64_t i = 0; i < nl; ++i) { cosT[i] = lp[2 * i]; sinT[i] = lp[2 * i + 1]; }
+  s.cosT = cosT.data(); s.sinT = sinT.data();
+  const int64_t* li = level_info.data_ptr<int64_t>();
+  s.L = int(level_info.size(0));
+  TORCH_CHECK(s.L <= 8, "unsupported layout");
+  for (int l = 0; l < s.L; ++l) { s.lb[l] = int(li[3 * l]); s.lo[l] = int(li[3 * l + 1]); s.lt[l] = int(li[3 * l + 2]); }
+  s.vbits = int(vbits); s.vgroup = int(vgroup); s.has_mean = has_mean;
+  const int64_t n = page_ids.size(0), P = s.P, d = s.d;
+  const int32_t* pid = page_ids.data_ptr<int32_t>();
+  const int32_t* plen = page_lens.data_ptr<int32_t>();
+  float* ko = k_out.data_ptr<float>();
+  float* vo = v_out.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    Scratch scr(d, P, s.bytes(), s.groups());
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t np = plen[i];
+      float* kd = ko + i * P * d;
+      float* vd = vo + i * P * d;
+      std::fill(kd, kd + P * d, 0.f);
+      std::fill(vd, vd + P * d, 0.f);
+      if (np <= 0) continue;
+      const at::BFloat16* mean = nullptr;
+      const float* K = s.keys(pid[i], np, scr, &mean);
+      for (int64_t x = 0; x < d; ++x) {
+        const float mu = mean != nullptr ? static_cast<float>(mean[x]) : 0.f;
+        for (int64_t t = 0; t < np; ++t) kd[t * d + x] = K[x * P + t] + mu;
+      }
+      const float* V = s.values(pid[i], np, scr);
+      for (int64_t x = 0; x < d; ++x)
+        for (int64_t t = 0; t < np; ++t) vd[t * d + x] = V[x * P + t];
+    }
+  });
 }
 
 void dense_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, torch::Tensor page_lens,
                   torch::Tensor out_o, torch::Tensor out_lse, c10::optional<torch::Tensor> logits,
                   torch::Tensor k_pages, torch::Tensor v_pages, int64_t num_kv_heads, double scale_log2,
-                  double soft_cap, int64_t mode, int64_t mm_threshold) {
+                  double soft_cap, int64_t mode, int64_t mm_threshold, int64_t flash) {
   const int64_t P = k_pages.size(1), d = k_pages.size(2);
   if (k_pages.scalar_type() == torch::kBFloat16) {
     DenseSrc<at::BFloat16> s{k_pages.data_ptr<at::BFloat16>(), v_pages.data_ptr<at::BFloat16>(), P, d};
-    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
+    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold, nullptr, flash);
   } else if (k_pages.scalar_type() == torch::kHalf) {
     DenseSrc<at::Half> s{k_pages.data_ptr<at::Half>(), v_pages.data_ptr<at::Half>(), P, d};
-    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
+    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold, nullptr, flash);
   } else {
     TORCH_CHECK(k_pages.scalar_type() == torch::kFloat32, "dense pages must be bf16, fp16 or fp32");
     DenseSrc<float> s{k_pages.data_ptr<float>(), v_pages.data_ptr<float>(), P, d};
-    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold);
+    attend(s, q, items, page_ids, page_lens, out_o, out_lse, logits, num_kv_heads, scale_log2, soft_cap, mode, mm_threshold, nullptr, flash);
   }
 }
 """
+
+_FLASH_CODES = {"off": 0, "float32": 1, "bfloat16": 2}
+# extend (many queries per row): the flash route's tile dtype unless a call names one (SPHKV_CPU_FLASH)
+FLASH = os.environ.get("SPHKV_CPU_FLASH", "float32")
+FLASH_MIN_TOKENS = 16      # new tokens of an item from which the flash route is taken (fewer: the per-page route)
+
+
+def _flash_code(flash: str | None) -> int:
+    name = FLASH if flash is None else flash
+    if name not in _FLASH_CODES:
+        raise ValueError(f"flash={name!r} (SPHKV_CPU_FLASH?); allowed: {tuple(_FLASH_CODES)}")
+    return _FLASH_CODES[name] | (FLASH_MIN_TOKENS << 8) if _FLASH_CODES[name] else 0
+
 
 _lock = threading.Lock()
 _module = None
@@ -497,7 +633,7 @@ def load():
 
             tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:10]
             _module = load_inline(name=f"sphkv_cpu_attn_{tag}", cpp_sources=_SOURCE,
-                                  functions=["coded_attend", "dense_attend"],
+                                  functions=["coded_attend", "dense_attend", "coded_expand"],
                                   extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp-simd"], verbose=False)
             logger.info("sphkv: CPU attention kernel loaded (%s)", tag)
         except Exception as e:                                   # no compiler, no headers, build error
@@ -558,7 +694,7 @@ def coded_decode_partial_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale,
     mod.coded_attend(q_rot.contiguous().float(), decode_items(work, num_kv_heads), page_ids, page_lens, part_o,
                      part_lse, logits, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, lut, li,
                      layout.value_bits, layout.value_group, layout.has_mean, num_kv_heads,
-                     float(sm_scale) * LOG2E, 0.0, 0, MM_THRESHOLD, None)
+                     float(sm_scale) * LOG2E, 0.0, 0, MM_THRESHOLD, None, 0)
 
 
 def dense_decode_partial_cpu(q, k_pages, v_pages, work, page_ids, page_lens, part_o, part_lse, *, num_kv_heads: int,
@@ -572,13 +708,13 @@ def dense_decode_partial_cpu(q, k_pages, v_pages, work, page_ids, page_lens, par
         return
     load().dense_attend(q.contiguous().float(), decode_items(work, num_kv_heads), page_ids, page_lens, part_o,
                         part_lse, logits, k_pages, v_pages, num_kv_heads, float(sm_scale) * LOG2E, 0.0, 0,
-                        MM_THRESHOLD)
+                        MM_THRESHOLD, 0)
 
 
 def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, items, page_ids,
                                page_lens, out, lse, *, layout: CodedLayout, num_kv_heads: int, sm_scale: float,
                                soft_cap: float = 0.0, merge: bool = False,
-                               value_rotation: torch.Tensor | None = None) -> None:
+                               value_rotation: torch.Tensor | None = None, flash: str | None = None) -> None:
     """Many queries per row over one coded tier's pages (extend over a cached prefix).
 
     Parameters
@@ -595,6 +731,12 @@ def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scal
         accumulates over all tiers with no temporaries.
     value_rotation : ``[d, d]`` float32 — with ``merge``, the tier's normalized output is multiplied by
         it before merging (``layout.value_rotation``: back to the storage domain of the other tiers).
+    flash : how items of ``>= FLASH_MIN_TOKENS`` tokens are computed (``None``: :data:`FLASH`): ``"off"`` — per
+        page, logits from the page tile (ATen ``mm`` from ``MM_THRESHOLD`` rows); ``"float32"`` / ``"bfloat16"`` —
+        ``FLASH_PAGES`` pages at a time are expanded into a token-major key/value tile (page means added) and
+        ATen's CPU flash-attention kernel attends the item's rows (tokens x GQA group as rows of one head) to it in
+        that dtype, float32 accumulation and log-sum-exp; the tiles' states are merged in float32. Soft-capped
+        calls always take the per-page route.
     """
     _check_cpu(q_rot, k_codes, items)
     if value_rotation is not None and not merge:
@@ -605,15 +747,36 @@ def coded_prefix_attention_cpu(q_rot, k_codes, k_radius, k_mean, v_codes, v_scal
     load().coded_attend(q_rot, items, page_ids, page_lens, out, lse, None, k_codes, k_radius, k_mean, v_codes,
                         v_scale, v_zero, lut, li, layout.value_bits, layout.value_group, layout.has_mean,
                         num_kv_heads, float(sm_scale) * LOG2E, float(soft_cap), 2 if merge else 1, MM_THRESHOLD,
-                        value_rotation)
+                        value_rotation, _flash_code(flash))
+
+
+def coded_expand_cpu(pool, page_ids: torch.Tensor, page_lens: torch.Tensor, *, layout: CodedLayout):
+    """Dense keys and values of coded pages, ``(k, v)`` ``[n, P, d]`` float32 in the original domain (tokens past
+    ``page_lens[i]`` are zero): ``pool`` a coded :class:`sphkv.pool.TierPool` (CPU), ``page_ids`` / ``page_lens``
+    ``[n]``. The C++ page expansion of the attention kernels, then the inverse rotations — what
+    ``sphkv.pages.arenas``' ADA ``decode`` computes, for copy-on-write and demotion reads (not attention)."""
+    _check_cpu(page_ids, pool.k_codes)
+    n, P, d = page_ids.numel(), layout.page_size, layout.head_dim
+    k = torch.empty(n, P, d)
+    v = torch.empty(n, P, d)
+    if n:
+        li, lut = _consts(layout)
+        load().coded_expand(page_ids.to(torch.int32).contiguous(), page_lens.to(torch.int32).contiguous(), k, v,
+                            pool.k_codes, pool.k_radius, pool.k_mean, pool.v_codes, pool.v_scale, pool.v_zero, lut, li,
+                            layout.value_bits, layout.value_group, layout.has_mean)
+    k = k @ layout.key_rotation.to(torch.float32)
+    if layout.value_rotation is not None:
+        v = v @ layout.value_rotation.to(torch.float32)
+    return k, v
 
 
 def dense_prefix_attention_cpu(q, k_pages, v_pages, items, page_ids, page_lens, out, lse, *, num_kv_heads: int,
-                               sm_scale: float, soft_cap: float = 0.0, merge: bool = False) -> None:
+                               sm_scale: float, soft_cap: float = 0.0, merge: bool = False,
+                               flash: str | None = None) -> None:
     """Dense-page form of :func:`coded_prefix_attention_cpu` (``q`` ``[N, Hq, d]`` float32, not rotated;
-    ``merge`` as there)."""
+    ``merge`` and ``flash`` as there)."""
     _check_cpu(q, k_pages, items)
     if items.shape[0] == 0:
         return
     load().dense_attend(q, items, page_ids, page_lens, out, lse, None, k_pages, v_pages, num_kv_heads,
-                        float(sm_scale) * LOG2E, float(soft_cap), 2 if merge else 1, MM_THRESHOLD)
+                        float(sm_scale) * LOG2E, float(soft_cap), 2 if merge else 1, MM_THRESHOLD, _flash_code(flash))

@@ -52,6 +52,18 @@ def plan_phys_pages(cfg: SphKVServeConfig, *, num_pages: int, num_layers: int, n
     return tuple(max(1, p) for p in phys)
 
 
+def _cpu_encoders(tiers) -> list | None:
+    """One ``flashinfer_ext.SphKVPageEncoder`` per coded tier on the C++ CPU encoder, or ``None`` (no compiler,
+    ``SPHKV_CPU_KERNEL=0``: the codec's ``write_pages``)."""
+    from sphkv_kernels.cpu_encode import available
+
+    if not available():
+        return None
+    from flashinfer_ext import SphKVPageEncoder
+
+    return [SphKVPageEncoder(t, backend="cpu") for t in tiers]
+
+
 class SphKVStore:
     """Tiered angle-coded pages + dense staging for ``num_pages`` logical pages (page 0 = padding).
 
@@ -84,6 +96,7 @@ class SphKVStore:
                                staging_pages=cfg.num_staging_pages, page_size=self.P)
         self.page_mass = torch.zeros(num_pages, dtype=torch.float32)
         self.demotion_source: DemotionSource | None = None
+        self._encoders = _cpu_encoders(self.tiers) if torch.device(device).type == "cpu" else None
         self._layer_caches: dict[int, list] = {}
         self._plan = None
         self._static_reads: torch.Tensor | None = None      # [2] device-side read counts of static plans
@@ -121,7 +134,9 @@ class SphKVStore:
         kk, vv = k.reshape(-1, self.H, self.d), v.reshape(-1, self.H, self.d)
         if sel is not None:
             kk, vv = kk[sel], vv[sel]
-        if not (bool(torch.isfinite(kk).all()) and bool(torch.isfinite(vv).all())):
+        # one float32 sum per tensor is finite iff every element is (barring overflow, which only sends the
+        # exact per-row check below looking): a sum reduction is far cheaper than isfinite().all() on bf16
+        if not bool(torch.isfinite(kk.sum(dtype=torch.float32)) & torch.isfinite(vv.sum(dtype=torch.float32))):
             kk, nk = check_finite(kk, f"keys of layer {layer}", self.cfg.nonfinite)
             vv, nv = check_finite(vv, f"values of layer {layer}", self.cfg.nonfinite)
             self._counters["nonfinite_rows"] += nk + nv
@@ -348,8 +363,17 @@ class SphKVStore:
         return (phys[:, None] * self.H + torch.arange(self.H, device=phys.device)).reshape(-1)
 
     def _store_coded(self, layer: int, tier: int, phys: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor) -> None:
-        """Code full pages ``kd``, ``vd`` ``[n, H, P, d]`` into physical pages ``phys`` ``[n]`` of ``tier``."""
-        self.arenas[tier][layer].write_pages(self._page_ids(phys), kd.reshape(-1, self.d), vd.reshape(-1, self.d))
+        """Code full pages ``kd``, ``vd`` ``[n, H, P, d]`` into physical pages ``phys`` ``[n]`` of ``tier``: on CPU
+        through ``flashinfer_ext.SphKVPageEncoder`` (the C++ page encoder), elsewhere the arena's own
+        ``write_pages`` (the codec)."""
+        ids = self._page_ids(phys)
+        enc = self._encoders[tier] if self._encoders else None
+        if enc is None:
+            self.arenas[tier][layer].write_pages(ids, kd.reshape(-1, self.d), vd.reshape(-1, self.d))
+            return
+        n = ids.numel()
+        enc.encode(kd.reshape(n, self.P, self.d), vd.reshape(n, self.P, self.d), ids.to(torch.int32),
+                   torch.full((n,), self.P, dtype=torch.int32), self.arenas[tier][layer])
 
     # -- copy-on-write of a shared page's prefix ----------------------------------------------------
     def copy_page_prefix(self, src_page: int, dst_page: int, count: int) -> None:
@@ -412,10 +436,18 @@ class SphKVStore:
         self._counters["pages_demoted"] += len(moves)
 
     def _decode(self, layer: int, tier: int, phys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion only, never attention)."""
+        """Dense ``[n, H, P, d]`` float32 keys and values of coded pages (demotion and copy-on-write, never
+        attention)."""
         ids = self._page_ids(phys)
-        k, v = _ADA.decode(self.arenas[tier][layer], ids, torch.full_like(ids, self.P))     # [n * H * P, d]
         shape = (phys.numel(), self.H, self.P, self.d)
+        if self._encoders is not None:                 # CPU: the C++ page expansion (sphkv_kernels.cpu_decode)
+            from sphkv_kernels.cpu_decode import coded_expand_cpu
+            from sphkv_kernels.layout import CodedLayout
+
+            k, v = coded_expand_cpu(self.arenas[tier][layer], ids, torch.full_like(ids, self.P),
+                                    layout=CodedLayout.from_config(self.tiers[tier].config))
+            return k.view(shape), v.view(shape)
+        k, v = _ADA.decode(self.arenas[tier][layer], ids, torch.full_like(ids, self.P))     # [n * H * P, d]
         return k.view(shape), v.view(shape)
 
     # -- retention signal, free, accounting ---------------------------------------------------------

@@ -31,7 +31,7 @@ def device():
         yield dev
 
 
-def _encode_both(cfg, lens, device, seed):
+def _encode_both(cfg, lens, device, seed, encoder=encode_pages):
     g = torch.Generator().manual_seed(seed)
     d, p = cfg.head_dim, cfg.page_size
     w = len(lens)
@@ -40,7 +40,7 @@ def _encode_both(cfg, lens, device, seed):
     ids = torch.arange(1, w + 1, dtype=torch.int32, device=device)
     lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
     pools = []
-    for fn in (encode_pages, encode_pages_reference):
+    for fn in (encoder, encode_pages_reference):
         pool = TierPool(Tier("t", cfg), w + 2, head_dim=d, page_size=p, device=device)
         poison(*pool.tensors().values())
         fn(k, v, ids, lens_t, *pool.tensors().values(), layout=CodedLayout.from_pool(pool))
@@ -63,8 +63,29 @@ def test_encode_matches_codec(device, preset, head_dim, page_size, lens):
         # the interpreter's cost grows with the page tile (253 s for 64 x 128 on the shared 2-core machine):
         # a 16-token page with a partial fill keeps what this case checks (d = 128, 3-bit levels, partial page)
         page_size, lens = 16, [13]
+    _check_against_codec(encode_pages, device, preset, head_dim, page_size, lens)
+
+
+@pytest.mark.parametrize("preset,head_dim,page_size,lens", [
+    ("sphkv-4", 64, 16, [16, 9, 1]),
+    ("sphkv-2", 64, 64, [64, 17, 64]),
+    ("sphkv-3", 128, 64, [54, 64]),
+    ("sphkv-8", 32, 16, [16, 16]),
+    ("sphkv-4b", 64, 64, [63, 64, 5]),
+])
+def test_cpu_encoder_matches_codec(preset, head_dim, page_size, lens):
+    """The C++ CPU encoder (:mod:`sphkv_kernels.cpu_encode`, what the SGLang store codes pages with) under the
+    same tolerance as the Triton kernel."""
+    from sphkv_kernels import cpu_encode
+
+    if not cpu_encode.available():
+        pytest.skip("no C++ compiler for the CPU encoder")
+    _check_against_codec(cpu_encode.encode_pages_cpu, "cpu", preset, head_dim, page_size, lens)
+
+
+def _check_against_codec(encoder, device, preset, head_dim, page_size, lens):
     cfg = SphKVConfig.from_name(preset, head_dim=head_dim, page_size=page_size, value_group=min(64, head_dim))
-    (kp, rp), k, v = _encode_both(cfg, lens, device, seed=head_dim + len(lens))
+    (kp, rp), k, v = _encode_both(cfg, lens, device, seed=head_dim + len(lens), encoder=encoder)
     w = len(lens)
     sel = slice(1, w + 1)
     valid = _valid_mask(lens, page_size, device)
@@ -115,9 +136,22 @@ def test_encode_matches_codec(device, preset, head_dim, page_size, lens):
 
 @pytest.mark.parametrize("value_bits", [2, 3, 4, 8, 16])
 def test_encode_value_bits(device, value_bits):
+    _check_value_bits(encode_pages, device, value_bits)
+
+
+@pytest.mark.parametrize("value_bits", [2, 3, 4, 8, 16])
+def test_cpu_encoder_value_bits(value_bits):
+    from sphkv_kernels import cpu_encode
+
+    if not cpu_encode.available():
+        pytest.skip("no C++ compiler for the CPU encoder")
+    _check_value_bits(cpu_encode.encode_pages_cpu, "cpu", value_bits)
+
+
+def _check_value_bits(encoder, device, value_bits):
     cfg = SphKVConfig.from_name("sphkv-4", head_dim=64, page_size=16, value_bits=value_bits,
                                 value_group=32 if value_bits != 16 else 64, value_rotate=value_bits != 8)
-    (kp, rp), _, v = _encode_both(cfg, [16, 7], device, seed=value_bits)
+    (kp, rp), _, v = _encode_both(cfg, [16, 7], device, seed=value_bits, encoder=encoder)
     lens = [16, 7]
     valid = _valid_mask(lens, 16, device)
     vk = kp.vquant.decode(_vcode(kp, valid))

@@ -19,6 +19,9 @@ Rows:
   (``sphkv_sglang.ragged.ragged_attention``; ``_f32``: in float32, the backend's choice when the state is merged
   with a cached prefix) and the former per-request float32 loop (``ragged_attention_reference``); min / median of 3.
 
+* :func:`cpu_path_rows` — the flash route of an extend's prefix, the C++ page encoder and the cascade decode
+  (``--only-cpu-path``: these rows alone).
+
 Usage::
 
     python -m benchmarks.serving.seam --out /tmp/seam.json          # prints a table, writes JSON
@@ -173,21 +176,117 @@ def ragged_rows(batch: int, ctx: int, chunk: int = 4096) -> list[dict]:
     return rows
 
 
+def cpu_path_rows() -> list[dict]:
+    """Rows of this stop's CPU levers (SmolLM2 shapes; min / median of 3-5 runs):
+
+    * ``extend_prefix_{off,float32,bfloat16}`` — one layer's prefix part of an extend, 300 new tokens over 24 coded
+      64-token pages (3 kv heads, 9 query heads) through ``coded_prefix_attention_cpu``: the per-page route and the
+      flash route's two tile dtypes;
+    * ``page_coding_{codec,cpu}`` — ``SphKVStore.write`` of 16 requests x 128 new tokens, all 30 layers (pages coded
+      from the new K/V): the codec's ``write_pages`` vs the C++ encoder through ``SphKVPageEncoder``;
+    * ``decode_shared_{no_cascade,cascade}`` — plan + 30 layers of the prefill wrapper for a decode batch of 8
+      requests sharing 4 coded pages and owning one 40-token staged page each.
+    """
+    from flashinfer_ext import BatchPrefillWithSphKVPagedKVCacheWrapper
+    from sphkv import SphKVConfig
+    from sphkv.pool import TierPool
+    from sphkv.tiers import Tier
+    from sphkv_kernels import cpu_decode as cpu
+    from sphkv_kernels.layout import CodedLayout
+    from sphkv_kernels.testing import fill_random
+    from sphkv_sglang.config import SphKVServeConfig
+    from sphkv_sglang.store import SphKVStore
+
+    rows = []
+    P, D, H, G, T, NP = 64, 64, 3, 3, 300, 24
+    tier = Tier("sphkv-4", SphKVConfig.from_name("sphkv-4", head_dim=D, page_size=P))
+    pool = TierPool(tier, NP * H, head_dim=D, page_size=P)
+    fill_random(pool)
+    lay = CodedLayout.from_config(tier.config)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(T, H * G, D, generator=g)
+    items = torch.tensor([[0, T, h, h * NP, (h + 1) * NP, 0] for h in range(H)], dtype=torch.int64)
+    ids, lens = torch.arange(H * NP, dtype=torch.int32), torch.full((H * NP,), P, dtype=torch.int32)
+    c = pool.tensors()
+    for flash in ("off", "float32", "bfloat16"):
+        samples = []
+        for _ in range(4):
+            out, lse = torch.zeros(T, H * G, D), torch.full((T, H * G), float("-inf"))
+            t0 = clock()
+            cpu.coded_prefix_attention_cpu(q, *(c[k] for k in ("k_codes", "k_radius", "k_mean", "v_codes", "v_scale",
+                                                                 "v_zero")), items, ids, lens, out, lse, layout=lay,
+                                           num_kv_heads=H, sm_scale=0.125, merge=True, flash=flash)
+            samples.append(clock() - t0)
+        rows.append(_row(f"extend_prefix_{flash}", samples[1:], new_tokens=T, coded_pages=NP))
+    L = 30
+    for name in ("codec", "cpu"):
+        st = SphKVStore(SphKVServeConfig(preset="sphkv-4", page_size=P, max_running_requests=8), num_pages=400,
+                        num_layers=L, num_kv_heads=H, head_dim=D, dtype=torch.bfloat16)
+        if name == "codec":
+            st._encoders = None
+        loc = torch.arange(P, P + 16 * 128)
+        kv = [(torch.randn(loc.numel(), H, D, generator=g).bfloat16(), torch.randn(loc.numel(), H, D,
+                                                                                   generator=g).bfloat16())
+              for _ in range(L)]
+        samples = []
+        for _ in range(3):
+            st.reset()
+            t0 = clock()
+            for layer in range(L):
+                st.write(layer, loc, *kv[layer])
+            samples.append(clock() - t0)
+        rows.append(_row(f"page_coding_{name}", samples, requests=16, tokens=128, layers=L))
+    st = SphKVStore(SphKVServeConfig(preset="sphkv-4", page_size=P, max_running_requests=8), num_pages=400,
+                    num_layers=L, num_kv_heads=H, head_dim=D, dtype=torch.bfloat16)
+    B, SP, OWN = 8, 4, 40
+    rt = torch.zeros(B, 4096, dtype=torch.int64)
+    shared = torch.arange(P, (1 + SP) * P)
+    for b in range(B):
+        rt[b, :SP * P] = shared
+        rt[b, SP * P:(SP + 1) * P] = torch.arange((1 + SP + b) * P, (2 + SP + b) * P)
+    own = torch.cat([rt[b, SP * P:SP * P + OWN] for b in range(B)])
+    for loc in (shared, own):
+        for layer in range(L):
+            st.write(layer, loc, torch.randn(loc.numel(), H, D, generator=g).bfloat16(),
+                     torch.randn(loc.numel(), H, D, generator=g).bfloat16())
+    seq = torch.full((B,), SP * P + OWN)
+    qd = torch.randn(B, H * G, D, generator=g).bfloat16()
+    for cascade in (False, True):
+        w = BatchPrefillWithSphKVPagedKVCacheWrapper(tiers=st.wrapper_tiers, backend="cpu")
+        samples = []
+        for _ in range(6):
+            t0 = clock()
+            pp = st.plan_pages_static(rt, seq, SP + 1)
+            w.plan(torch.arange(B + 1), pp["indptr"], pp["indices"], pp["page_tiers"], None, H * G, H, D, P,
+                   page_lens=pp["page_lens"], device="cpu", kernel_options={"cascade": cascade})
+            for layer in range(L):
+                w.run(qd, st.layer_cache(layer), sm_scale=D ** -0.5)
+            samples.append(clock() - t0)
+        rows.append(_row("decode_shared_" + ("cascade" if cascade else "no_cascade"), samples[1:], batch=B,
+                         shared_pages=SP, own_tokens=OWN, layers=L))
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=576)
     ap.add_argument("--no-window", action="store_true", help="skip the sliding-window row (no SGLang needed)")
+    ap.add_argument("--only-cpu-path", action="store_true",
+                    help="only the extend-prefix / page-coding / shared-decode rows (cpu_path_rows)")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.ctx < 1:
         raise SystemExit(f"--batch {args.batch} and --ctx {args.ctx} must be >= 1")
     torch.set_num_threads(1)
-    rows = (store_rows(args.batch, args.ctx) + ([] if args.no_window else window_rows())
-            + ragged_rows(args.batch, args.ctx))
-    print(f"{'row':<16}{'min ms':>10}{'median ms':>12}")
+    if args.only_cpu_path:
+        rows = cpu_path_rows()
+    else:
+        rows = (store_rows(args.batch, args.ctx) + ([] if args.no_window else window_rows())
+                + ragged_rows(args.batch, args.ctx) + cpu_path_rows())
+    print(f"{'row':<26}{'min ms':>10}{'median ms':>12}")
     for r in rows:
-        print(f"{r['name']:<16}{r['min_ms']:>10.2f}{r['median_ms']:>12.2f}")
+        print(f"{r['name']:<26}{r['min_ms']:>10.2f}{r['median_ms']:>12.2f}")
     rec = dict(rows=rows, clock="process_time (one thread)", loadavg_1min=os.getloadavg()[0])
     with open(args.out, "w") as fh:
         json.dump(rec, fh, indent=1)
