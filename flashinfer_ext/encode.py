@@ -6,6 +6,7 @@ import torch
 
 from sphkv.pool import TierPool
 from sphkv.tiers import Tier
+from sphkv.validation import NonFiniteError
 from sphkv_kernels.layout import CodedLayout
 
 from . import ops  # noqa: F401  (registers the custom ops)
@@ -56,6 +57,11 @@ class SphKVPageEncoder:
         pool : the tier's :class:`sphkv.pool.TierPool` (its tensors are written in place).
         """
         backend = resolve_backend(self._backend, k.device)
+        if backend == "cpu":            # the C++ encoder has no NaN policy of its own: refuse instead of coding garbage
+            for name, x in (("k", k), ("v", v)):
+                if not bool(torch.isfinite(x).all()):
+                    raise NonFiniteError(f"SphKVPageEncoder.encode: {name} contains NaN/Inf; the CPU encoder codes "
+                                         f"finite pages only (zero or drop the bad tokens first, as the pool does)")
         if backend == "triton" and not CodedLayout.from_config(self.tier.config).kernel_compiles:
             backend = "reference"
         getattr(torch.ops, NAMESPACE).encode_pages(

@@ -306,3 +306,23 @@ def test_extend_reference_last_token_equals_decode(device):
            page_lens=torch.cat([cache.page_lens.cpu(), torch.tensor([m], dtype=torch.int32)]))
     dec = w.run(q[-1:].contiguous(), pools, sm_scale=0.125)
     torch.testing.assert_close(dec[0].float(), out[-1], atol=2e-2, rtol=2e-2)
+
+
+def test_cpu_encoder_refuses_non_finite_pages_and_writes_nothing():
+    """The C++ CPU encoder has no NaN policy: NaN/Inf input is a clear error and the arena is left untouched."""
+    from sphkv.validation import NonFiniteError
+
+    tier = Tier("sphkv-4", SphKVConfig.from_name("sphkv-4", head_dim=64, page_size=16))
+    pool = TierPool(tier, 3, head_dim=64, page_size=16)
+    before = {n: getattr(pool, n).clone() for n in ("k_codes", "k_radius", "v_codes", "v_scale")}
+    enc = SphKVPageEncoder(tier, backend="cpu")
+    for bad in ("k", "v"):
+        k, v = torch.randn(1, 16, 64), torch.randn(1, 16, 64)
+        (k if bad == "k" else v)[0, 5, 7] = float("nan") if bad == "k" else float("inf")
+        with pytest.raises(NonFiniteError, match=f"{bad} contains NaN/Inf"):
+            enc.encode(k, v, torch.tensor([1], dtype=torch.int32), torch.tensor([16], dtype=torch.int32), pool)
+    for n, t in before.items():
+        assert torch.equal(getattr(pool, n), t), n
+    enc.encode(torch.randn(1, 16, 64), torch.randn(1, 16, 64), torch.tensor([1], dtype=torch.int32),
+               torch.tensor([16], dtype=torch.int32), pool)
+    assert int((pool.k_radius[1] > 0).sum()) == 16
