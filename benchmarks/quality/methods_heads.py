@@ -1,0 +1,81 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Head-tiered ADA: the retrieval heads of the model at a high tier, every other (layer, kv head) at a base tier.
+
+* ``sphkv-rh4.5+sink`` — :data:`sphkv.headtiers.HEAD_PRESETS` ``"sphkv-rh4.5"``: the 4 first tokens of every
+  (layer, kv head) dense bf16, the rest coded at ``sphkv-4b`` except the best-ranked (layer, kv head)s of the
+  model's head table (``benchmarks/quality/retrieval_heads.json``, measured on the essays by
+  :mod:`benchmarks.quality.heads`), lifted to ``sphkv-8`` in rank order while the whole cache stays at
+  ≤ 4.5 bits per element (every byte counted: :func:`sphkv.headtiers.head_tiers`).
+* other ``sphkv-rh*`` names: candidate tier pairs, the same rule.
+
+The pages are written by :class:`sphkv.pages.PagedStore` over the preset's two-tier set (the store RDR writes its
+plans into; one tier per (layer, kv head) here) and attended through :func:`sphkv_hf.retention.store_prefix`
+(``CodedSegment`` from the store's own codes: logits from codes); the sinks through a ``DenseSegment``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from sphkv.headtiers import HEAD_PRESETS, HeadTierPreset, head_tiers
+from sphkv.pages import PagedStore
+from sphkv_hf.retention import store_prefix
+from sphkv_hf.segments import DenseSegment
+
+from .heads import load_table
+from .methods import CompressedPrefix, PrefillContext, register
+
+__all__ = ["HeadTiered", "CANDIDATES"]
+
+
+@dataclass
+class HeadTiered:
+    preset: HeadTierPreset
+    name: str = "sphkv-rh"
+    budget_fraction: float | None = None
+    table: dict | None = None                         # default: load_table(model config) at the first build
+    last_tiers: torch.Tensor | None = field(default=None, repr=False)   # [L, Hkv] of the last build
+
+    def tiers_for(self, ctx: PrefillContext) -> torch.Tensor:
+        """``[L, Hkv]`` int64: 0 = high tier, 1 = base tier, for this context's shape."""
+        table = self.table if self.table is not None else load_table(ctx.model_config)
+        return head_tiers(self.preset, [tuple(p) for p in table["order"]], num_layers=ctx.num_layers,
+                          num_kv_heads=ctx.num_kv_heads, num_tokens=ctx.num_tokens, head_dim=ctx.head_dim)
+
+    def build(self, ctx: PrefillContext) -> CompressedPrefix:
+        s, hkv, n = self.preset.dense_sinks, ctx.num_kv_heads, ctx.num_tokens
+        ts = self.preset.tierset(ctx.head_dim)
+        tiers = self.tiers_for(ctx)
+        pages = -(-(n - s) // ts.page_size)
+        per_tier = [int((tiers == t).sum()) * pages for t in range(len(ts))]
+        store = PagedStore(ts, per_tier, num_layers=ctx.num_layers, num_kv_heads=hkv)
+        plan = torch.full((hkv, n), len(ts), dtype=torch.int64)                 # sinks: not in the store
+        for l, (k, v) in enumerate(zip(ctx.keys, ctx.values)):
+            plan[:, s:] = tiers[l][:, None]
+            store.write_plan(l, k.to(torch.float32), v.to(torch.float32), plan)
+        segments = store_prefix(store)
+        if s:
+            pos = torch.arange(s)[None, None].expand(1, hkv, s)
+            segments = [[DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=ts.page_size, positions=pos)]
+                        + segs for k, v, segs in zip(ctx.keys, ctx.values, segments)]
+        self.last_tiers = tiers
+        return CompressedPrefix.of(segments, ctx)
+
+    def extra_row(self) -> dict:
+        if self.last_tiers is None:
+            return {}
+        return {"high_heads": [[int(l), int(h)] for l, h in (self.last_tiers == 0).nonzero().tolist()],
+                "tiers": [self.preset.high, self.preset.base]}
+
+
+# Candidates (screened with benchmarks.quality.needles); the preset of sphkv.headtiers is the first.
+CANDIDATES: dict[str, HeadTierPreset] = {
+    "sphkv-rh4.5+sink": HEAD_PRESETS["sphkv-rh4.5"],
+    "sphkv-rh4.5-h5b+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-5b", max_bits=4.5),
+    "sphkv-rh4.5-v4+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-8", max_bits=4.5,
+                                          base_overrides={"angle_bits_per_coord": 3.75, "value_bits": 4}),
+}
+for _n, _p in CANDIDATES.items():
+    register(_n, functools.partial(HeadTiered, _p, name=_n), group="sphkv-rh")
