@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .config import PRESETS, SphKVConfig
 from .tiers import PAGE_META_BYTES, Tier, TierSet
 
-__all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "bits_per_element"]
+__all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "bits_per_element", "visible_tokens"]
 
 
 @dataclass(frozen=True)
@@ -63,19 +63,36 @@ class HeadTierPreset:
         return TierSet((Tier(self.high, hi), Tier(self.base, lo)), head_dim=head_dim, page_size=hi.page_size)
 
 
-def cache_bytes(num_high: int, *, page_bytes: tuple[int, int], page_size: int, num_layers: int, num_kv_heads: int,
-                num_tokens: int, head_dim: int, dense_sinks: int) -> int:
-    """Exact stored bytes with ``num_high`` (layer, kv head) pairs at tier 0 and the rest at tier 1: per pair
-    ``ceil((N - s) / P)`` pages of its tier (metadata included in ``page_bytes``) plus, with ``s`` dense sinks,
-    ``s × d × 4`` bytes and one page's metadata."""
-    pairs = num_layers * num_kv_heads
-    if not 0 <= num_high <= pairs:
-        raise ValueError(f"num_high={num_high!r} must be in 0..{pairs}")
+def visible_tokens(num_tokens: int, windows) -> list[int]:
+    """Per layer, how many of the last context tokens any later query can still see: all ``num_tokens`` for a
+    global layer (``windows[l]`` None), ``min(N, window - 1)`` for a sliding layer (key ``k`` is visible to query
+    ``q >= N`` iff ``q - window < k``: only ``k > N - window``)."""
+    out = []
+    for w in windows:
+        if w is not None and w < 1:
+            raise ValueError(f"window={w!r} must be None or >= 1")
+        out.append(num_tokens if w is None else min(num_tokens, w - 1))
+    return out
+
+
+def cache_bytes(high, *, page_bytes: tuple[int, int], page_size: int, kept: list[int], num_tokens: int,
+                head_dim: int, dense_sinks: int) -> int:
+    """Exact stored bytes: ``high`` ``[L, Hkv]`` bool (tier 0 where True, tier 1 elsewhere), layer ``l`` keeping its
+    last ``kept[l]`` tokens. A layer that keeps all ``N`` keeps its first ``s = dense_sinks`` in bf16 (``s × d × 4``
+    bytes plus one page's metadata per kv head) and pages the other ``N - s``; a layer that keeps fewer pages
+    them all (its sinks are out of every later query's window). Pages: ``ceil(tokens / P)`` per (layer, kv head)
+    at its tier's ``page_bytes`` (metadata included)."""
     if not 0 <= dense_sinks < num_tokens:
         raise ValueError(f"dense_sinks={dense_sinks!r} must be in 0..num_tokens-1 ({num_tokens - 1})")
-    pages = math.ceil((num_tokens - dense_sinks) / page_size)
     sink = dense_sinks * head_dim * 4 + PAGE_META_BYTES if dense_sinks else 0
-    return pages * (num_high * page_bytes[0] + (pairs - num_high) * page_bytes[1]) + pairs * sink
+    total = 0
+    for row, n in zip(high.tolist(), kept):
+        if not 0 <= n <= num_tokens:
+            raise ValueError(f"kept={n!r} must be in 0..{num_tokens}")
+        full = n == num_tokens
+        pages = math.ceil((n - dense_sinks if full else n) / page_size)
+        total += sum(pages * page_bytes[0 if h else 1] + (sink if full else 0) for h in row)
+    return total
 
 
 def bits_per_element(nbytes: int, *, num_layers: int, num_kv_heads: int, num_tokens: int, head_dim: int) -> float:
@@ -84,13 +101,13 @@ def bits_per_element(nbytes: int, *, num_layers: int, num_kv_heads: int, num_tok
 
 
 def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: int, num_tokens: int,
-               head_dim: int):
+               head_dim: int, kept: list[int] | None = None):
     """Tier per (layer, kv head): ``[L, Hkv]`` int64 (0 = ``high``, 1 = ``base``).
 
     The first ``k`` pairs of ``order`` (``[(layer, head), ...]``, best first; every pair at most once) are high, with
-    ``k`` the largest count whose :func:`cache_bytes` stays within ``max_bits`` at this shape (0 when even one does
-    not fit). Raises ``ValueError`` when the all-base cache is over the cap, or ``order`` names a pair outside
-    ``L × Hkv`` or twice.
+    ``k`` the largest count whose :func:`cache_bytes` (layer ``l`` keeping its last ``kept[l]`` tokens; default all)
+    stays within ``max_bits`` at this shape (0 when even one does not fit). Raises ``ValueError`` when the all-base
+    cache is over the cap, or ``order`` names a pair outside ``L × Hkv`` or twice.
     """
     import torch
 
@@ -102,24 +119,27 @@ def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: 
         if (l, h) in seen:
             raise ValueError(f"order names (layer, head) {(l, h)} twice")
         seen.add((l, h))
+    kept = [num_tokens] * num_layers if kept is None else list(kept)
+    if len(kept) != num_layers:
+        raise ValueError(f"kept has {len(kept)} entries for {num_layers} layers")
     ts = preset.tierset(head_dim)
-    shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, num_layers=num_layers,
-                 num_kv_heads=num_kv_heads, num_tokens=num_tokens, head_dim=head_dim, dense_sinks=preset.dense_sinks)
+    shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, kept=kept, num_tokens=num_tokens,
+                 head_dim=head_dim, dense_sinks=preset.dense_sinks)
     dims = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, num_tokens=num_tokens, head_dim=head_dim)
+    high = torch.zeros(num_layers, num_kv_heads, dtype=torch.bool)
 
-    def bits(k: int) -> float:
-        return bits_per_element(cache_bytes(k, **shape), **dims)
+    def bits() -> float:
+        return bits_per_element(cache_bytes(high, **shape), **dims)
 
-    if bits(0) > preset.max_bits:
-        raise ValueError(f"base tier {preset.base!r} alone is {bits(0):.3f} bits/element at head_dim {head_dim}, "
+    if bits() > preset.max_bits:
+        raise ValueError(f"base tier {preset.base!r} alone is {bits():.3f} bits/element at head_dim {head_dim}, "
                          f"{num_tokens} tokens: over max_bits={preset.max_bits}")
-    k = 0
-    while k < len(order) and bits(k + 1) <= preset.max_bits:
-        k += 1
-    tiers = torch.ones(num_layers, num_kv_heads, dtype=torch.int64)
-    for l, h in list(order)[:k]:
-        tiers[l, h] = 0
-    return tiers
+    for l, h in order:
+        high[l, h] = True
+        if bits() > preset.max_bits:
+            high[l, h] = False
+            break
+    return torch.where(high, 0, 1).to(torch.int64)
 
 
 # Retrieval heads at sphkv-8, the rest at sphkv-4b, 4 dense sinks, at most 4.5 bits per element.

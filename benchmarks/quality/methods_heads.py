@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sphkv.headtiers import HEAD_PRESETS, HeadTierPreset, head_tiers
+from sphkv.headtiers import HEAD_PRESETS, HeadTierPreset, head_tiers, visible_tokens
 from sphkv.pages import PagedStore
 from sphkv_hf.retention import store_prefix
 from sphkv_hf.segments import DenseSegment
@@ -36,30 +36,44 @@ class HeadTiered:
     name: str = "sphkv-rh"
     budget_fraction: float | None = None
     table: dict | None = None                         # default: load_table(model config) at the first build
+    window_only: bool = False                         # sliding layers keep only what a later query can see
     last_tiers: torch.Tensor | None = field(default=None, repr=False)   # [L, Hkv] of the last build
+
+    def kept(self, ctx: PrefillContext) -> list[int]:
+        """Per layer, how many last tokens are stored: all, or with ``window_only`` a sliding layer's visible ones
+        (``model_config.layer_types`` / ``sliding_window``; a model without them has global layers only)."""
+        types = getattr(ctx.model_config, "layer_types", None) if self.window_only else None
+        w = getattr(ctx.model_config, "sliding_window", None)
+        windows = [w if types and types[l] == "sliding_attention" else None for l in range(ctx.num_layers)]
+        return visible_tokens(ctx.num_tokens, windows)
 
     def tiers_for(self, ctx: PrefillContext) -> torch.Tensor:
         """``[L, Hkv]`` int64: 0 = high tier, 1 = base tier, for this context's shape."""
         table = self.table if self.table is not None else load_table(ctx.model_config)
         return head_tiers(self.preset, [tuple(p) for p in table["order"]], num_layers=ctx.num_layers,
-                          num_kv_heads=ctx.num_kv_heads, num_tokens=ctx.num_tokens, head_dim=ctx.head_dim)
+                          num_kv_heads=ctx.num_kv_heads, num_tokens=ctx.num_tokens, head_dim=ctx.head_dim,
+                          kept=self.kept(ctx))
 
     def build(self, ctx: PrefillContext) -> CompressedPrefix:
         s, hkv, n = self.preset.dense_sinks, ctx.num_kv_heads, ctx.num_tokens
         ts = self.preset.tierset(ctx.head_dim)
-        tiers = self.tiers_for(ctx)
-        pages = -(-(n - s) // ts.page_size)
-        per_tier = [int((tiers == t).sum()) * pages for t in range(len(ts))]
+        tiers, kept = self.tiers_for(ctx), self.kept(ctx)
+        per_tier = [0] * len(ts)
+        for l, m in enumerate(kept):
+            pages = -(-(m - s if m == n else m) // ts.page_size)
+            for t in tiers[l].tolist():
+                per_tier[t] += pages
         store = PagedStore(ts, per_tier, num_layers=ctx.num_layers, num_kv_heads=hkv)
-        plan = torch.full((hkv, n), len(ts), dtype=torch.int64)                 # sinks: not in the store
+        segments = []
         for l, (k, v) in enumerate(zip(ctx.keys, ctx.values)):
-            plan[:, s:] = tiers[l][:, None]
+            plan = torch.full((hkv, n), len(ts), dtype=torch.int64)             # len(ts): not in the store
+            plan[:, s if kept[l] == n else n - kept[l]:] = tiers[l][:, None]
             store.write_plan(l, k.to(torch.float32), v.to(torch.float32), plan)
-        segments = store_prefix(store)
-        if s:
-            pos = torch.arange(s)[None, None].expand(1, hkv, s)
-            segments = [[DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=ts.page_size, positions=pos)]
-                        + segs for k, v, segs in zip(ctx.keys, ctx.values, segments)]
+        for l, (k, v, segs) in enumerate(zip(ctx.keys, ctx.values, store_prefix(store))):
+            if s and kept[l] == n:                                              # the dense sinks of a full layer
+                pos = torch.arange(s)[None, None].expand(1, hkv, s)
+                segs = [DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=ts.page_size, positions=pos)] + segs
+            segments.append(segs)
         self.last_tiers = tiers
         return CompressedPrefix.of(segments, ctx)
 
@@ -79,3 +93,6 @@ CANDIDATES: dict[str, HeadTierPreset] = {
 }
 for _n, _p in CANDIDATES.items():
     register(_n, functools.partial(HeadTiered, _p, name=_n), group="sphkv-rh")
+# The same, sliding layers storing only the tokens a later query can see (as the HF cache keeps them).
+register("sphkv-rh4.5w+sink", functools.partial(HeadTiered, HEAD_PRESETS["sphkv-rh4.5"], name="sphkv-rh4.5w+sink",
+                                                window_only=True), group="sphkv-rh")
