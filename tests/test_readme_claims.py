@@ -112,7 +112,7 @@ def quality_rows(name: str, label: str, corpus: str | None = None, model: str = 
 
 def pairs_cell(label: str, col: str) -> list[float]:
     """The "every pair" quality table: row ``<model> <method> <what>`` (``what``: "vs the model's own NLL" →
-    ``model_nll_delta_pct`` of that row; "needles" → single-needle hits of 8), column ``<corpus> <n>K``."""
+    ``model_nll_delta_pct`` of that row; "needles" → single-needle hits of 8; "ΔNLL" → ``nll_delta_pct``), column ``<corpus> <n>K``."""
     model, method = label.replace("`", "").split()[:2]
     corpus, k = re.match(r"(\w+) (\d)K$", col).groups()
     r = quality_rows("quality-quick.json", method, corpus, model)[int(k) * 1024]
@@ -120,6 +120,8 @@ def pairs_cell(label: str, col: str) -> list[float]:
         return [r["model_nll_delta_pct"]]
     if "needle" in label:
         return [sum(r["needle_hits"]), len(r["needle_hits"])]
+    if "ΔNLL" in label:
+        return [r["nll_delta_pct"]]
     raise KeyError(f"row {label!r}")
 
 
