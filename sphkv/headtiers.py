@@ -25,12 +25,14 @@ __all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "bits_
 class HeadTierPreset:
     """``high`` / ``base``: preset names; ``*_overrides``: fields replaced in them (``angle_bits_per_coord`` is
     allocated over the head_dim's levels as a preset's is); ``dense_sinks``: first tokens of every (layer, kv head)
-    kept bf16 outside the pages; ``max_bits``: the cap on bits per element."""
+    kept bf16 outside the pages; ``max_bits``: the cap on bits per element; ``window_only``: a sliding-window layer
+    stores only the tokens a later query can still see (:func:`visible_tokens`), a global layer all of them."""
 
     base: str
     high: str
     max_bits: float
     dense_sinks: int = 4
+    window_only: bool = False
     base_overrides: dict = field(default_factory=dict)
     high_overrides: dict = field(default_factory=dict)
 
@@ -142,7 +144,9 @@ def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: 
     return torch.where(high, 0, 1).to(torch.int64)
 
 
-# Retrieval heads at sphkv-8, the rest at sphkv-4b, 4 dense sinks, at most 4.5 bits per element.
+# Retrieval heads at sphkv-8, the rest at sphkv-4b, 4 dense sinks, at most 4.5 bits per element; "w": sliding
+# layers store only what a later query can see (measured in benchmarks/quality: the successor of sphkv-4b+sink).
 HEAD_PRESETS: dict[str, HeadTierPreset] = {
     "sphkv-rh4.5": HeadTierPreset(base="sphkv-4b", high="sphkv-8", max_bits=4.5),
+    "sphkv-rh4.5w": HeadTierPreset(base="sphkv-4b", high="sphkv-8", max_bits=4.5, window_only=True),
 }

@@ -60,13 +60,13 @@ def test_bits_within_cap_every_byte_counted(head_dim, layers, hkv, n):
 
 
 def test_window_only_keeps_what_a_later_query_sees():
-    """With ``window_only`` a sliding layer stores exactly its last ``window - 1`` tokens (no sinks), a global
+    """With ``window_only`` (``sphkv-rh4.5w``) a sliding layer stores exactly its last ``window - 1`` tokens (no sinks), a global
     layer all of them; the bytes are the accounting's and stay under the cap."""
     layers, hkv, n, d, w = 3, 1, 300, 256, 100
     ctx = _ctx(layers, hkv, n, d, seed=2)
     ctx.model_config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
     ctx.model_config.sliding_window = w
-    m = HeadTiered(PRESET, table={"order": [[1, 0], [0, 0], [2, 0]]}, window_only=True)
+    m = HeadTiered(HEAD_PRESETS["sphkv-rh4.5w"], table={"order": [[1, 0], [0, 0], [2, 0]]})
     prefix = m.build(ctx)
     assert m.kept(ctx) == [w - 1, n, w - 1]
     for l, segs in enumerate(prefix.segments):

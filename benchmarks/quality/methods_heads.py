@@ -6,6 +6,9 @@
   model's head table (``benchmarks/quality/retrieval_heads.json``, measured on the essays by
   :mod:`benchmarks.quality.heads`), lifted to ``sphkv-8`` in rank order while the whole cache stays at
   ≤ 4.5 bits per element (every byte counted: :func:`sphkv.headtiers.head_tiers`).
+* ``sphkv-rh4.5w+sink`` — ``"sphkv-rh4.5w"``: the same, and a sliding-window layer stores only the tokens a later
+  query can still see (its last ``window - 1``; the HF cache likewise holds only about a sliding layer's window).
+  The successor of ``sphkv-4b+sink`` (issue 12): on a model without sliding layers it is ``sphkv-rh4.5+sink``.
 * other ``sphkv-rh*`` names: candidate tier pairs, the same rule.
 
 The pages are written by :class:`sphkv.pages.PagedStore` over the preset's two-tier set (the store RDR writes its
@@ -36,13 +39,12 @@ class HeadTiered:
     name: str = "sphkv-rh"
     budget_fraction: float | None = None
     table: dict | None = None                         # default: load_table(model config) at the first build
-    window_only: bool = False                         # sliding layers keep only what a later query can see
     last_tiers: torch.Tensor | None = field(default=None, repr=False)   # [L, Hkv] of the last build
 
     def kept(self, ctx: PrefillContext) -> list[int]:
-        """Per layer, how many last tokens are stored: all, or with ``window_only`` a sliding layer's visible ones
-        (``model_config.layer_types`` / ``sliding_window``; a model without them has global layers only)."""
-        types = getattr(ctx.model_config, "layer_types", None) if self.window_only else None
+        """Per layer, how many last tokens are stored: all, or with the preset's ``window_only`` a sliding layer's
+        visible ones (``model_config.layer_types`` / ``sliding_window``; a model without them has global layers only)."""
+        types = getattr(ctx.model_config, "layer_types", None) if self.preset.window_only else None
         w = getattr(ctx.model_config, "sliding_window", None)
         windows = [w if types and types[l] == "sliding_attention" else None for l in range(ctx.num_layers)]
         return visible_tokens(ctx.num_tokens, windows)
@@ -84,8 +86,10 @@ class HeadTiered:
                 "tiers": [self.preset.high, self.preset.base]}
 
 
-# Candidates (screened with benchmarks.quality.needles); the preset of sphkv.headtiers is the first.
+# The presets of sphkv.headtiers (the first: the successor of sphkv-4b+sink), then tier pairs screened with
+# benchmarks.quality.needles.
 CANDIDATES: dict[str, HeadTierPreset] = {
+    "sphkv-rh4.5w+sink": HEAD_PRESETS["sphkv-rh4.5w"],
     "sphkv-rh4.5+sink": HEAD_PRESETS["sphkv-rh4.5"],
     "sphkv-rh4.5-h5b+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-5b", max_bits=4.5),
     "sphkv-rh4.5-v4+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-8", max_bits=4.5,
@@ -93,6 +97,3 @@ CANDIDATES: dict[str, HeadTierPreset] = {
 }
 for _n, _p in CANDIDATES.items():
     register(_n, functools.partial(HeadTiered, _p, name=_n), group="sphkv-rh")
-# The same, sliding layers storing only the tokens a later query can see (as the HF cache keeps them).
-register("sphkv-rh4.5w+sink", functools.partial(HeadTiered, HEAD_PRESETS["sphkv-rh4.5"], name="sphkv-rh4.5w+sink",
-                                                window_only=True), group="sphkv-rh")
