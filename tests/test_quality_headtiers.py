@@ -77,6 +77,8 @@ def test_window_only_keeps_what_a_later_query_sees():
     shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, kept=m.kept(ctx), num_tokens=n,
                  head_dim=d, dense_sinks=PRESET.dense_sinks)
     assert prefix.nbytes == cache_bytes(m.last_tiers == 0, **shape) and prefix.bits_per_element <= 4.5
+    plain = _ctx(layers, hkv, n, d, seed=2)                       # no layer_types: every layer global, all kept
+    assert m.kept(plain) == [n] * layers
 
 
 def test_all_base_equals_the_plain_preset():
