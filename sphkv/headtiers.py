@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from .config import PRESETS, SphKVConfig
 from .tiers import PAGE_META_BYTES, Tier, TierSet
 
-__all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "bits_per_element", "visible_tokens"]
+__all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "bits_per_element",
+           "bits_per_visible_element", "visible_tokens"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,9 @@ class HeadTierPreset:
     """``high`` / ``base``: preset names; ``*_overrides``: fields replaced in them (``angle_bits_per_coord`` is
     allocated over the head_dim's levels as a preset's is); ``dense_sinks``: first tokens of every (layer, kv head)
     kept bf16 outside the pages; ``max_bits``: the cap on bits per element; ``window_only``: a sliding-window layer
-    stores only the tokens a later query can still see (:func:`visible_tokens`), a global layer all of them."""
+    stores only the tokens a later query can still see (:func:`visible_tokens`), a global layer all of them, and
+    ``max_bits`` caps :func:`bits_per_visible_element` (the bits per element of what the model's own full cache
+    holds: a sliding layer's visible tokens only) instead of :func:`bits_per_element`."""
 
     base: str
     high: str
@@ -102,13 +105,26 @@ def bits_per_element(nbytes: int, *, num_layers: int, num_kv_heads: int, num_tok
     return nbytes * 8 / (num_tokens * num_layers * num_kv_heads * head_dim * 2)
 
 
+def bits_per_visible_element(nbytes: int, *, kept: list[int], num_kv_heads: int, head_dim: int) -> float:
+    """``nbytes × 8 ÷ (Σ_l kept[l] × Hkv × d × 2)``: bits per element of what the model's own full cache holds when
+    ``kept[l]`` are layer ``l``'s visible tokens (:func:`visible_tokens`; a sliding layer's cache holds only its
+    window). Equals :func:`bits_per_element` when every layer keeps all ``N`` (no sliding layers)."""
+    elements = sum(kept) * num_kv_heads * head_dim * 2
+    if elements <= 0:
+        raise ValueError(f"kept={kept!r} holds no token: bits per visible element are undefined")
+    return nbytes * 8 / elements
+
+
 def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: int, num_tokens: int,
                head_dim: int, kept: list[int] | None = None):
     """Tier per (layer, kv head): ``[L, Hkv]`` int64 (0 = ``high``, 1 = ``base``).
 
-    The first ``k`` pairs of ``order`` (``[(layer, head), ...]``, best first; every pair at most once) are high, with
-    ``k`` the largest count whose :func:`cache_bytes` (layer ``l`` keeping its last ``kept[l]`` tokens; default all)
-    stays within ``max_bits`` at this shape (0 when even one does not fit). Raises ``ValueError`` when the all-base
+    The pairs of ``order`` (``[(layer, head), ...]``, best first; every pair at most once) are lifted to high in that
+    order while :func:`cache_bytes` (layer ``l`` keeping its last ``kept[l]`` tokens; default all) stays within
+    ``max_bits`` at this shape; a pair that does not fit is skipped and later (cheaper: a sliding layer's fewer
+    kept tokens) pairs are still tried. When every pair costs the same (every layer keeps all ``N``) this lifts a
+    prefix of ``order``. The cap is on :func:`bits_per_element` or, with the preset's ``window_only`` (``kept``
+    then being the visible tokens), on :func:`bits_per_visible_element`. Raises ``ValueError`` when the all-base
     cache is over the cap, or ``order`` names a pair outside ``L × Hkv`` or twice.
     """
     import torch
@@ -131,16 +147,19 @@ def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: 
     high = torch.zeros(num_layers, num_kv_heads, dtype=torch.bool)
 
     def bits() -> float:
+        if preset.window_only:
+            return bits_per_visible_element(cache_bytes(high, **shape), kept=kept, num_kv_heads=num_kv_heads,
+                                            head_dim=head_dim)
         return bits_per_element(cache_bytes(high, **shape), **dims)
 
     if bits() > preset.max_bits:
-        raise ValueError(f"base tier {preset.base!r} alone is {bits():.3f} bits/element at head_dim {head_dim}, "
+        unit = "bits/visible element" if preset.window_only else "bits/element"
+        raise ValueError(f"base tier {preset.base!r} alone is {bits():.3f} {unit} at head_dim {head_dim}, "
                          f"{num_tokens} tokens: over max_bits={preset.max_bits}")
     for l, h in order:
         high[l, h] = True
         if bits() > preset.max_bits:
             high[l, h] = False
-            break
     return torch.where(high, 0, 1).to(torch.int64)
 
 

@@ -15,7 +15,8 @@ from benchmarks.quality.heads import TABLE, head_order, head_scores, load_table,
 from benchmarks.quality.methods import PrefillContext
 from benchmarks.quality.methods_heads import HeadTiered
 from benchmarks.quality.retrieval import Question
-from sphkv.headtiers import HEAD_PRESETS, HeadTierPreset, bits_per_element, cache_bytes, head_tiers
+from sphkv.headtiers import (HEAD_PRESETS, HeadTierPreset, bits_per_element, bits_per_visible_element, cache_bytes,
+                             head_tiers, visible_tokens)
 from sphkv_hf.segments import CodedSegment
 
 PRESET = HEAD_PRESETS["sphkv-rh4.5"]
@@ -62,7 +63,7 @@ def test_bits_within_cap_every_byte_counted(head_dim, layers, hkv, n):
 def test_window_only_keeps_what_a_later_query_sees():
     """With ``window_only`` (``sphkv-rh4.5w``) a sliding layer stores exactly its last ``window - 1`` tokens (no sinks), a global
     layer all of them; the bytes are the accounting's and stay under the cap."""
-    layers, hkv, n, d, w = 3, 1, 300, 256, 100
+    layers, hkv, n, d, w = 3, 1, 1000, 256, 257          # sliding layers: 256 tokens, 4 whole pages
     ctx = _ctx(layers, hkv, n, d, seed=2)
     ctx.model_config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
     ctx.model_config.sliding_window = w
@@ -77,8 +78,54 @@ def test_window_only_keeps_what_a_later_query_sees():
     shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, kept=m.kept(ctx), num_tokens=n,
                  head_dim=d, dense_sinks=PRESET.dense_sinks)
     assert prefix.nbytes == cache_bytes(m.last_tiers == 0, **shape) and prefix.bits_per_element <= 4.5
+    vis = m.extra_row()["bits_per_visible_element"]              # bytes over the visible elements only
+    assert vis == prefix.nbytes * 8 / ((2 * (w - 1) + n) * hkv * d * 2) and prefix.bits_per_element < vis <= 4.5
     plain = _ctx(layers, hkv, n, d, seed=2)                       # no layer_types: every layer global, all kept
     assert m.kept(plain) == [n] * layers
+
+
+GEMMA_GLOBAL = (5, 11, 17)                      # gemma-3-270m: 18 layers, window 512, one kv head, head_dim 256
+
+
+@pytest.mark.parametrize("n", [2048, 4096, 1337])
+def test_window_only_cap_binds_per_visible_element(n):
+    """On a config with sliding layers the window-only cap is on bits per *visible* element (what the model's own
+    full cache holds): sphkv-8 everywhere is ~2-3 bits per stored-token-slot element (the old convention, which let
+    every layer be lifted) but ~7.9 per visible element, so the cap lifts only some pairs, every pair left out would
+    cross it, and a preset whose base is already sphkv-8 is refused. Without sliding layers both conventions agree."""
+    layers, hkv, d = 18, 1, 256
+    windows = [None if l in GEMMA_GLOBAL else 512 for l in range(layers)]
+    kept = visible_tokens(n, windows)
+    order = [(5, 0), (11, 0), (17, 0)] + [(l, 0) for l in range(layers) if l not in GEMMA_GLOBAL]
+    pre = HEAD_PRESETS["sphkv-rh4.5w"]
+    ts = pre.tierset(d)
+    shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, kept=kept, num_tokens=n, head_dim=d,
+                 dense_sinks=pre.dense_sinks)
+    dims = dict(num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d)
+
+    def vis(high):
+        return bits_per_visible_element(cache_bytes(high, **shape), kept=kept, num_kv_heads=hkv, head_dim=d)
+
+    every = torch.ones(layers, hkv, dtype=torch.bool)
+    assert bits_per_element(cache_bytes(every, **shape), **dims) < 4.5 < 7.5 < vis(every)
+    tiers = head_tiers(pre, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=kept)
+    high = tiers == 0
+    assert 0 < int(high.sum()) < layers and vis(high) <= 4.5
+    for l, h in order:                                # greedy in rank order: no pair left out still fits
+        if not high[l, h]:
+            more = high.clone()
+            more[l, h] = True
+            assert vis(more) > 4.5
+    eight = HeadTierPreset(base="sphkv-8", high="sphkv-8", max_bits=4.5, window_only=True)
+    with pytest.raises(ValueError, match="bits/visible element"):
+        head_tiers(eight, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=kept)
+    full = [n] * layers                               # no sliding layers: the same tiers and the same number
+    a = head_tiers(pre, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=full)
+    b = head_tiers(HEAD_PRESETS["sphkv-rh4.5"], order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d)
+    assert torch.equal(a, b)
+    nb = cache_bytes(a == 0, **{**shape, "kept": full})
+    assert bits_per_visible_element(nb, kept=full, num_kv_heads=hkv, head_dim=d) == pytest.approx(
+        bits_per_element(nb, **dims), rel=1e-12)
 
 
 def test_all_base_equals_the_plain_preset():

@@ -7,8 +7,11 @@
   :mod:`benchmarks.quality.heads`), lifted to ``sphkv-8`` in rank order while the whole cache stays at
   ≤ 4.5 bits per element (every byte counted: :func:`sphkv.headtiers.head_tiers`).
 * ``sphkv-rh4.5w+sink`` — ``"sphkv-rh4.5w"``: the same, and a sliding-window layer stores only the tokens a later
-  query can still see (its last ``window - 1``; the HF cache likewise holds only about a sliding layer's window).
-  The successor of ``sphkv-4b+sink`` (issue 12): on a model without sliding layers it is ``sphkv-rh4.5+sink``.
+  query can still see (its last ``window - 1``; the HF cache likewise holds only about a sliding layer's window),
+  and the 4.5-bit cap is on bits per *visible* element (stored bytes × 8 over the elements the model's own full
+  cache holds: a sliding layer counts only its visible tokens; rows gain ``bits_per_visible_element``, while
+  ``bits_per_element`` keeps dividing by ``N × L × Hkv × d × 2``). On a model without sliding layers the two are
+  equal and the preset is ``sphkv-rh4.5+sink``.
 * other ``sphkv-rh*`` names: candidate tier pairs, the same rule.
 
 The pages are written by :class:`sphkv.pages.PagedStore` over the preset's two-tier set (the store RDR writes its
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sphkv.headtiers import HEAD_PRESETS, HeadTierPreset, head_tiers, visible_tokens
+from sphkv.headtiers import HEAD_PRESETS, HeadTierPreset, bits_per_visible_element, head_tiers, visible_tokens
 from sphkv.pages import PagedStore
 from sphkv_hf.retention import store_prefix
 from sphkv_hf.segments import DenseSegment
@@ -40,6 +43,7 @@ class HeadTiered:
     budget_fraction: float | None = None
     table: dict | None = None                         # default: load_table(model config) at the first build
     last_tiers: torch.Tensor | None = field(default=None, repr=False)   # [L, Hkv] of the last build
+    last_visible_bits: float | None = field(default=None, repr=False)   # window_only: bits per visible element
 
     def kept(self, ctx: PrefillContext) -> list[int]:
         """Per layer, how many last tokens are stored: all, or with the preset's ``window_only`` a sliding layer's
@@ -77,13 +81,20 @@ class HeadTiered:
                 segs = [DenseSegment.build(k[..., :s, :], v[..., :s, :], page_size=ts.page_size, positions=pos)] + segs
             segments.append(segs)
         self.last_tiers = tiers
-        return CompressedPrefix.of(segments, ctx)
+        prefix = CompressedPrefix.of(segments, ctx)
+        if self.preset.window_only:
+            self.last_visible_bits = bits_per_visible_element(prefix.nbytes, kept=kept, num_kv_heads=hkv,
+                                                              head_dim=ctx.head_dim)
+        return prefix
 
     def extra_row(self) -> dict:
         if self.last_tiers is None:
             return {}
-        return {"high_heads": [[int(l), int(h)] for l, h in (self.last_tiers == 0).nonzero().tolist()],
-                "tiers": [self.preset.high, self.preset.base]}
+        row = {"high_heads": [[int(l), int(h)] for l, h in (self.last_tiers == 0).nonzero().tolist()],
+               "tiers": [self.preset.high, self.preset.base]}
+        if self.last_visible_bits is not None:            # window_only rows: the cap's (honest) convention
+            row["bits_per_visible_element"] = self.last_visible_bits
+        return row
 
 
 # The presets of sphkv.headtiers (the first: the successor of sphkv-4b+sink), then tier pairs screened with
@@ -94,6 +105,12 @@ CANDIDATES: dict[str, HeadTierPreset] = {
     "sphkv-rh4.5-h5b+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-5b", max_bits=4.5),
     "sphkv-rh4.5-v4+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-8", max_bits=4.5,
                                           base_overrides={"angle_bits_per_coord": 3.75, "value_bits": 4}),
+    # window-only, capped at 4.5 bits per visible element (issue 12 follow-up): intermediate high tiers.
+    "sphkv-rh4.5w-h5b+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-5b", max_bits=4.5, window_only=True),
+    "sphkv-rh4.5w-v4h5b+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-5b", max_bits=4.5, window_only=True,
+                                              base_overrides={"angle_bits_per_coord": 3.75, "value_bits": 4}),
+    "sphkv-rh4.5w-v4+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-8", max_bits=4.5, window_only=True,
+                                           base_overrides={"angle_bits_per_coord": 3.75, "value_bits": 4}),
 }
 for _n, _p in CANDIDATES.items():
     register(_n, functools.partial(HeadTiered, _p, name=_n), group="sphkv-rh")
