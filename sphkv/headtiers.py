@@ -19,7 +19,7 @@ from .config import PRESETS, SphKVConfig
 from .tiers import PAGE_META_BYTES, Tier, TierSet
 
 __all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "bits_per_element",
-           "bits_per_visible_element", "visible_tokens"]
+           "bits_per_visible_element", "visible_tokens", "stored_tokens"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,9 @@ class HeadTierPreset:
     kept bf16 outside the pages; ``max_bits``: the cap on bits per element; ``window_only``: a sliding-window layer
     stores only the tokens a later query can still see (:func:`visible_tokens`), a global layer all of them, and
     ``max_bits`` caps :func:`bits_per_visible_element` (the bits per element of what the model's own full cache
-    holds: a sliding layer's visible tokens only) instead of :func:`bits_per_element`."""
+    holds: a sliding layer's visible tokens only) instead of :func:`bits_per_element`. A sliding layer keeps whole
+    pages of the grid a full layer uses (:func:`stored_tokens`: a page is dropped once none of its tokens is
+    visible, as a paged cache frees it), so a kept token has the codes it has in a layer that keeps everything."""
 
     base: str
     high: str
@@ -80,6 +82,25 @@ def visible_tokens(num_tokens: int, windows) -> list[int]:
     return out
 
 
+def stored_tokens(num_tokens: int, visible: list[int], *, page_size: int, dense_sinks: int) -> list[int]:
+    """Per layer, how many last tokens a paged cache holds when it frees a page only once none of its tokens is
+    visible: the pages of the grid (``dense_sinks`` dense tokens, then pages of ``page_size`` from token
+    ``dense_sinks``, as a layer that keeps everything pages them) that hold one of the last ``visible[l]`` tokens.
+    A layer whose visible tokens reach back into the sinks or the first page keeps all ``num_tokens``. The pages
+    (and so the codes) of a kept token are the same as in a layer that keeps everything."""
+    out = []
+    for v in visible:
+        if not 0 <= v <= num_tokens:
+            raise ValueError(f"visible={v!r} must be in 0..{num_tokens}")
+        if v == 0:
+            out.append(0)
+            continue
+        first = num_tokens - v                                  # first visible token
+        start = dense_sinks + (first - dense_sinks) // page_size * page_size if first >= dense_sinks else 0
+        out.append(num_tokens if start <= dense_sinks else num_tokens - start)
+    return out
+
+
 def cache_bytes(high, *, page_bytes: tuple[int, int], page_size: int, kept: list[int], num_tokens: int,
                 head_dim: int, dense_sinks: int) -> int:
     """Exact stored bytes: ``high`` ``[L, Hkv]`` bool (tier 0 where True, tier 1 elsewhere), layer ``l`` keeping its
@@ -105,26 +126,27 @@ def bits_per_element(nbytes: int, *, num_layers: int, num_kv_heads: int, num_tok
     return nbytes * 8 / (num_tokens * num_layers * num_kv_heads * head_dim * 2)
 
 
-def bits_per_visible_element(nbytes: int, *, kept: list[int], num_kv_heads: int, head_dim: int) -> float:
-    """``nbytes × 8 ÷ (Σ_l kept[l] × Hkv × d × 2)``: bits per element of what the model's own full cache holds when
-    ``kept[l]`` are layer ``l``'s visible tokens (:func:`visible_tokens`; a sliding layer's cache holds only its
-    window). Equals :func:`bits_per_element` when every layer keeps all ``N`` (no sliding layers)."""
-    elements = sum(kept) * num_kv_heads * head_dim * 2
+def bits_per_visible_element(nbytes: int, *, visible: list[int], num_kv_heads: int, head_dim: int) -> float:
+    """``nbytes × 8 ÷ (Σ_l visible[l] × Hkv × d × 2)``: bits per element of what the model's own full cache holds,
+    ``visible[l]`` being layer ``l``'s visible tokens (:func:`visible_tokens`; a sliding layer's cache holds only its
+    window). Equals :func:`bits_per_element` when every layer sees all ``N`` (no sliding layers)."""
+    elements = sum(visible) * num_kv_heads * head_dim * 2
     if elements <= 0:
-        raise ValueError(f"kept={kept!r} holds no token: bits per visible element are undefined")
+        raise ValueError(f"visible={visible!r} holds no token: bits per visible element are undefined")
     return nbytes * 8 / elements
 
 
 def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: int, num_tokens: int,
-               head_dim: int, kept: list[int] | None = None):
+               head_dim: int, kept: list[int] | None = None, visible: list[int] | None = None):
     """Tier per (layer, kv head): ``[L, Hkv]`` int64 (0 = ``high``, 1 = ``base``).
 
     The pairs of ``order`` (``[(layer, head), ...]``, best first; every pair at most once) are lifted to high in that
     order while :func:`cache_bytes` (layer ``l`` keeping its last ``kept[l]`` tokens; default all) stays within
     ``max_bits`` at this shape; a pair that does not fit is skipped and later (cheaper: a sliding layer's fewer
     kept tokens) pairs are still tried. When every pair costs the same (every layer keeps all ``N``) this lifts a
-    prefix of ``order``. The cap is on :func:`bits_per_element` or, with the preset's ``window_only`` (``kept``
-    then being the visible tokens), on :func:`bits_per_visible_element`. Raises ``ValueError`` when the all-base
+    prefix of ``order``. The cap is on :func:`bits_per_element` or, with the preset's ``window_only``, on
+    :func:`bits_per_visible_element` over ``visible`` (per layer the tokens a later query sees; default ``kept``:
+    the stored bytes of :func:`stored_tokens` over the visible elements). Raises ``ValueError`` when the all-base
     cache is over the cap, or ``order`` names a pair outside ``L × Hkv`` or twice.
     """
     import torch
@@ -138,8 +160,9 @@ def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: 
             raise ValueError(f"order names (layer, head) {(l, h)} twice")
         seen.add((l, h))
     kept = [num_tokens] * num_layers if kept is None else list(kept)
-    if len(kept) != num_layers:
-        raise ValueError(f"kept has {len(kept)} entries for {num_layers} layers")
+    visible = kept if visible is None else list(visible)
+    if len(kept) != num_layers or len(visible) != num_layers:
+        raise ValueError(f"kept has {len(kept)}, visible {len(visible)} entries for {num_layers} layers")
     ts = preset.tierset(head_dim)
     shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, kept=kept, num_tokens=num_tokens,
                  head_dim=head_dim, dense_sinks=preset.dense_sinks)
@@ -148,7 +171,7 @@ def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: 
 
     def bits() -> float:
         if preset.window_only:
-            return bits_per_visible_element(cache_bytes(high, **shape), kept=kept, num_kv_heads=num_kv_heads,
+            return bits_per_visible_element(cache_bytes(high, **shape), visible=visible, num_kv_heads=num_kv_heads,
                                             head_dim=head_dim)
         return bits_per_element(cache_bytes(high, **shape), **dims)
 

@@ -16,7 +16,7 @@ from benchmarks.quality.methods import PrefillContext
 from benchmarks.quality.methods_heads import HeadTiered
 from benchmarks.quality.retrieval import Question
 from sphkv.headtiers import (HEAD_PRESETS, HeadTierPreset, bits_per_element, bits_per_visible_element, cache_bytes,
-                             head_tiers, visible_tokens)
+                             head_tiers, stored_tokens, visible_tokens)
 from sphkv_hf.segments import CodedSegment
 
 PRESET = HEAD_PRESETS["sphkv-rh4.5"]
@@ -61,27 +61,35 @@ def test_bits_within_cap_every_byte_counted(head_dim, layers, hkv, n):
 
 
 def test_window_only_keeps_what_a_later_query_sees():
-    """With ``window_only`` (``sphkv-rh4.5w``) a sliding layer stores exactly its last ``window - 1`` tokens (no sinks), a global
-    layer all of them; the bytes are the accounting's and stay under the cap."""
-    layers, hkv, n, d, w = 3, 1, 1000, 256, 257          # sliding layers: 256 tokens, 4 whole pages
+    """With ``window_only`` (``sphkv-rh4.5w``) a sliding layer stores exactly the pages of a full layer's grid that hold
+    one of its last ``window - 1`` tokens (no sinks), a global layer all tokens; the bytes are the accounting's, the
+    cap holds per visible element, and a kept token has the codes it has in the plain preset's cache."""
+    layers, hkv, n, d, w = 3, 1, 1000, 256, 257        # visible 256 from token 744: pages from 4 + 11 * 64 = 708
     ctx = _ctx(layers, hkv, n, d, seed=2)
     ctx.model_config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
     ctx.model_config.sliding_window = w
     m = HeadTiered(HEAD_PRESETS["sphkv-rh4.5w"], table={"order": [[1, 0], [0, 0], [2, 0]]})
     prefix = m.build(ctx)
-    assert m.kept(ctx) == [w - 1, n, w - 1]
+    assert m.visible(ctx) == [w - 1, n, w - 1] and m.kept(ctx) == [n - 708, n, n - 708]
     for l, segs in enumerate(prefix.segments):
         pos = torch.cat([s.positions[0, 0, :int(s.lengths[0, 0]) if s.lengths is not None else None] for s in segs])
-        want = torch.arange(n - w + 1, n) if l != 1 else torch.arange(n)
+        want = torch.arange(708, n) if l != 1 else torch.arange(n)
         assert torch.equal(pos.sort().values, want)
     ts = PRESET.tierset(d)
     shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, kept=m.kept(ctx), num_tokens=n,
                  head_dim=d, dense_sinks=PRESET.dense_sinks)
-    assert prefix.nbytes == cache_bytes(m.last_tiers == 0, **shape) and prefix.bits_per_element <= 4.5
+    assert prefix.nbytes == cache_bytes(m.last_tiers == 0, **shape)
     vis = m.extra_row()["bits_per_visible_element"]              # bytes over the visible elements only
     assert vis == prefix.nbytes * 8 / ((2 * (w - 1) + n) * hkv * d * 2) and prefix.bits_per_element < vis <= 4.5
     plain = _ctx(layers, hkv, n, d, seed=2)                       # no layer_types: every layer global, all kept
     assert m.kept(plain) == [n] * layers
+    uni = HeadTiered(HeadTierPreset(base="sphkv-4", high="sphkv-4", max_bits=5.0, window_only=True), table=_table(3, 1))
+    got, ref = uni.build(ctx), Ada("sphkv-4", sink=4).build(ctx)
+    for l in (0, 2):                                              # sliding: the plain cache's codes of tokens 708..
+        a = next(s for s in got.segments[l] if isinstance(s, CodedSegment))
+        b = next(s for s in ref.segments[l] if isinstance(s, CodedSegment))
+        assert torch.equal(a.kcode.codes[..., :n - 708, :], b.kcode.codes[..., 708 - 4:, :])
+    assert stored_tokens(n, [w - 1, n, 3, 0, n - 4, n - 5], page_size=64, dense_sinks=4) == [n - 708, n, 36, 0, n, n]
 
 
 GEMMA_GLOBAL = (5, 11, 17)                      # gemma-3-270m: 18 layers, window 512, one kv head, head_dim 256
@@ -95,20 +103,22 @@ def test_window_only_cap_binds_per_visible_element(n):
     cross it, and a preset whose base is already sphkv-8 is refused. Without sliding layers both conventions agree."""
     layers, hkv, d = 18, 1, 256
     windows = [None if l in GEMMA_GLOBAL else 512 for l in range(layers)]
-    kept = visible_tokens(n, windows)
+    visible = visible_tokens(n, windows)
     order = [(5, 0), (11, 0), (17, 0)] + [(l, 0) for l in range(layers) if l not in GEMMA_GLOBAL]
     pre = HEAD_PRESETS["sphkv-rh4.5w"]
     ts = pre.tierset(d)
+    kept = stored_tokens(n, visible, page_size=ts.page_size, dense_sinks=pre.dense_sinks)
     shape = dict(page_bytes=tuple(ts.page_bytes()), page_size=ts.page_size, kept=kept, num_tokens=n, head_dim=d,
                  dense_sinks=pre.dense_sinks)
     dims = dict(num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d)
 
     def vis(high):
-        return bits_per_visible_element(cache_bytes(high, **shape), kept=kept, num_kv_heads=hkv, head_dim=d)
+        return bits_per_visible_element(cache_bytes(high, **shape), visible=visible, num_kv_heads=hkv, head_dim=d)
 
     every = torch.ones(layers, hkv, dtype=torch.bool)
     assert bits_per_element(cache_bytes(every, **shape), **dims) < 4.5 < 7.5 < vis(every)
-    tiers = head_tiers(pre, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=kept)
+    tiers = head_tiers(pre, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=kept,
+                       visible=visible)
     high = tiers == 0
     assert 0 < int(high.sum()) < layers and vis(high) <= 4.5
     for l, h in order:                                # greedy in rank order: no pair left out still fits
@@ -118,13 +128,14 @@ def test_window_only_cap_binds_per_visible_element(n):
             assert vis(more) > 4.5
     eight = HeadTierPreset(base="sphkv-8", high="sphkv-8", max_bits=4.5, window_only=True)
     with pytest.raises(ValueError, match="bits/visible element"):
-        head_tiers(eight, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=kept)
+        head_tiers(eight, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=kept,
+                   visible=visible)
     full = [n] * layers                               # no sliding layers: the same tiers and the same number
     a = head_tiers(pre, order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d, kept=full)
     b = head_tiers(HEAD_PRESETS["sphkv-rh4.5"], order, num_layers=layers, num_kv_heads=hkv, num_tokens=n, head_dim=d)
     assert torch.equal(a, b)
     nb = cache_bytes(a == 0, **{**shape, "kept": full})
-    assert bits_per_visible_element(nb, kept=full, num_kv_heads=hkv, head_dim=d) == pytest.approx(
+    assert bits_per_visible_element(nb, visible=full, num_kv_heads=hkv, head_dim=d) == pytest.approx(
         bits_per_element(nb, **dims), rel=1e-12)
 
 

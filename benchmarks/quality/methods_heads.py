@@ -7,7 +7,8 @@
   :mod:`benchmarks.quality.heads`), lifted to ``sphkv-8`` in rank order while the whole cache stays at
   ≤ 4.5 bits per element (every byte counted: :func:`sphkv.headtiers.head_tiers`).
 * ``sphkv-rh4.5w+sink`` — ``"sphkv-rh4.5w"``: the same, and a sliding-window layer stores only the tokens a later
-  query can still see (its last ``window - 1``; the HF cache likewise holds only about a sliding layer's window),
+  query can still see (the whole pages holding its last ``window - 1`` tokens, on the page grid a full layer uses:
+  a page is dropped once none of its tokens is visible; the HF cache likewise holds only a sliding layer's window),
   and the 4.5-bit cap is on bits per *visible* element (stored bytes × 8 over the elements the model's own full
   cache holds: a sliding layer counts only its visible tokens; rows gain ``bits_per_visible_element``, while
   ``bits_per_element`` keeps dividing by ``N × L × Hkv × d × 2``). On a model without sliding layers the two are
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sphkv.headtiers import HEAD_PRESETS, HeadTierPreset, bits_per_visible_element, head_tiers, visible_tokens
+from sphkv.headtiers import (HEAD_PRESETS, HeadTierPreset, bits_per_visible_element, head_tiers, stored_tokens,
+                             visible_tokens)
 from sphkv.pages import PagedStore
 from sphkv_hf.retention import store_prefix
 from sphkv_hf.segments import DenseSegment
@@ -45,20 +47,28 @@ class HeadTiered:
     last_tiers: torch.Tensor | None = field(default=None, repr=False)   # [L, Hkv] of the last build
     last_visible_bits: float | None = field(default=None, repr=False)   # window_only: bits per visible element
 
-    def kept(self, ctx: PrefillContext) -> list[int]:
-        """Per layer, how many last tokens are stored: all, or with the preset's ``window_only`` a sliding layer's
-        visible ones (``model_config.layer_types`` / ``sliding_window``; a model without them has global layers only)."""
-        types = getattr(ctx.model_config, "layer_types", None) if self.preset.window_only else None
+    def visible(self, ctx: PrefillContext) -> list[int]:
+        """Per layer, how many last tokens a later query can see (``model_config.layer_types`` /
+        ``sliding_window``; a model without them has global layers only): what the model's own full cache holds."""
+        types = getattr(ctx.model_config, "layer_types", None)
         w = getattr(ctx.model_config, "sliding_window", None)
         windows = [w if types and types[l] == "sliding_attention" else None for l in range(ctx.num_layers)]
         return visible_tokens(ctx.num_tokens, windows)
+
+    def kept(self, ctx: PrefillContext) -> list[int]:
+        """Per layer, how many last tokens are stored: all, or with the preset's ``window_only`` the whole pages that
+        hold a visible token (:func:`sphkv.headtiers.stored_tokens`, on the page grid of a layer that keeps all)."""
+        if not self.preset.window_only:
+            return [ctx.num_tokens] * ctx.num_layers
+        return stored_tokens(ctx.num_tokens, self.visible(ctx), page_size=self.preset.tierset(ctx.head_dim).page_size,
+                             dense_sinks=self.preset.dense_sinks)
 
     def tiers_for(self, ctx: PrefillContext) -> torch.Tensor:
         """``[L, Hkv]`` int64: 0 = high tier, 1 = base tier, for this context's shape."""
         table = self.table if self.table is not None else load_table(ctx.model_config)
         return head_tiers(self.preset, [tuple(p) for p in table["order"]], num_layers=ctx.num_layers,
                           num_kv_heads=ctx.num_kv_heads, num_tokens=ctx.num_tokens, head_dim=ctx.head_dim,
-                          kept=self.kept(ctx))
+                          kept=self.kept(ctx), visible=self.visible(ctx))
 
     def build(self, ctx: PrefillContext) -> CompressedPrefix:
         s, hkv, n = self.preset.dense_sinks, ctx.num_kv_heads, ctx.num_tokens
@@ -83,8 +93,8 @@ class HeadTiered:
         self.last_tiers = tiers
         prefix = CompressedPrefix.of(segments, ctx)
         if self.preset.window_only:
-            self.last_visible_bits = bits_per_visible_element(prefix.nbytes, kept=kept, num_kv_heads=hkv,
-                                                              head_dim=ctx.head_dim)
+            self.last_visible_bits = bits_per_visible_element(prefix.nbytes, visible=self.visible(ctx),
+                                                              num_kv_heads=hkv, head_dim=ctx.head_dim)
         return prefix
 
     def extra_row(self) -> dict:
@@ -107,10 +117,10 @@ CANDIDATES: dict[str, HeadTierPreset] = {
                                           base_overrides={"angle_bits_per_coord": 3.75, "value_bits": 4}),
     # window-only, capped at 4.5 bits per visible element (issue 12 follow-up): intermediate high tiers.
     "sphkv-rh4.5w-h5b+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-5b", max_bits=4.5, window_only=True),
-    "sphkv-rh4.5w-v4h5b+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-5b", max_bits=4.5, window_only=True,
-                                              base_overrides={"angle_bits_per_coord": 3.75, "value_bits": 4}),
-    "sphkv-rh4.5w-v4+sink": HeadTierPreset(base="sphkv-4b", high="sphkv-8", max_bits=4.5, window_only=True,
-                                           base_overrides={"angle_bits_per_coord": 3.75, "value_bits": 4}),
+    "sphkv-rh4.5w-a4+sink": HeadTierPreset(base="sphkv-4", high="sphkv-8", max_bits=4.5, window_only=True),
+    "sphkv-rh4.5w-4h5b+sink": HeadTierPreset(base="sphkv-4", high="sphkv-5b", max_bits=4.5, window_only=True),
+    # no lift (high = base): sphkv-4+sink with the window rule (the same codes, fewer pages)
+    "sphkv-w4+sink": HeadTierPreset(base="sphkv-4", high="sphkv-4", max_bits=4.5, window_only=True),
 }
 for _n, _p in CANDIDATES.items():
     register(_n, functools.partial(HeadTiered, _p, name=_n), group="sphkv-rh")
