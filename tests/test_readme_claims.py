@@ -133,6 +133,10 @@ def quality_cell(name: str, model: str = "smollm2") -> Callable:
             return [r["nll_delta_pct"], round(r["retrieval_rate"] * r["retrieval_cases"]), r["retrieval_cases"]]
         rows = quality_rows(name, label, "essays", model)
         ctx = sorted(rows)
+        if col.startswith("bits/visible"):                    # window-only rows: bits per visible element
+            return sorted({round(r["bits_per_visible_element"], 2) for r in load(name)
+                           if r["method"] == method_key(label) and r.get("model", "smollm2") == model
+                           and "bits_per_visible_element" in r})
         if col.startswith("bits"):
             if "corpus" not in rows[ctx[0]]:                 # one corpus: bits per context, in context order
                 return [rows[c]["bits_per_element"] for c in ctx]
