@@ -13,7 +13,10 @@
   cache holds: a sliding layer counts only its visible tokens; rows gain ``bits_per_visible_element``, while
   ``bits_per_element`` keeps dividing by ``N × L × Hkv × d × 2``). On a model without sliding layers the two are
   equal and the preset is ``sphkv-rh4.5+sink``.
-* other ``sphkv-rh*`` names: candidate tier pairs, the same rule.
+* ``sphkv-w4+sink`` — plain ``sphkv-4`` (high = base: no head tiers) with the window rule and the visible-element
+  cap: the kept tokens have ``sphkv-4+sink``'s codes. Meets issue 12's target on Gemma 3 270M's 4 pairs, where
+  ``sphkv-rh4.5w+sink`` under the visible-element cap does not (README, Gemma section).
+* other ``sphkv-rh*`` names: candidate tier pairs, the same rules.
 
 The pages are written by :class:`sphkv.pages.PagedStore` over the preset's two-tier set (the store RDR writes its
 plans into; one tier per (layer, kv head) here) and attended through :func:`sphkv_hf.retention.store_prefix`
