@@ -145,8 +145,8 @@ def head_tiers(preset: HeadTierPreset, order, *, num_layers: int, num_kv_heads: 
     ``max_bits`` at this shape; a pair that does not fit is skipped and later (cheaper: a sliding layer's fewer
     kept tokens) pairs are still tried. When every pair costs the same (every layer keeps all ``N``) this lifts a
     prefix of ``order``. The cap is on :func:`bits_per_element` or, with the preset's ``window_only``, on
-    :func:`bits_per_visible_element` over ``visible`` (per layer the tokens a later query sees; default ``kept``:
-    the stored bytes of :func:`stored_tokens` over the visible elements). Raises ``ValueError`` when the all-base
+    :func:`bits_per_visible_element` over ``visible`` (per layer the tokens a later query sees, while ``kept`` are
+    the tokens stored, e.g. :func:`stored_tokens`; default: ``kept``). Raises ``ValueError`` when the all-base
     cache is over the cap, or ``order`` names a pair outside ``L × Hkv`` or twice.
     """
     import torch
