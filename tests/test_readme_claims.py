@@ -112,7 +112,7 @@ def quality_rows(name: str, label: str, corpus: str | None = None, model: str = 
 
 def pairs_cell(label: str, col: str) -> list[float]:
     """The "every pair" quality table: row ``<model> <method> <what>`` (``what``: "vs the model's own NLL" →
-    ``model_nll_delta_pct`` of that row; "needles" → single-needle hits of 8), column ``<corpus> <n>K``."""
+    ``model_nll_delta_pct`` of that row; "needles" → single-needle hits of 8; "ΔNLL" → ``nll_delta_pct``), column ``<corpus> <n>K``."""
     model, method = label.replace("`", "").split()[:2]
     corpus, k = re.match(r"(\w+) (\d)K$", col).groups()
     r = quality_rows("quality-quick.json", method, corpus, model)[int(k) * 1024]
@@ -120,6 +120,8 @@ def pairs_cell(label: str, col: str) -> list[float]:
         return [r["model_nll_delta_pct"]]
     if "needle" in label:
         return [sum(r["needle_hits"]), len(r["needle_hits"])]
+    if "ΔNLL" in label:
+        return [r["nll_delta_pct"]]
     raise KeyError(f"row {label!r}")
 
 
@@ -131,6 +133,10 @@ def quality_cell(name: str, model: str = "smollm2") -> Callable:
             return [r["nll_delta_pct"], round(r["retrieval_rate"] * r["retrieval_cases"]), r["retrieval_cases"]]
         rows = quality_rows(name, label, "essays", model)
         ctx = sorted(rows)
+        if col.startswith("bits/visible"):                    # window-only rows: bits per visible element
+            return sorted({round(r["bits_per_visible_element"], 2) for r in load(name)
+                           if r["method"] == method_key(label) and r.get("model", "smollm2") == model
+                           and "bits_per_visible_element" in r})
         if col.startswith("bits"):
             if "corpus" not in rows[ctx[0]]:                 # one corpus: bits per context, in context order
                 return [rows[c]["bits_per_element"] for c in ctx]

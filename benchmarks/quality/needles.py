@@ -8,7 +8,8 @@ for ``full`` and every ``METHOD`` compresses the haystack and runs only the sing
 continuation, no multi-key cases: ~1/3 of a ``run.py`` method). Per case: the needle depth, per answer token
 the margin ``logit(answer) - max other logit`` (> 0: the token is the argmax; a case is a hit when every
 margin is > 0, the harness's rule), the answer tokens and the rival argmax tokens. Prints one block per
-method and writes ``{method: {"bits_per_element", "cases": [{depth, margins, answer, rival}]}}``.
+method and writes ``{method: {"bits_per_element", "cases": [{depth, margins, answer, rival}]}}`` (plus
+``bits_per_visible_element`` for a window-only head-tiered preset).
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prefills {time.time() - t0:.0f}s", flush=True)
     out = {}
     for name in ["full"] + [m for m in args.methods if m != "full"]:
-        method, t1, cases, bits = reg[name].factory(), time.time(), [], None
+        method, t1, cases, bits, vis = reg[name].factory(), time.time(), [], None, None
         for hay, ctx in task.haystacks:
             comp = method.build(ctx)
             bits = comp.bits_per_element
+            vis = (method.extra_row() if hasattr(method, "extra_row") else {}).get("bits_per_visible_element")
             for q in hay.questions:
                 if q.task != "single":
                     continue
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
                               "rival": tok.convert_ids_to_tokens(other.argmax(-1)[a:b].tolist())})
         cases.sort(key=lambda c: c["depth"])
         out[name] = {"bits_per_element": bits, "cases": cases}
-        print(f"== {name} bits {bits:.3f} ({time.time() - t1:.0f}s) hits "
+        if vis is not None:
+            out[name]["bits_per_visible_element"] = vis
+        print(f"== {name} bits {bits:.3f}" + (f" (per visible element {vis:.3f})" if vis is not None else "")
+              + f" ({time.time() - t1:.0f}s) hits "
               f"{sum(min(c['margins']) > 0 for c in cases)}/{len(cases)}", flush=True)
         for c in cases:
             print(f"  depth {c['depth']:.3f} min {min(c['margins']):+6.2f} margins {c['margins']} "

@@ -153,6 +153,7 @@ def fill_model_nll(path: Path, *, threads: int = 1) -> list[dict]:
 
 
 MERGE_KEY = ("model", "corpus", "context", "method")
+HEAD_GROUP = "sphkv-rh"          # methods_heads.py: each preset of the group checked on its own
 
 
 def merge_rows(files: list[list[dict]]) -> list[dict]:
@@ -173,6 +174,9 @@ def write_reports(rows: list[dict], out_json: Path, stem: str, corpora: list[str
     from .report import markdown_table, rate_distortion_plot, rdr_check, target_check
 
     text = markdown_table(rows) + "\n" + rdr_check(rows) + "\n" + target_check(rows)
+    for m in sorted({r["method"] for r in rows if r.get("group") == HEAD_GROUP}):     # each head-tiered preset
+        text += f"\n`{m}`: " + target_check([r for r in rows if r.get("group") != HEAD_GROUP or r["method"] == m],
+                                            group=HEAD_GROUP)
     out_json.with_suffix(".md").write_text(text)
     if plots:
         for corpus in corpora:
