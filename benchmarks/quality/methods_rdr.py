@@ -53,6 +53,7 @@ PAGE = 64
 QUICK = {"ada+rdr@0.10", "ada+rdr@0.25"}
 ROBUST = RetentionConfig(policy="snapkv", floor=True, per_layer=True, prior=1.0, band_prior=4.0, calib_tokens=384,
                          spread=1, dense_sinks=4)
+INFO = {"surprisal": lambda ctx: ctx.surprisal(), "reconstruction": lambda ctx: ctx.reconstruction()}
 _CALIB: dict = {}          # (tier set, id(context)) -> (context, calibration): shared by every budget
 TIERSETS = {"ada+rdr": "ada-c+rdr", "ada+rdr-v0": "ada+rdr", "rdkv": "rdkv", "dense+rdr": "dense+rdr"}
 
@@ -66,12 +67,15 @@ class RDR:
     name: str = "rdr"
     config: RetentionConfig | None = None              # default: ROBUST for "ada+rdr", else RetentionConfig()
     tierset: str | None = None                         # a sphkv.retention.VARIANTS name; default TIERSETS[variant]
+    info: str = "surprisal"                            # the information score (INFO) when info_weight > 0
     summaries: list = field(default_factory=list)      # one per build(); the first is the continuation context
     last: object = field(default=None, repr=False)     # the last build's RetentionResult
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction!r} must be in (0, 1]")
+        if self.info not in INFO:
+            raise ValueError(f"info={self.info!r} is not supported; allowed: {sorted(INFO)}")
 
     @property
     def budget_fraction(self) -> float:
@@ -90,7 +94,8 @@ class RDR:
                                [v.to(torch.float32) for v in ctx.values],
                                ctx.pooled_queries if pooled else ctx.queries, self.fraction, config=cfg,
                                page_size=PAGE, q_positions=ctx.pooled_positions if pooled else None,
-                               calibration=calib)
+                               calibration=calib,
+                               information=INFO[self.info](ctx) if cfg.info_weight or cfg.band_info_weight else None)
         if calib is None:
             _CALIB.clear()                                       # one context length at a time
             _CALIB[key] = (root, res.calibration)
