@@ -177,7 +177,9 @@ def test_harness_surprisal_is_the_models_own_and_flags_unpredictable_tokens(smol
     # a later prefill after a shared prefix (the harness's haystacks) continues the same scores
     start = p + 3
     cont = task._prefill(ids[None, start:], ctx, start)
-    assert torch.allclose(cont.surprisal(), s, atol=0.05)
+    c = cont.surprisal()
+    assert c.shape == s.shape and torch.equal(c[:start], s[:start])     # the shared prefix: the same scores
+    assert float((c - s).abs().max()) < 0.25 and float((c - s).abs().mean()) < 0.02   # over a bf16 prefix
     # the reconstruction score: one repeat forward, [L, Hkv, N], computed once
     r = ctx.reconstruction()
     assert r.shape == (len(ctx.keys), ctx.num_kv_heads, ids.numel()) and bool((r >= 0).all())

@@ -169,6 +169,8 @@ def main(argv=None) -> None:
         if oracle:
             rows.append({"spec": spec, "retrieval_hits": hits, "needle_kept": kept})
             print(f"[sweep] {spec:48s} retrieval {hits}  needle/all kept {kept}", flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(rows) + "\n")
             continue
         nll, prefix = token_nll(task, method)
         d = nll - ref_tok
