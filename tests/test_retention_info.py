@@ -184,3 +184,21 @@ def test_harness_surprisal_is_the_models_own_and_flags_unpredictable_tokens(smol
     r = ctx.reconstruction()
     assert r.shape == (len(ctx.keys), ctx.num_kv_heads, ids.numel()) and bool((r >= 0).all())
     assert ctx.reconstruction() is r
+
+
+def test_floor_policy_applies_below_the_floor_only():
+    ks, vs, qs = _prefill(n=601)
+    info = torch.rand(2, 3, 601, generator=torch.Generator().manual_seed(2))
+    band = RetentionConfig(floor=True, per_layer=False, prior=1.0, calib_tokens=128, spread=1, band_prior=4.0)
+    info_cfg = dataclasses.replace(band, floor_policy="uniform", info_weight=8.0, info_power=2.0, band_info_weight=0.0)
+    ref25 = compress_variant("ada-c+rdr", ks, vs, qs, 0.25, config=band, page_size=16)
+    at25 = compress_variant("ada-c+rdr", ks, vs, qs, 0.25, config=info_cfg, page_size=16,
+                            calibration=ref25.calibration, information=info)
+    assert torch.equal(at25.plan.tiers, ref25.plan.tiers)      # the band: snapkv utility, no information term
+    at10 = compress_variant("ada-c+rdr", ks, vs, qs, 0.10, config=info_cfg, page_size=16,
+                            calibration=ref25.calibration, information=info)
+    z = information_score(info, power=2.0)
+    expect = (1.0 + 1.0 + 8.0 * z) / 601                        # uniform utility 1/N, prior 1, info 8 z (× mean 1/N)
+    assert torch.allclose(at10.utility, expect, rtol=1e-5)
+    with pytest.raises(ValueError, match="floor_policy='nope'"):
+        RetentionConfig(floor_policy="nope")

@@ -68,8 +68,9 @@ class RetentionConfig:
     :func:`sphkv.retention.utility.information_score` of a query-agnostic score (``compress_prefill(information=)``:
     the surprisal ``[N]`` or a reconstruction attention ``[L, Hkv, N]``; max-pooled over ``info_kernel`` tokens,
     raised to ``info_power``, mean 1 per head): like ``prior``, but a token the model cannot regenerate weighs
-    more. ``band_info_weight`` (``None``: ``info_weight``) replaces it when the
-    band applies.
+    more. ``band_info_weight`` (``None``: ``info_weight``) replaces it when the band applies. ``floor_policy``
+    (``None``: ``policy``) is the utility policy used when the band does not apply (below the floor, where tokens
+    are dropped), e.g. ``"uniform"`` so that the information score alone ranks the tokens there.
     """
 
     policy: str = "snapkv"
@@ -91,6 +92,7 @@ class RetentionConfig:
     info_kernel: int = 1
     info_power: float = 1.0
     band_info_weight: float | None = None
+    floor_policy: str | None = None
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -122,10 +124,14 @@ class RetentionConfig:
         for name in ("calib_layers", "calib_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.floor_policy is not None and self.floor_policy not in POLICIES:
+            raise ValueError(f"floor_policy={self.floor_policy!r} is not registered; allowed: {sorted(POLICIES)}")
         self.make_policy()                                            # validates pool / kernel
 
-    def make_policy(self):
-        return make_policy(self.policy, **_POLICY_PARAMS.get(self.policy, lambda c: {})(self))
+    def make_policy(self, name: str | None = None):
+        """The utility policy ``name`` (default ``policy``) with this config's parameters."""
+        name = name or self.policy
+        return make_policy(name, **_POLICY_PARAMS.get(name, lambda c: {})(self))
 
 
 @dataclass(frozen=True)
@@ -317,8 +323,6 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     if d != tierset.head_dim:
         raise ValueError(f"head_dim {d} of the keys differs from tierset.head_dim={tierset.head_dim}")
     timings = {}
-    utility = layer_utility(config.make_policy(), keys, queries, sm_scale=sm_scale, q_positions=q_positions)
-    timings["utility_s"] = time.perf_counter() - t0
     stats, layer_dist = None, None
     if calibration is not None:
         tierset, stats, layer_dist = calibration
@@ -344,12 +348,18 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     protected = protected_mask(m, sinks=max(config.sinks - s, 0), recent=config.recent)
     band_protected = None if config.band_sinks is None else protected_mask(m, sinks=config.band_sinks, recent=0)
     prior, info = config.prior, config.info_weight
-    if config.spread is not None and (config.band_prior is not None or config.band_info_weight is not None):
+    in_band = False
+    if config.spread is not None:
         n_band = int((protected if band_protected is None else band_protected).sum())
-        if band_tiers(torch.full((len(keys) * hkv,), n_band), m, costs.page_bytes, costs.page_size,
-                      budget_bytes - sink_bytes, config.spread, config.lift) is not None:
-            prior = config.prior if config.band_prior is None else config.band_prior
-            info = config.info_weight if config.band_info_weight is None else config.band_info_weight
+        in_band = band_tiers(torch.full((len(keys) * hkv,), n_band), m, costs.page_bytes, costs.page_size,
+                             budget_bytes - sink_bytes, config.spread, config.lift) is not None
+    if in_band:
+        prior = config.prior if config.band_prior is None else config.band_prior
+        info = config.info_weight if config.band_info_weight is None else config.band_info_weight
+    t1 = time.perf_counter()
+    policy = config.make_policy(None if in_band else config.floor_policy)
+    utility = layer_utility(policy, keys, queries, sm_scale=sm_scale, q_positions=q_positions)
+    timings["utility_s"] = time.perf_counter() - t1
     extra = prior
     if info:
         if information is None:
