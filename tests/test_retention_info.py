@@ -202,3 +202,20 @@ def test_floor_policy_applies_below_the_floor_only():
     assert torch.allclose(at10.utility, expect, rtol=1e-5)
     with pytest.raises(ValueError, match="floor_policy='nope'"):
         RetentionConfig(floor_policy="nope")
+
+
+def test_information_callable_is_called_only_when_its_weight_applies():
+    ks, vs, qs = _prefill(n=601)
+    calls = []
+
+    def info():
+        calls.append(1)
+        return torch.ones(601)
+
+    cfg = RetentionConfig(floor=True, per_layer=False, prior=1.0, calib_tokens=128, spread=1, band_prior=4.0,
+                          floor_policy="uniform", info_weight=8.0, band_info_weight=0.0)
+    res = compress_variant("ada-c+rdr", ks, vs, qs, 0.25, config=cfg, page_size=16, information=info)
+    assert calls == []                                          # the band: weight 0, the score is never computed
+    compress_variant("ada-c+rdr", ks, vs, qs, 0.10, config=cfg, page_size=16, calibration=res.calibration,
+                     information=info)
+    assert calls == [1]

@@ -60,7 +60,16 @@ QUICK = {"ada+rdr@0.10", "ada+rdr@0.25"}
 ROBUST = RetentionConfig(policy="snapkv", floor=True, per_layer=True, prior=1.0, band_prior=4.0, calib_tokens=384,
                          spread=1, dense_sinks=4, floor_policy="uniform", info_weight=8.0, info_power=2.0,
                          band_info_weight=0.0)
-INFO = {"surprisal": lambda ctx: ctx.surprisal(), "reconstruction": lambda ctx: ctx.reconstruction()}
+def _info(field: str):
+    def get(ctx):
+        fn = getattr(ctx, field)
+        if fn is None:
+            raise ValueError(f"info={field!r} needs PrefillContext.{field} (the harness's ContextTask sets it)")
+        return fn()
+    return get
+
+
+INFO = {"surprisal": _info("surprisal"), "reconstruction": _info("reconstruction")}
 _CALIB: dict = {}          # (tier set, id(context)) -> (context, calibration): shared by every budget
 TIERSETS = {"ada+rdr": "ada-c+rdr", "ada+rdr-v0": "ada+rdr", "rdkv": "rdkv", "dense+rdr": "dense+rdr"}
 
@@ -102,7 +111,7 @@ class RDR:
                                ctx.pooled_queries if pooled else ctx.queries, self.fraction, config=cfg,
                                page_size=PAGE, q_positions=ctx.pooled_positions if pooled else None,
                                calibration=calib,
-                               information=INFO[self.info](ctx) if cfg.info_weight or cfg.band_info_weight else None)
+                               information=lambda: INFO[self.info](ctx))      # computed only when used
         if calib is None:
             _CALIB.clear()                                       # one context length at a time
             _CALIB[key] = (root, res.calibration)

@@ -281,7 +281,7 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
                      tierset: TierSet, budget_fraction: float | None = None, *, budget_bytes: int | None = None,
                      config: RetentionConfig = RetentionConfig(), sm_scale: float | None = None,
                      q_positions: torch.Tensor | None = None, calibration=None,
-                     information: torch.Tensor | None = None) -> RetentionResult:
+                     information=None) -> RetentionResult:
     """Plan and store a prefilled cache under a budget.
 
     Parameters
@@ -292,7 +292,8 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
         strided over the context plus the window, for ``policy="pooled"``).
     information : ``[N]`` or ``[L, Hkv, N]`` float ``>= 0``, a query-agnostic information score of the context
         tokens (e.g. surprisal ``-log p(x_t | x_<t)``, or :func:`sphkv.retention.utility.reconstruction_attention`
-        per layer); needed when the ``info_weight`` that applies is > 0, ignored otherwise.
+        per layer), or a zero-argument callable returning it (called only when needed); needed when the
+        ``info_weight`` that applies is > 0, ignored otherwise.
     calibration : ``(tierset, stats, layer_distortion)`` from an earlier call on the same model
         (``RetentionResult.calibration``) to skip calibrating again.
     tierset : tiers, most precise first; calibrated on these samples when ``distortion`` is empty.
@@ -364,6 +365,8 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     if info:
         if information is None:
             raise ValueError(f"info_weight={info!r} needs an information score (compress_prefill(information=))")
+        if callable(information):
+            information = information()
         if tuple(information.shape) not in ((n,), tuple(utility.shape)):
             raise ValueError(f"information must be [N={n}] or {list(utility.shape)}, got {tuple(information.shape)}")
         z = information_score(information, kernel=config.info_kernel, power=config.info_power).to(utility.device)
@@ -469,7 +472,7 @@ VARIANTS = {"ada+rdr": ada_tierset, "ada-b+rdr": ada_b_tierset, "ada-c+rdr": ada
 def compress_variant(name: str, keys, values, queries, budget_fraction: float, *,
                      config: RetentionConfig = RetentionConfig(), page_size: int = 64,
                      sm_scale: float | None = None, q_positions: torch.Tensor | None = None,
-                     calibration=None, information: torch.Tensor | None = None) -> RetentionResult:
+                     calibration=None, information=None) -> RetentionResult:
     """:func:`compress_prefill` with the tier set of ``VARIANTS[name]``."""
     if name not in VARIANTS:
         raise ValueError(f"variant={name!r} is not registered; allowed: {sorted(VARIANTS)}")
