@@ -215,10 +215,21 @@ class ContextTask:
         policy = CachePolicy(mode="dense", observe_window=ids.numel())
         cache = SphKVCache.from_prefix(_with_positions(segs) if self.sliding else segs, n, policy=policy)
         pos = torch.arange(n, n + rep.numel())[None]
+        new = {}
+        update = cache.update
+
+        def _update(k, v, layer_idx, *args, **kwargs):             # the repeat's own keys (sliding layers)
+            new[layer_idx] = k
+            return update(k, v, layer_idx, *args, **kwargs)
+
+        cache.update = _update
         self.model(input_ids=rep[None], position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         out = []
-        for layer in cache.layers:
-            k = layer.dense_kv()[0][0].float()                               # [Hkv, N + P + N, d]
+        for i, layer in enumerate(cache.layers):
+            if self.sliding:        # a sliding layer's cache keeps its window only: the context's keys + the repeat's
+                k = torch.cat([ctx.keys[i][0].float(), new[i][0].float()], -2)
+            else:
+                k = layer.dense_kv()[0][0].float()                           # [Hkv, N + P + N, d]
             q = layer.observed_queries[0]                                    # [Hq, N, d]: the repeated context
             out.append(reconstruction_attention(k, q, n))
             layer.observed_queries = None
