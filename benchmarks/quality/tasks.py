@@ -25,6 +25,10 @@ math for every method, the full bf16 cache included, so differences come from th
   in the tests).
 * Queries for query-agnostic utilities: each prefill keeps the post-RoPE queries at every
   ``pool_stride``-th position and of the last ``window`` tokens (``PrefillContext.pooled_queries``).
+* Information scores (computed on first use): ``PrefillContext.surprisal()`` from the prefill's final hidden
+  states (a hook on the final norm; the LM head in chunks), ``PrefillContext.reconstruction()`` from one forward
+  of :data:`REPEAT_PROMPT` + the context over the context's dense cache (KVzip-style; see
+  :func:`sphkv.retention.utility.reconstruction_attention`). Neither sees a question.
 """
 from __future__ import annotations
 
@@ -39,11 +43,10 @@ from sphkv_hf.segments import DenseSegment
 
 import sphkv_hf.segments as _segments
 from sphkv.logits import logits_from_codes, mean_logits, pair_radii
+from sphkv.retention.utility import reconstruction_attention
 
 from .methods import CompressedPrefix, Method, PrefillContext
 from .retrieval import TASKS, build_suite
-
-from sphkv.retention.utility import reconstruction_attention
 
 REPEAT_PROMPT = "\n\nRepeat the text above exactly, from its first word.\n\n"
 
