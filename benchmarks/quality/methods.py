@@ -16,6 +16,10 @@ A method turns the dense KV of a prefilled context into a compressed prefix::
   and how many leading tokens it ``shared`` with it, so a method may reuse work; ignoring them is fine.
   ``pooled_queries`` hold the post-RoPE queries at ``pooled_positions`` — strided over the whole context
   plus the observation window (what a query-agnostic utility pools; still no question involved).
+  ``surprisal()`` (computed on first call) returns each context token's ``-log p(x_t | x_<t)`` under the model
+  ``[N]`` float32, from the prefill's own final hidden states (token 0: 0) — the information content a query-agnostic utility may weigh;
+  ``reconstruction()`` (computed on first call: one extra forward) the KVzip-style score ``[L, Hkv, N]``: the
+  largest attention each context token draws while the model is asked to repeat the context.
 * :class:`CompressedPrefix` holds per layer a list of :mod:`sphkv_hf.segments` segments (dense or
   ADA-coded, optionally padded per kv head with ``lengths``), which :class:`sphkv_hf.SphKVCache`
   attends over; ``nbytes`` is the exact sum of the segments' stored bytes (codes, radii, means,
@@ -57,6 +61,8 @@ class PrefillContext:
     shared: int = 0                         # (a method may reuse its encoding of ``base`` for those tokens)
     pooled_queries: list[torch.Tensor] | None = None   # per layer [1, Hq, M, d] float32 at ``pooled_positions``
     pooled_positions: torch.Tensor | None = None       # [M] int64: strided over the context + the last window
+    surprisal: Callable[[], torch.Tensor] | None = None        # () -> [N] float32 -log p(x_t | x_<t) (token 0: 0)
+    reconstruction: Callable[[], torch.Tensor] | None = None   # () -> [L, Hkv, N] float32, computed on first call
 
     @property
     def num_layers(self) -> int:

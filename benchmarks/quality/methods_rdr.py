@@ -11,7 +11,13 @@
   band's top). At 25% that is the sinks dense, ~84% of the tokens at sphkv-4b and the least useful ~16% at
   sphkv-4b-a3.5 (a quarter bit lower); prior 4 in the band (``band_prior``: the demotions spread evenly over
   the heads), prior 1 below the floor. Below the floor (10%) the band does not apply: the last 32 stay at
-  sphkv-8 and the least useful tokens are dropped. Chosen on the essays (2K and 4K continuation NLL over 512
+  sphkv-8 and the least useful tokens are dropped, ranked by a KVzip-style reconstruction score instead of the
+  window (``floor_policy="uniform"``, ``info_weight=8``, ``info_power=2``, ``info="reconstruction"``: utility
+  ``∝ 1 + prior + 8·z`` with ``z`` the squared largest attention a token draws while the model is asked to
+  repeat the context, normalized to mean 1 per (layer, kv head); :func:`sphkv.retention.utility.reconstruction_attention`,
+  one extra forward per context). Chosen on essays 2K (``quality-rdr-info-sweep.json``, run e9): the window
+  utility gave +0.43% and 0/24 retrieval; this score +0.06% and 7/24; mixed into the window utility instead
+  (``floor_policy`` unset) it gave 0–2/24. Chosen on the essays (2K and 4K continuation NLL over 512
   tokens, retrieval of 24; ``benchmarks/quality/sweep_rdr.py``): the previous pooled utility (max attention of
   queries strided over the context) cost +1.6% / +3.0% NLL at 10% where the window utility costs +0.4% /
   +0.4% (essays 2K / 4K); at 25% the sink page at sphkv-5b instead of dense sinks cost +0.44 pp at 4K;
@@ -52,7 +58,18 @@ FRACTIONS = (0.05, 0.10, 0.25, 0.50)
 PAGE = 64
 QUICK = {"ada+rdr@0.10", "ada+rdr@0.25"}
 ROBUST = RetentionConfig(policy="snapkv", floor=True, per_layer=True, prior=1.0, band_prior=4.0, calib_tokens=384,
-                         spread=1, dense_sinks=4)
+                         spread=1, dense_sinks=4, floor_policy="uniform", info_weight=8.0, info_power=2.0,
+                         band_info_weight=0.0)
+def _info(field: str):
+    def get(ctx):
+        fn = getattr(ctx, field)
+        if fn is None:
+            raise ValueError(f"info={field!r} needs PrefillContext.{field} (the harness's ContextTask sets it)")
+        return fn()
+    return get
+
+
+INFO = {"surprisal": _info("surprisal"), "reconstruction": _info("reconstruction")}
 _CALIB: dict = {}          # (tier set, id(context)) -> (context, calibration): shared by every budget
 TIERSETS = {"ada+rdr": "ada-c+rdr", "ada+rdr-v0": "ada+rdr", "rdkv": "rdkv", "dense+rdr": "dense+rdr"}
 
@@ -66,12 +83,15 @@ class RDR:
     name: str = "rdr"
     config: RetentionConfig | None = None              # default: ROBUST for "ada+rdr", else RetentionConfig()
     tierset: str | None = None                         # a sphkv.retention.VARIANTS name; default TIERSETS[variant]
+    info: str = "reconstruction"                       # the information score (INFO) when info_weight > 0
     summaries: list = field(default_factory=list)      # one per build(); the first is the continuation context
     last: object = field(default=None, repr=False)     # the last build's RetentionResult
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction={self.fraction!r} must be in (0, 1]")
+        if self.info not in INFO:
+            raise ValueError(f"info={self.info!r} is not supported; allowed: {sorted(INFO)}")
 
     @property
     def budget_fraction(self) -> float:
@@ -90,7 +110,8 @@ class RDR:
                                [v.to(torch.float32) for v in ctx.values],
                                ctx.pooled_queries if pooled else ctx.queries, self.fraction, config=cfg,
                                page_size=PAGE, q_positions=ctx.pooled_positions if pooled else None,
-                               calibration=calib)
+                               calibration=calib,
+                               information=lambda: INFO[self.info](ctx))      # computed only when used
         if calib is None:
             _CALIB.clear()                                       # one context length at a time
             _CALIB[key] = (root, res.calibration)

@@ -25,6 +25,10 @@ math for every method, the full bf16 cache included, so differences come from th
   in the tests).
 * Queries for query-agnostic utilities: each prefill keeps the post-RoPE queries at every
   ``pool_stride``-th position and of the last ``window`` tokens (``PrefillContext.pooled_queries``).
+* Information scores (computed on first use): ``PrefillContext.surprisal()`` from the prefill's final hidden
+  states (a hook on the final norm; the LM head in chunks), ``PrefillContext.reconstruction()`` from one forward
+  of :data:`REPEAT_PROMPT` + the context over the context's dense cache (KVzip-style; see
+  :func:`sphkv.retention.utility.reconstruction_attention`). Neither sees a question.
 """
 from __future__ import annotations
 
@@ -39,9 +43,25 @@ from sphkv_hf.segments import DenseSegment
 
 import sphkv_hf.segments as _segments
 from sphkv.logits import logits_from_codes, mean_logits, pair_radii
+from sphkv.retention.utility import reconstruction_attention
 
 from .methods import CompressedPrefix, Method, PrefillContext
 from .retrieval import TASKS, build_suite
+
+REPEAT_PROMPT = "\n\nRepeat the text above exactly, from its first word.\n\n"
+
+
+class _Lazy:
+    """A value computed on first call and kept (the reconstruction score costs one extra forward)."""
+
+    def __init__(self, fn):
+        self.fn, self.value = fn, None
+
+    def __call__(self):
+        if self.value is None:
+            self.value = self.fn()
+            self.fn = None
+        return self.value
 
 __all__ = ["ContextTask", "TaskResult", "fast_logits_from_codes", "own_nll"]
 
@@ -137,6 +157,8 @@ class ContextTask:
                     for k, v in zip(prefix.keys, prefix.values)]
             cache = SphKVCache.from_prefix(_with_positions(segs) if self.sliding else segs, start, policy=policy)
         pos = torch.arange(start, start + ids.shape[-1])[None]
+        final = self.model.model.norm.register_forward_hook(lambda m, a, out: hidden.append(out.detach()))
+        hidden: list[torch.Tensor] = []
         new = {}
         if self.sliding:          # a sliding layer drops what its window left behind: keep every layer whole
             update = cache.update
@@ -146,7 +168,13 @@ class ContextTask:
                 return update(k, v, layer_idx, *args, **kwargs)
 
             cache.update = _update
-        self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        try:
+            self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            final.remove()
+        states = hidden[0][0]                                                # [T, D] final-norm states
+        lead = self._states[id(prefix)][start - 1:start] if prefix is not None and start else None
+        surprisal = _Lazy(lambda: self._surprisal(states, ids[0], prefix, start, lead))
         if self.sliding:          # every position of every layer (prefix + this forward) is compressed
             kv = []
             for i in range(len(cache.layers)):
@@ -168,8 +196,70 @@ class ContextTask:
         window = [q[..., -self.w:, :] for q in pooled]                       # the last W positions are in pp
         for layer in cache.layers:
             layer.observed_queries = None
-        return PrefillContext([k for k, _ in kv], [v for _, v in kv], window, self.model.config,
-                              base=prefix, shared=start, pooled_queries=pooled, pooled_positions=pp)
+        cell: list[PrefillContext] = []
+        full_ids = torch.cat([self.ids[:start], ids[0]]) if start else ids[0]
+        ctx = PrefillContext([k for k, _ in kv], [v for _, v in kv], window, self.model.config,
+                             base=prefix, shared=start, pooled_queries=pooled, pooled_positions=pp,
+                             surprisal=surprisal, reconstruction=_Lazy(lambda: self._reconstruction(cell[0], full_ids)))
+        cell.append(ctx)
+        if prefix is None:                  # a later prefill after this one scores its first token from these
+            self._states = {id(ctx): states}
+        return ctx
+
+    @torch.no_grad()
+    def _reconstruction(self, ctx: PrefillContext, ids: torch.Tensor) -> torch.Tensor:
+        """``[L, Hkv, N]`` float32 KVzip-style score of ``ctx`` (token ids ``ids`` ``[N]``): one forward of
+        :data:`REPEAT_PROMPT` + the context over the context's dense bf16 cache, then per layer
+        :func:`sphkv.retention.utility.reconstruction_attention` of the repeated tokens' queries."""
+        n = ids.numel()
+        prompt = torch.tensor(self.tok(REPEAT_PROMPT, add_special_tokens=False).input_ids, dtype=ids.dtype)
+        rep = torch.cat([prompt, ids])
+        segs = [[DenseSegment.build(k, v)] for k, v in zip(ctx.keys, ctx.values)]
+        policy = CachePolicy(mode="dense", observe_window=ids.numel())
+        cache = SphKVCache.from_prefix(_with_positions(segs) if self.sliding else segs, n, policy=policy)
+        pos = torch.arange(n, n + rep.numel())[None]
+        new = {}
+        update = cache.update
+
+        def _update(k, v, layer_idx, *args, **kwargs):             # the repeat's own keys (sliding layers)
+            new[layer_idx] = k
+            return update(k, v, layer_idx, *args, **kwargs)
+
+        cache.update = _update
+        self.model(input_ids=rep[None], position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = []
+        for i, layer in enumerate(cache.layers):
+            if self.sliding:        # a sliding layer's cache keeps its window only: the context's keys + the repeat's
+                k = torch.cat([ctx.keys[i][0].float(), new[i][0].float()], -2)
+            else:
+                k = layer.dense_kv()[0][0].float()                           # [Hkv, N + P + N, d]
+            q = layer.observed_queries[0]                                    # [Hq, N, d]: the repeated context
+            out.append(reconstruction_attention(k, q, n))
+            layer.observed_queries = None
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def _surprisal(self, hidden: torch.Tensor, ids: torch.Tensor, prefix: PrefillContext | None, start: int,
+                   lead_state: torch.Tensor | None, chunk: int = 512) -> torch.Tensor:
+        """``[start + T]`` float32 ``-log p(x_t | x_<t)``: ``prefix``'s for its first ``start`` tokens, then this
+        forward's (``hidden`` ``[T, D]`` final-norm states, ``ids`` ``[T]``); the first token of the forward is
+        scored from the prefix's state at ``start - 1`` (``lead_state`` ``[1, D]``; 0 at position 0, which
+        nothing predicts)."""
+        head = self.model.get_output_embeddings()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        states, targets = hidden[:-1], ids[1:]
+        lead = torch.zeros(1)
+        if prefix is not None and start > 0:
+            states = torch.cat([lead_state, states])
+            targets = ids
+            lead = prefix.surprisal()[:start]
+        out = []
+        for a in range(0, targets.numel(), chunk):
+            logits = head(states[a:a + chunk]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            out.append(F.cross_entropy(logits, targets[a:a + chunk], reduction="none"))
+        return torch.cat([lead] + out)
 
     # -- scoring -----------------------------------------------------------------------------------
     @torch.no_grad()

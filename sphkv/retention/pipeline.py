@@ -26,7 +26,7 @@ from ..pages import PagedStore, paged_attention
 from ..tiers import PAGE_META_BYTES, Tier, TierSet
 from .allocation import Plan, TierCosts, allocate, band_tiers, bf16_bytes, budget_from_fraction
 from .calibration import TierStats, calibrate
-from .utility import POLICIES, layer_utility, make_policy, protected_mask
+from .utility import POLICIES, information_score, layer_utility, make_policy, protected_mask
 
 __all__ = ["RetentionConfig", "RetentionResult", "Segment", "compress_prefill", "compress_variant", "VARIANTS",
            "ada_tierset", "ada_b_tierset", "ada_c_tierset", "rdkv_tierset", "eviction_tierset"]
@@ -62,6 +62,15 @@ class RetentionConfig:
     ``band_prior`` (``None``: ``prior``) replaces ``prior`` when the band applies (a uniform tier fits the
     budget): there the utility only picks which tokens sit one tier lower, and a larger prior spreads those
     demotions more evenly over the (layer, kv head)s; below the floor (drops) ``prior`` applies.
+
+    Information content (query-agnostic, for budgets where tokens are dropped): with ``info_weight > 0`` every
+    token of a (layer, kv head) also gets ``info_weight × z × mean utility`` of that head, where ``z`` is
+    :func:`sphkv.retention.utility.information_score` of a query-agnostic score (``compress_prefill(information=)``:
+    the surprisal ``[N]`` or a reconstruction attention ``[L, Hkv, N]``; max-pooled over ``info_kernel`` tokens,
+    raised to ``info_power``, mean 1 per head): like ``prior``, but a token the model cannot regenerate weighs
+    more. ``band_info_weight`` (``None``: ``info_weight``) replaces it when the band applies. ``floor_policy``
+    (``None``: ``policy``) is the utility policy used when the band does not apply (below the floor, where tokens
+    are dropped), e.g. ``"uniform"`` so that the information score alone ranks the tokens there.
     """
 
     policy: str = "snapkv"
@@ -79,6 +88,11 @@ class RetentionConfig:
     band_sinks: int | None = None
     dense_sinks: int = 0
     band_prior: float | None = None
+    info_weight: float = 0.0
+    info_kernel: int = 1
+    info_power: float = 1.0
+    band_info_weight: float | None = None
+    floor_policy: str | None = None
     debug: bool = False
 
     def __post_init__(self) -> None:
@@ -91,6 +105,14 @@ class RetentionConfig:
             raise ValueError(f"prior={self.prior!r} must be finite and >= 0")
         if self.band_prior is not None and not 0.0 <= self.band_prior < float("inf"):
             raise ValueError(f"band_prior={self.band_prior!r} must be None or finite and >= 0")
+        for name in ("info_weight", "band_info_weight"):
+            x = getattr(self, name)
+            if x is not None and not 0.0 <= x < float("inf"):
+                raise ValueError(f"{name}={x!r} must be finite and >= 0" + (" (or None)" if name[0] == "b" else ""))
+        if not isinstance(self.info_kernel, int) or self.info_kernel < 1 or self.info_kernel % 2 == 0:
+            raise ValueError(f"info_kernel={self.info_kernel!r} must be a positive odd int")
+        if not 0.0 < self.info_power < float("inf"):
+            raise ValueError(f"info_power={self.info_power!r} must be finite and > 0")
         if self.spread is not None and (not isinstance(self.spread, int) or isinstance(self.spread, bool)
                                         or self.spread < 0):
             raise ValueError(f"spread={self.spread!r} must be None or an int >= 0")
@@ -102,10 +124,14 @@ class RetentionConfig:
         for name in ("calib_layers", "calib_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.floor_policy is not None and self.floor_policy not in POLICIES:
+            raise ValueError(f"floor_policy={self.floor_policy!r} is not registered; allowed: {sorted(POLICIES)}")
         self.make_policy()                                            # validates pool / kernel
 
-    def make_policy(self):
-        return make_policy(self.policy, **_POLICY_PARAMS.get(self.policy, lambda c: {})(self))
+    def make_policy(self, name: str | None = None):
+        """The utility policy ``name`` (default ``policy``) with this config's parameters."""
+        name = name or self.policy
+        return make_policy(name, **_POLICY_PARAMS.get(name, lambda c: {})(self))
 
 
 @dataclass(frozen=True)
@@ -254,7 +280,8 @@ def _calibrate(ts: TierSet, keys, values, queries, cfg: RetentionConfig, sm_scal
 def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queries: list[torch.Tensor],
                      tierset: TierSet, budget_fraction: float | None = None, *, budget_bytes: int | None = None,
                      config: RetentionConfig = RetentionConfig(), sm_scale: float | None = None,
-                     q_positions: torch.Tensor | None = None, calibration=None) -> RetentionResult:
+                     q_positions: torch.Tensor | None = None, calibration=None,
+                     information=None) -> RetentionResult:
     """Plan and store a prefilled cache under a budget.
 
     Parameters
@@ -263,6 +290,10 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     queries : per layer ``[1, Hq, W, d]`` — prefill queries (post-RoPE): the last ``W`` (the
         observation window) by default, or any positions given in ``q_positions`` ``[W]`` (e.g.
         strided over the context plus the window, for ``policy="pooled"``).
+    information : ``[N]`` or ``[L, Hkv, N]`` float ``>= 0``, a query-agnostic information score of the context
+        tokens (e.g. surprisal ``-log p(x_t | x_<t)``, or :func:`sphkv.retention.utility.reconstruction_attention`
+        per layer), or a zero-argument callable returning it (called only when needed); needed when the
+        ``info_weight`` that applies is > 0, ignored otherwise.
     calibration : ``(tierset, stats, layer_distortion)`` from an earlier call on the same model
         (``RetentionResult.calibration``) to skip calibrating again.
     tierset : tiers, most precise first; calibrated on these samples when ``distortion`` is empty.
@@ -293,8 +324,6 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     if d != tierset.head_dim:
         raise ValueError(f"head_dim {d} of the keys differs from tierset.head_dim={tierset.head_dim}")
     timings = {}
-    utility = layer_utility(config.make_policy(), keys, queries, sm_scale=sm_scale, q_positions=q_positions)
-    timings["utility_s"] = time.perf_counter() - t0
     stats, layer_dist = None, None
     if calibration is not None:
         tierset, stats, layer_dist = calibration
@@ -319,14 +348,31 @@ def compress_prefill(keys: list[torch.Tensor], values: list[torch.Tensor], queri
     costs = TierCosts.from_tierset(tierset)
     protected = protected_mask(m, sinks=max(config.sinks - s, 0), recent=config.recent)
     band_protected = None if config.band_sinks is None else protected_mask(m, sinks=config.band_sinks, recent=0)
-    prior = config.prior
-    if config.band_prior is not None and config.spread is not None:
+    prior, info = config.prior, config.info_weight
+    in_band = False
+    if config.spread is not None:
         n_band = int((protected if band_protected is None else band_protected).sum())
-        if band_tiers(torch.full((len(keys) * hkv,), n_band), m, costs.page_bytes, costs.page_size,
-                      budget_bytes - sink_bytes, config.spread, config.lift) is not None:
-            prior = config.band_prior
-    if prior:
-        utility = utility + prior * utility.mean(-1, keepdim=True)
+        in_band = band_tiers(torch.full((len(keys) * hkv,), n_band), m, costs.page_bytes, costs.page_size,
+                             budget_bytes - sink_bytes, config.spread, config.lift) is not None
+    if in_band:
+        prior = config.prior if config.band_prior is None else config.band_prior
+        info = config.info_weight if config.band_info_weight is None else config.band_info_weight
+    t1 = time.perf_counter()
+    policy = config.make_policy(None if in_band else config.floor_policy)
+    utility = layer_utility(policy, keys, queries, sm_scale=sm_scale, q_positions=q_positions)
+    timings["utility_s"] = time.perf_counter() - t1
+    extra = prior
+    if info:
+        if information is None:
+            raise ValueError(f"info_weight={info!r} needs an information score (compress_prefill(information=))")
+        if callable(information):
+            information = information()
+        if tuple(information.shape) not in ((n,), tuple(utility.shape)):
+            raise ValueError(f"information must be [N={n}] or {list(utility.shape)}, got {tuple(information.shape)}")
+        z = information_score(information, kernel=config.info_kernel, power=config.info_power).to(utility.device)
+        extra = prior + info * z                                                     # [N] or [L, Hkv, N]
+    if info or prior:
+        utility = utility + extra * utility.mean(-1, keepdim=True)
     plan = allocate(utility[..., s:], costs, budget_bytes - sink_bytes, protected=protected,
                     layer_distortion=layer_dist, floor=config.floor, spread=config.spread,
                     lift=config.lift, band_protected=band_protected)
@@ -393,6 +439,24 @@ def ada_c_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
                    head_dim=head_dim, page_size=page_size)
 
 
+def ada_lo_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
+    """``sphkv-8`` > ``sphkv-2b`` > ``sphkv-2b-lo`` (uncalibrated): below the floor, keep more tokens at ~2.2–2.5
+    bits instead of fewer at 4–5 (protected tokens at ``sphkv-8``)."""
+    def mk(name: str) -> Tier:
+        return Tier(name, SphKVConfig.from_name(name, head_dim=head_dim, page_size=page_size,
+                                                value_group=min(64, head_dim)))
+
+    return TierSet(tuple(mk(n) for n in ("sphkv-8", "sphkv-2b", "sphkv-2b-lo")), head_dim=head_dim,
+                   page_size=page_size)
+
+
+def ada_3b_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
+    """``sphkv-3b`` only (uncalibrated): eviction at ~3 bits (protected tokens at ``sphkv-3b`` too)."""
+    tier = Tier("sphkv-3b", SphKVConfig.from_name("sphkv-3b", head_dim=head_dim, page_size=page_size,
+                                                  value_group=min(64, head_dim)))
+    return TierSet((tier,), head_dim=head_dim, page_size=page_size)
+
+
 def rdkv_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
     """RDKV-style grid tiers ``bf16`` > ``int8`` > ``int4`` > ``int2`` (uncalibrated)."""
     return grid_tierset((16, 8, 4, 2), head_dim=head_dim, page_size=page_size)
@@ -403,15 +467,16 @@ def eviction_tierset(head_dim: int = 64, page_size: int = 64) -> TierSet:
     return TierSet((Tier("dense"),), head_dim=head_dim, page_size=page_size, distortion=(0.0,))
 
 
-VARIANTS = {"ada+rdr": ada_tierset, "ada-b+rdr": ada_b_tierset, "ada-c+rdr": ada_c_tierset, "rdkv": rdkv_tierset,
+VARIANTS = {"ada+rdr": ada_tierset, "ada-b+rdr": ada_b_tierset, "ada-c+rdr": ada_c_tierset, "ada-lo+rdr": ada_lo_tierset, "ada-3b+rdr": ada_3b_tierset, "rdkv": rdkv_tierset,
             "dense+rdr": eviction_tierset}
 def compress_variant(name: str, keys, values, queries, budget_fraction: float, *,
                      config: RetentionConfig = RetentionConfig(), page_size: int = 64,
                      sm_scale: float | None = None, q_positions: torch.Tensor | None = None,
-                     calibration=None) -> RetentionResult:
+                     calibration=None, information=None) -> RetentionResult:
     """:func:`compress_prefill` with the tier set of ``VARIANTS[name]``."""
     if name not in VARIANTS:
         raise ValueError(f"variant={name!r} is not registered; allowed: {sorted(VARIANTS)}")
     head_dim = _strip(keys[0], "keys").shape[-1]
     return compress_prefill(keys, values, queries, VARIANTS[name](head_dim, page_size), budget_fraction,
-                            config=config, sm_scale=sm_scale, q_positions=q_positions, calibration=calibration)
+                            config=config, sm_scale=sm_scale, q_positions=q_positions, calibration=calibration,
+                            information=information)

@@ -20,6 +20,13 @@ Policies (``RetentionPolicy.score(RetentionInputs) -> [Hkv, N]``), chosen by nam
 * ``"recency"`` — ``(i + 1) / N``: newest first (StreamingLLM-style ordering).
 * ``"uniform"`` — the same utility everywhere.
 
+Information content (:func:`information_score`, mixed in by :func:`sphkv.retention.compress_prefill` when
+``RetentionConfig.info_weight > 0``): a query-agnostic score per token — its surprisal ``-log p(x_t | x_<t)``
+under the model itself (free from the prefill's logits) or, KVzip-style, the largest attention it draws while
+the model repeats the context (:func:`reconstruction_attention`, one extra forward) — max-pooled over a few
+neighbours and divided by its mean over the context. A token the model cannot regenerate carries information
+no later query can recover once it is dropped. Nothing about a later question is used.
+
 Priors (:func:`protected_mask`): the first ``sinks`` tokens and the last ``recent`` tokens are
 protected — the allocator keeps them at the most precise tier whatever the budget.
 """
@@ -32,7 +39,8 @@ import torch.nn.functional as F
 
 __all__ = ["RetentionInputs", "RetentionPolicy", "ObservationWindowPolicy", "AccumulatedAttentionPolicy",
            "MassPolicy", "RecencyPolicy", "UniformPolicy", "POLICIES", "make_policy", "window_attention",
-           "protected_mask", "AttentionMassTracker", "layer_utility", "PooledAttentionPolicy", "max_attention"]
+           "protected_mask", "AttentionMassTracker", "layer_utility", "PooledAttentionPolicy", "max_attention",
+           "information_score", "reconstruction_attention"]
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,77 @@ def layer_utility(policy: RetentionPolicy, keys: list[torch.Tensor], queries: li
     return torch.stack([policy.score(RetentionInputs(k=strip(k), q=strip(q), q_positions=q_positions,
                                                      sm_scale=sm_scale))
                         for k, q in zip(keys, queries)])
+
+
+def information_score(score: torch.Tensor, *, kernel: int = 1, power: float = 1.0) -> torch.Tensor:
+    """Query-agnostic information content of each token, normalized to mean 1 along the tokens.
+
+    Parameters
+    ----------
+    score : ``[..., N]`` float ``>= 0`` — e.g. the surprisal ``-log p(x_t | x_<t)`` (nats) of each context token
+        under the model (``[N]``; token 0, which nothing predicts, may be 0), or a reconstruction attention per
+        (layer, kv head) (``[L, Hkv, N]``, see :func:`reconstruction_attention`). Must be finite.
+    kernel : odd window of the max-pool over neighbours: a token inherits the largest score within
+        ``kernel // 2`` tokens on either side (a kept fact keeps its neighbours: its key words and the tokens a
+        later question attends through).
+    power : contrast; the pooled score is raised to ``power`` before normalizing (``> 1`` favours the
+        rare high-scoring spans more).
+
+    Returns
+    -------
+    ``[..., N]`` float32 ``≥ 0`` with mean 1 along the last dim (all ones in a row whose pooled score is 0).
+
+    Examples
+    --------
+    >>> information_score(torch.tensor([0.0, 1.0, 5.0, 1.0, 1.0]), kernel=1)
+    tensor([0.0000, 0.6250, 3.1250, 0.6250, 0.6250])
+    >>> information_score(torch.tensor([0.0, 1.0, 5.0, 1.0, 1.0]), kernel=3)[3] > 1
+    tensor(True)
+    """
+    if score.dim() < 1 or score.shape[-1] < 1:
+        raise ValueError(f"score must be [..., N>=1], got {tuple(score.shape)}")
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel={kernel!r} must be a positive odd int")
+    if not 0.0 < power < float("inf"):
+        raise ValueError(f"power={power!r} must be finite and > 0")
+    s = score.detach().to(torch.float32).cpu()
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise ValueError("score must be finite and >= 0 "
+                         f"({int((~torch.isfinite(s)).sum())} non-finite, {int((s < 0).sum())} negative)")
+    shape = s.shape
+    s = s.reshape(-1, 1, shape[-1])
+    if kernel > 1:
+        s = F.max_pool1d(s, kernel, 1, kernel // 2)
+    s = (s ** power).reshape(shape)
+    m = s.mean(-1, keepdim=True)
+    return torch.where(m > 0, s / m.clamp_min(1e-30), torch.ones_like(s))
+
+
+def reconstruction_attention(k: torch.Tensor, q: torch.Tensor, num_context: int, *,
+                             sm_scale: float | None = None, chunk: int = 128) -> torch.Tensor:
+    """KVzip-style reconstruction score: the largest attention each context key gets while the model repeats it.
+
+    Parameters
+    ----------
+    k : ``[Hkv, T, d]`` float — the context's ``N`` keys followed by the keys of a forward that asks the model to
+        repeat the context (a prompt, then the context again), post-RoPE.
+    q : ``[Hq, R, d]`` float — the queries of that forward's last ``R`` tokens (positions ``T-R .. T-1``,
+        causal; e.g. the repeated context, without the prompt).
+    num_context : ``N`` (``N <= T - R``).
+
+    Returns
+    -------
+    ``[Hkv, N]`` float32: per kv head, the max over its query heads and the repeat queries of the causal
+    attention probability on each context key. Query-agnostic: the repeat is the same for every future
+    question; a token the model must copy (it cannot regenerate it from the rest) draws the attention.
+    """
+    hkv, total, _ = k.shape
+    hq, r, _ = q.shape
+    if not 1 <= num_context <= total - r:
+        raise ValueError(f"k holds {total} keys and q {r} queries: num_context={num_context!r} must be in "
+                         f"1..{total - r}")
+    att = max_attention(k, q, torch.arange(total - r, total), sm_scale=sm_scale, chunk=chunk)[:, :num_context]
+    return att.reshape(hkv, hq // hkv, num_context).amax(1)
 
 
 def protected_mask(num_tokens: int, *, sinks: int, recent: int) -> torch.Tensor:
