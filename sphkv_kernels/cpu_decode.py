@@ -27,19 +27,16 @@ references. Tests check the kernels against those references on random inputs.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import threading
 
 import torch
 
+from .cpu_build import InlineExtension
 from .layout import CodedLayout
 
 __all__ = ["load", "available", "coded_decode_partial_cpu", "dense_decode_partial_cpu", "coded_expand_cpu",
            "coded_prefix_attention_cpu", "dense_prefix_attention_cpu", "LOG2E"]
 
-logger = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634
 
 _SOURCE = r"""
@@ -501,27 +498,38 @@ void attend(const Src& src, const torch::Tensor& q, const torch::Tensor& items, 
 
 }  // namespace
 
+// a coded arena's pointers and layout constants; the (cos, sin) LUT split into two tables owned by ``tables``
+static CodedSrc coded_src(int64_t d, const torch::Tensor& k_codes, const torch::Tensor& k_radius,
+                          const torch::Tensor& k_mean, const torch::Tensor& v_codes, const torch::Tensor& v_scale,
+                          const torch::Tensor& v_zero, const torch::Tensor& lut, const torch::Tensor& level_info,
+                          int64_t vbits, int64_t vgroup, bool has_mean, std::vector<float>& tables) {
+  CodedSrc s;
+  s.P = k_codes.size(1); s.d = d; s.kb = k_codes.size(2); s.vb = v_codes.size(2);
+  s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
+  s.vc = v_codes.data_ptr<uint8_t>(); s.vs = v_scale.data_ptr<at::Half>(); s.vz = v_zero.data_ptr<at::Half>();
+  s.nvg = v_scale.size(2);
+  const float* lp = lut.data_ptr<float>();           // [n, 2] (cos, sin) -> split tables
+  const int64_t nl = lut.size(0);
+  tables.assign(2 * nl, 0.f);
+  for (int64_t i = 0; i < nl; ++i) { tables[i] = lp[2 * i]; tables[nl + i] = lp[2 * i + 1]; }
+  s.cosT = tables.data(); s.sinT = tables.data() + nl;
+  const int64_t* li = level_info.data_ptr<int64_t>();
+  s.L = int(level_info.size(0));
+  TORCH_CHECK(s.L <= 8, "unsupported layout");
+  for (int l = 0; l < s.L; ++l) { s.lb[l] = int(li[3 * l]); s.lo[l] = int(li[3 * l + 1]); s.lt[l] = int(li[3 * l + 2]); }
+  s.vbits = int(vbits); s.vgroup = int(vgroup); s.has_mean = has_mean;
+  return s;
+}
+
 void coded_attend(torch::Tensor q, torch::Tensor items, torch::Tensor page_ids, torch::Tensor page_lens,
                   torch::Tensor out_o, torch::Tensor out_lse, c10::optional<torch::Tensor> logits,
                   torch::Tensor k_codes, torch::Tensor k_radius, torch::Tensor k_mean, torch::Tensor v_codes,
                   torch::Tensor v_scale, torch::Tensor v_zero, torch::Tensor lut, torch::Tensor level_info,
                   int64_t vbits, int64_t vgroup, bool has_mean, int64_t num_kv_heads, double scale_log2,
                   double soft_cap, int64_t mode, int64_t mm_threshold, c10::optional<torch::Tensor> vrot, int64_t flash) {
-  CodedSrc s;
-  s.P = k_codes.size(1); s.d = q.size(2); s.kb = k_codes.size(2); s.vb = v_codes.size(2);
-  s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
-  s.vc = v_codes.data_ptr<uint8_t>(); s.vs = v_scale.data_ptr<at::Half>(); s.vz = v_zero.data_ptr<at::Half>();
-  s.nvg = v_scale.size(2);
-  const float* lp = lut.data_ptr<float>();           // [n, 2] (cos, sin) -> split tables
-  const int64_t nl = lut.size(0);
-  std::vector<float> cosT(nl), sinT(nl);
-  for (int64_t i = 0; i < nl; ++i) { cosT[i] = lp[2 * i]; sinT[i] = lp[2 * i + 1]; }
-  s.cosT = cosT.data(); s.sinT = sinT.data();
-  const int64_t* li = level_info.data_ptr<int64_t>();
-  s.L = int(level_info.size(0));
-  TORCH_CHECK(s.L <= 8, "unsupported layout");
-  for (int l = 0; l < s.L; ++l) { s.lb[l] = int(li[3 * l]); s.lo[l] = int(li[3 * l + 1]); s.lt[l] = int(li[3 * l + 2]); }
-  s.vbits = int(vbits); s.vgroup = int(vgroup); s.has_mean = has_mean;
+  std::vector<float> tables;
+  const CodedSrc s = coded_src(q.size(2), k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, lut, level_info, vbits,
+                               vgroup, has_mean, tables);
   const float* vr = nullptr;
   if (vrot.has_value() && vrot->defined()) {
     TORCH_CHECK(vrot->scalar_type() == torch::kFloat32 && vrot->is_contiguous() && vrot->numel() == s.d * s.d,
@@ -538,21 +546,9 @@ void coded_expand(torch::Tensor page_ids, torch::Tensor page_lens, torch::Tensor
                   torch::Tensor k_codes, torch::Tensor k_radius, torch::Tensor k_mean, torch::Tensor v_codes,
                   torch::Tensor v_scale, torch::Tensor v_zero, torch::Tensor lut, torch::Tensor level_info,
                   int64_t vbits, int64_t vgroup, bool has_mean) {
-  CodedSrc s;
-  s.P = k_codes.size(1); s.d = k_out.size(2); s.kb = k_codes.size(2); s.vb = v_codes.size(2);
-  s.kc = k_codes.data_ptr<uint8_t>(); s.kr = k_radius.data_ptr<at::Half>(); s.km = k_mean.data_ptr<at::BFloat16>();
-  s.vc = v_codes.data_ptr<uint8_t>(); s.vs = v_scale.data_ptr<at::Half>(); s.vz = v_zero.data_ptr<at::Half>();
-  s.nvg = v_scale.size(2);
-  const float* lp = lut.data_ptr<float>();
-  const int64_t nl = lut.size(0);
-  std::vector<float> cosT(nl), sinT(nl);
-  for (int64_t i = 0; i < nl; ++i) { cosT[i] = lp[2 * i]; sinT[i] = lp[2 * i + 1]; }
-  s.cosT = cosT.data(); s.sinT = sinT.data();
-  const int64_t* li = level_info.data_ptr<int64_t>();
-  s.L = int(level_info.size(0));
-  TORCH_CHECK(s.L <= 8, "unsupported layout");
-  for (int l = 0; l < s.L; ++l) { s.lb[l] = int(li[3 * l]); s.lo[l] = int(li[3 * l + 1]); s.lt[l] = int(li[3 * l + 2]); }
-  s.vbits = int(vbits); s.vgroup = int(vgroup); s.has_mean = has_mean;
+  std::vector<float> tables;
+  const CodedSrc s = coded_src(k_out.size(2), k_codes, k_radius, k_mean, v_codes, v_scale, v_zero, lut, level_info,
+                               vbits, vgroup, has_mean, tables);
   const int64_t n = page_ids.size(0), P = s.P, d = s.d;
   const int32_t* pid = page_ids.data_ptr<int32_t>();
   const int32_t* plen = page_lens.data_ptr<int32_t>();
@@ -612,34 +608,15 @@ def _flash_code(flash: str | None) -> int:
     return _FLASH_CODES[name] | (FLASH_MIN_TOKENS << 8) if _FLASH_CODES[name] else 0
 
 
-_lock = threading.Lock()
-_module = None
-_tried = False
 MM_THRESHOLD = 16          # queries per row from which the page tile products use ATen's matmul
+_EXT = InlineExtension("sphkv_cpu_attn", _SOURCE, ("coded_attend", "dense_attend", "coded_expand"),
+                       ("-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp-simd"),
+                       "CPU attention kernel")
 
 
 def load():
     """The compiled extension, or ``None`` when unavailable (no compiler, build error, ``SPHKV_CPU_KERNEL=0``)."""
-    global _module, _tried
-    with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("SPHKV_CPU_KERNEL", "1") == "0":
-            logger.info("sphkv: CPU attention kernel disabled (SPHKV_CPU_KERNEL=0)")
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:10]
-            _module = load_inline(name=f"sphkv_cpu_attn_{tag}", cpp_sources=_SOURCE,
-                                  functions=["coded_attend", "dense_attend", "coded_expand"],
-                                  extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=256", "-fopenmp-simd"], verbose=False)
-            logger.info("sphkv: CPU attention kernel loaded (%s)", tag)
-        except Exception as e:                                   # no compiler, no headers, build error
-            logger.warning("sphkv: CPU attention kernel unavailable (%s)", e)
-            _module = None
-        return _module
+    return _EXT.load()
 
 
 def available() -> bool:

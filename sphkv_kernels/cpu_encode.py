@@ -17,21 +17,17 @@ round-half-to-even). Non-finite inputs are the caller's to handle (the SGLang st
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import os
-import threading
 
 import torch
 
 from sphkv.codebooks import thresholds
 
+from .cpu_build import InlineExtension
 from .layout import CodedLayout
 
 __all__ = ["load", "available", "encode_pages_cpu"]
 
-logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -184,32 +180,15 @@ void encode_pages_cpu(torch::Tensor y, torch::Tensor vs, torch::Tensor page_ids,
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_tried = False
+# no FMA contraction: the polar transform's squares and sums round as the reference's separate ops
+_EXT = InlineExtension("sphkv_cpu_encode", _SOURCE, ("encode_pages_cpu",),
+                       ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"),
+                       "CPU page encoder")
 
 
 def load():
     """The compiled extension, or ``None`` when unavailable (no compiler, build error, ``SPHKV_CPU_KERNEL=0``)."""
-    global _module, _tried
-    with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("SPHKV_CPU_KERNEL", "1") == "0":
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            tag = hashlib.sha256(_SOURCE.encode()).hexdigest()[:10]
-            # no FMA contraction: the polar transform's squares and sums round as the reference's separate ops
-            _module = load_inline(name=f"sphkv_cpu_encode_{tag}", cpp_sources=_SOURCE, functions=["encode_pages_cpu"],
-                                  extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"], verbose=False)
-            logger.info("sphkv: CPU page encoder loaded (%s)", tag)
-        except Exception as e:                                   # no compiler, no headers, build error
-            logger.warning("sphkv: CPU page encoder unavailable (%s)", e)
-            _module = None
-        return _module
+    return _EXT.load()
 
 
 def available() -> bool:
