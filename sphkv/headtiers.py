@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .config import PRESETS, SphKVConfig
 from .tiers import PAGE_META_BYTES, Tier, TierSet
 
-__all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "bits_per_element",
+__all__ = ["HeadTierPreset", "HEAD_PRESETS", "head_tiers", "cache_bytes", "kept_pages", "bits_per_element",
            "bits_per_visible_element", "visible_tokens", "stored_tokens"]
 
 
@@ -101,6 +101,12 @@ def stored_tokens(num_tokens: int, visible: list[int], *, page_size: int, dense_
     return out
 
 
+def kept_pages(kept: int, *, num_tokens: int, page_size: int, dense_sinks: int) -> int:
+    """Pages of one (layer, kv head) keeping its last ``kept`` tokens: a layer that keeps all ``num_tokens`` holds its
+    first ``dense_sinks`` outside the pages (bf16) and pages the rest; a layer that keeps fewer pages them all."""
+    return math.ceil((kept - dense_sinks if kept == num_tokens else kept) / page_size)
+
+
 def cache_bytes(high, *, page_bytes: tuple[int, int], page_size: int, kept: list[int], num_tokens: int,
                 head_dim: int, dense_sinks: int) -> int:
     """Exact stored bytes: ``high`` ``[L, Hkv]`` bool (tier 0 where True, tier 1 elsewhere), layer ``l`` keeping its
@@ -116,7 +122,7 @@ def cache_bytes(high, *, page_bytes: tuple[int, int], page_size: int, kept: list
         if not 0 <= n <= num_tokens:
             raise ValueError(f"kept={n!r} must be in 0..{num_tokens}")
         full = n == num_tokens
-        pages = math.ceil((n - dense_sinks if full else n) / page_size)
+        pages = kept_pages(n, num_tokens=num_tokens, page_size=page_size, dense_sinks=dense_sinks)
         total += sum(pages * page_bytes[0 if h else 1] + (sink if full else 0) for h in row)
     return total
 

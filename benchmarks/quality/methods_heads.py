@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sphkv.headtiers import (HEAD_PRESETS, HeadTierPreset, bits_per_visible_element, head_tiers, stored_tokens,
-                             visible_tokens)
+from sphkv.headtiers import (HEAD_PRESETS, HeadTierPreset, bits_per_visible_element, head_tiers, kept_pages,
+                             stored_tokens, visible_tokens)
 from sphkv.pages import PagedStore
 from sphkv_hf.retention import store_prefix
 from sphkv_hf.segments import DenseSegment
@@ -79,7 +79,7 @@ class HeadTiered:
         tiers, kept = self.tiers_for(ctx), self.kept(ctx)
         per_tier = [0] * len(ts)
         for l, m in enumerate(kept):
-            pages = -(-(m - s if m == n else m) // ts.page_size)
+            pages = kept_pages(m, num_tokens=n, page_size=ts.page_size, dense_sinks=s)
             for t in tiers[l].tolist():
                 per_tier[t] += pages
         store = PagedStore(ts, per_tier, num_layers=ctx.num_layers, num_kv_heads=hkv)

@@ -74,15 +74,8 @@ def prefill(model, tok, corpus: str, ctx_len: int, score_len: int, retrieval: bo
     from .tasks import ContextTask
 
     ids = corpus_ids(tok, corpus, ctx_len + score_len + 1)
-    if retrieval:                                     # the harness's task: continuation + the 24 haystacks
-        return ContextTask(model, tok, ids, ctx_len, score_len=score_len)
-    task = ContextTask.__new__(ContextTask)           # the continuation prefill only (no retrieval haystacks)
-    task.model, task.tok, task.n, task.s, task.w, task.stride = model, tok, ctx_len, score_len, 32, 32
-    types = getattr(model.config, "layer_types", None) or []
-    task.sliding = "sliding_attention" in types
-    task.ids = ids[: ctx_len + score_len + 1]
-    task.ctx = task._prefill(task.ids[:ctx_len][None], None, 0)
-    return task
+    # the harness's task: the continuation prefill, and with ``retrieval`` the 24 haystacks
+    return ContextTask(model, tok, ids, ctx_len, score_len=score_len, retrieval=retrieval)
 
 
 @torch.no_grad()

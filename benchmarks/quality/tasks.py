@@ -51,6 +51,20 @@ from .retrieval import TASKS, build_suite
 REPEAT_PROMPT = "\n\nRepeat the text above exactly, from its first word.\n\n"
 
 
+def _record_updates(cache: SphKVCache) -> dict:
+    """Wrap ``cache.update`` (this instance only) so the next forward's new ``(k, v)`` per layer index are kept in
+    the returned dict: what the model wrote, before a sliding layer's cache drops what fell out of its window."""
+    new: dict = {}
+    update = cache.update
+
+    def _update(k, v, layer_idx, *args, **kwargs):
+        new[layer_idx] = (k, v)
+        return update(k, v, layer_idx, *args, **kwargs)
+
+    cache.update = _update
+    return new
+
+
 class _Lazy:
     """A value computed on first call and kept (the reconstruction score costs one extra forward)."""
 
@@ -125,10 +139,11 @@ def _with_positions(prefix: list[list]) -> list[list]:
 
 
 class ContextTask:
-    """Dense prefills of one context length and the scoring of any :class:`Method` against them."""
+    """Dense prefills of one context length and the scoring of any :class:`Method` against them
+    (``retrieval=False``: the continuation prefill only, no retrieval haystacks)."""
 
     def __init__(self, model, tokenizer, ids: torch.Tensor, ctx_len: int, *, score_len: int = 256,
-                 window: int = 32, pool_stride: int = 32, seed: int = 0):
+                 window: int = 32, pool_stride: int = 32, seed: int = 0, retrieval: bool = True):
         if ids.numel() < ctx_len + score_len + 1:
             raise ValueError(f"need {ctx_len + score_len + 1} tokens of text, have {ids.numel()}")
         self.model, self.tok, self.n, self.s, self.w = model, tokenizer, ctx_len, score_len, window
@@ -138,7 +153,7 @@ class ContextTask:
         self.ids = ids[: ctx_len + score_len + 1]
         self.ctx = self._prefill(self.ids[:ctx_len][None], None, 0)
         self.haystacks = [(h, self._prefill(h.ids[h.first:][None], self.ctx, h.first))
-                          for h in build_suite(tokenizer, self.ids[:ctx_len], seed=seed)]
+                          for h in build_suite(tokenizer, self.ids[:ctx_len], seed=seed)] if retrieval else []
 
     # -- prefills ----------------------------------------------------------------------------------
     def _pool_positions(self) -> torch.Tensor:
@@ -159,15 +174,8 @@ class ContextTask:
         pos = torch.arange(start, start + ids.shape[-1])[None]
         final = self.model.model.norm.register_forward_hook(lambda m, a, out: hidden.append(out.detach()))
         hidden: list[torch.Tensor] = []
-        new = {}
-        if self.sliding:          # a sliding layer drops what its window left behind: keep every layer whole
-            update = cache.update
-
-            def _update(k, v, layer_idx, *args, **kwargs):
-                new[layer_idx] = (k, v)
-                return update(k, v, layer_idx, *args, **kwargs)
-
-            cache.update = _update
+        # a sliding layer drops what its window left behind: keep every layer's new K/V whole
+        new = _record_updates(cache) if self.sliding else {}
         try:
             self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
@@ -218,19 +226,12 @@ class ContextTask:
         policy = CachePolicy(mode="dense", observe_window=ids.numel())
         cache = SphKVCache.from_prefix(_with_positions(segs) if self.sliding else segs, n, policy=policy)
         pos = torch.arange(n, n + rep.numel())[None]
-        new = {}
-        update = cache.update
-
-        def _update(k, v, layer_idx, *args, **kwargs):             # the repeat's own keys (sliding layers)
-            new[layer_idx] = k
-            return update(k, v, layer_idx, *args, **kwargs)
-
-        cache.update = _update
+        new = _record_updates(cache)                                  # the repeat's own keys (sliding layers)
         self.model(input_ids=rep[None], position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
         out = []
         for i, layer in enumerate(cache.layers):
             if self.sliding:        # a sliding layer's cache keeps its window only: the context's keys + the repeat's
-                k = torch.cat([ctx.keys[i][0].float(), new[i][0].float()], -2)
+                k = torch.cat([ctx.keys[i][0].float(), new[i][0][0].float()], -2)
             else:
                 k = layer.dense_kv()[0][0].float()                           # [Hkv, N + P + N, d]
             q = layer.observed_queries[0]                                    # [Hq, N, d]: the repeated context
